@@ -1,0 +1,1 @@
+"""CT-FM networks and their checkpoints in the Hugging Face layout."""

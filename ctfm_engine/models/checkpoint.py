@@ -1,0 +1,139 @@
+"""Checkpoints in the Hugging Face layout the CT-FM authors publish: ``config.json`` + ``model.safetensors``.
+
+Keys are kept exactly as MONAI names them, so ``project-lighter/ct_fm_feature_extractor`` (encoder keys),
+``ct_fm_segresnet`` and ``whole_body_segmentation`` (``encoder.*`` + ``up_layers.*``) load unchanged.  Every
+checkpoint is identified by the sha256 of its weights file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ctfm_engine.errors import ModelError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+ENCODER_PREFIX = "encoder."
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder read from disk: constructor config, state dict, and identity."""
+
+    folder: Path
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return checkpoint_name(self.folder)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """The ``{"name", "sha256"}`` record every result carries."""
+        return {"name": self.name, "sha256": self.sha256}
+
+
+def checkpoint_name(folder: Path) -> str:
+    """A readable name: the hub repo id for hub-cache snapshots, else the folder name."""
+    parts = folder.resolve().parts
+    for part in parts:
+        if part.startswith("models--"):
+            return part[len("models--") :].replace("--", "/")
+    return folder.resolve().name
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read ``config.json`` and ``model.safetensors`` from ``folder``; ModelError with the reason otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: weights folder does not exist (expected config.json + model.safetensors)")
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise ModelError(f"{folder}: has no {required.name}; a CT-FM checkpoint holds config.json and model.safetensors")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"{config_path}: is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_path}: must hold a JSON object of model arguments")
+    try:
+        state_dict = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelError(f"{weights_path}: is not a readable safetensors file ({error})") from None
+    return Checkpoint(folder=folder, config=config, state_dict=state_dict, sha256=sha256_of(weights_path))
+
+
+def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load every key or none: missing, unexpected and mis-shaped keys are a ModelError naming them."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
+    )
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} {label} key(s): {shown}")
+    if problems:
+        raise ModelError(f"{source}: weights do not fit the model ({'; '.join(problems)})")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def encoder_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The encoder's state dict, from an encoder checkpoint or the ``encoder.*`` part of a SegResNetDS one."""
+    state = checkpoint.state_dict
+    if any(key.startswith(ENCODER_PREFIX) for key in state):
+        return {key[len(ENCODER_PREFIX) :]: value for key, value in state.items() if key.startswith(ENCODER_PREFIX)}
+    return state
+
+
+def save_checkpoint(model: nn.Module, folder: str | Path, config: dict[str, Any], card: str | None = None) -> str:
+    """Write ``config.json``, ``model.safetensors`` (and a model card) atomically; returns the weights' sha256.
+
+    The folder appears complete or not at all: files are written into a sibling temporary folder that is then
+    renamed into place.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE))
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            (staging / CARD_FILE).write_text(card)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sha256_of(folder / WEIGHTS_FILE)

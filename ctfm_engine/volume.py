@@ -1,0 +1,235 @@
+"""CTVolume: CT voxels in Hounsfield units with their patient (LPS) geometry, and the readers that make one.
+
+Geometry follows ITK/DICOM: world coordinates are patient LPS millimetres; ``origin_lps_mm`` is the centre of
+the first voxel; column ``k`` of ``direction`` is the LPS unit vector along array index axis ``k`` in (x, y, z)
+order; ``spacing_xyz_mm`` is in the same (x, y, z) order.  The voxel array itself is (z, y, x), as SimpleITK's
+``GetArrayFromImage`` returns it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from ctfm_engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = {
+    ".nii": "NIfTI",
+    ".nii.gz": "NIfTI",
+    ".nrrd": "NRRD",
+    ".nhdr": "NRRD",
+    ".mha": "MetaImage",
+    ".mhd": "MetaImage",
+}
+
+# Air is about -1000 HU and fat about -100 HU: a CT in Hounsfield units always has some voxels below this.
+DARKEST_CT_HU = -200.0
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """Where a (z, y, x) voxel array sits in patient space: shape, spacing, first-voxel centre, direction."""
+
+    shape_zyx: tuple[int, int, int]
+    spacing_xyz_mm: tuple[float, float, float]
+    origin_lps_mm: tuple[float, float, float]
+    direction: np.ndarray
+
+    def __post_init__(self) -> None:
+        direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            raise ValueError("grid direction must be orthonormal")
+        if min(self.spacing_xyz_mm) <= 0:
+            raise ValueError(f"grid spacing must be positive, got {self.spacing_xyz_mm}")
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "shape_zyx", tuple(int(n) for n in self.shape_zyx))
+        object.__setattr__(self, "spacing_xyz_mm", tuple(float(s) for s in self.spacing_xyz_mm))
+        object.__setattr__(self, "origin_lps_mm", tuple(float(o) for o in self.origin_lps_mm))
+
+    @property
+    def index_to_lps_matrix(self) -> np.ndarray:
+        """4x4 matrix taking a homogeneous (x, y, z) voxel index to LPS millimetres."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = self.direction * np.asarray(self.spacing_xyz_mm)[None, :]
+        matrix[:3, 3] = self.origin_lps_mm
+        return matrix
+
+    def zyx_index_to_lps(self, index_zyx: np.ndarray) -> np.ndarray:
+        """Voxel indices (..., 3) in (z, y, x) order (may be fractional) to LPS points (..., 3) in mm."""
+        index_xyz = np.asarray(index_zyx, dtype=np.float64)[..., ::-1]
+        matrix = self.index_to_lps_matrix
+        return index_xyz @ matrix[:3, :3].T + matrix[:3, 3]
+
+    def lps_to_zyx_index(self, points_lps: np.ndarray) -> np.ndarray:
+        """LPS points (..., 3) in mm to continuous voxel indices (..., 3) in (z, y, x) order."""
+        matrix = np.linalg.inv(self.index_to_lps_matrix)
+        index_xyz = np.asarray(points_lps, dtype=np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+        return index_xyz[..., ::-1]
+
+    def matches(self, other: Grid, tolerance_mm: float = 1e-3) -> bool:
+        """True when both grids put every voxel centre at the same LPS point (within ``tolerance_mm``)."""
+        if self.shape_zyx != other.shape_zyx:
+            return False
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in self.shape_zyx], indexing="ij")).reshape(3, -1).T
+        distance = np.linalg.norm(self.zyx_index_to_lps(corners) - other.zyx_index_to_lps(corners), axis=-1)
+        return bool(distance.max() <= tolerance_mm)
+
+    def image(self, voxels: np.ndarray) -> sitk.Image:
+        """A SimpleITK image of ``voxels`` (shape ``shape_zyx``) placed on this grid."""
+        if tuple(voxels.shape) != self.shape_zyx:
+            raise ValueError(f"array shape {voxels.shape} differs from the grid's {self.shape_zyx}")
+        image = sitk.GetImageFromArray(voxels)
+        image.SetSpacing(self.spacing_xyz_mm)
+        image.SetOrigin(self.origin_lps_mm)
+        image.SetDirection(tuple(float(d) for d in self.direction.ravel()))
+        return image
+
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> Grid:
+        return cls(
+            shape_zyx=tuple(reversed(image.GetSize())),  # type: ignore[arg-type]
+            spacing_xyz_mm=image.GetSpacing(),
+            origin_lps_mm=image.GetOrigin(),
+            direction=np.array(image.GetDirection()).reshape(3, 3),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CTVolume:
+    """A CT scan: voxels in HU, shape (z, y, x), and the geometry that places them in patient LPS space."""
+
+    voxels: np.ndarray
+    spacing_xyz_mm: tuple[float, float, float]
+    origin_lps_mm: tuple[float, float, float]
+    direction: np.ndarray
+    source: str
+    series_instance_uid: str | None = None
+    dicom: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.voxels.ndim != 3:
+            raise ValueError(f"CTVolume voxels must be 3-D (z, y, x), got shape {self.voxels.shape}")
+        grid = Grid(self.voxels.shape, self.spacing_xyz_mm, self.origin_lps_mm, self.direction)  # validates
+        object.__setattr__(self, "direction", grid.direction)
+        object.__setattr__(self, "spacing_xyz_mm", grid.spacing_xyz_mm)
+        object.__setattr__(self, "origin_lps_mm", grid.origin_lps_mm)
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.voxels.shape, self.spacing_xyz_mm, self.origin_lps_mm, self.direction)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        return self.grid.shape_zyx
+
+    def zyx_index_to_lps(self, index_zyx: np.ndarray) -> np.ndarray:
+        return self.grid.zyx_index_to_lps(index_zyx)
+
+    def lps_to_zyx_index(self, points_lps: np.ndarray) -> np.ndarray:
+        return self.grid.lps_to_zyx_index(points_lps)
+
+    def with_voxels(self, voxels: np.ndarray) -> CTVolume:
+        """The same geometry and provenance carrying other voxels of the same shape."""
+        if voxels.shape != self.voxels.shape:
+            raise ValueError(f"shape {voxels.shape} differs from the volume's {self.voxels.shape}")
+        return replace(self, voxels=voxels)
+
+    def to_sitk(self) -> sitk.Image:
+        return self.grid.image(self.voxels)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, source: str, **provenance: Any) -> CTVolume:
+        grid = Grid.of_image(image)
+        return cls(
+            voxels=sitk.GetArrayFromImage(image).astype(np.float32, copy=False),
+            spacing_xyz_mm=grid.spacing_xyz_mm,
+            origin_lps_mm=grid.origin_lps_mm,
+            direction=grid.direction,
+            source=source,
+            **provenance,
+        )
+
+
+def file_format(path: Path) -> str | None:
+    """The image format a file name announces, or None."""
+    name = path.name.lower()
+    for suffix, fmt in FILE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def check_hounsfield(voxels: np.ndarray, source: str) -> None:
+    """Refuse data that cannot be CT in Hounsfield units (MR, templates, CT stored without its rescale)."""
+    sample = voxels[:: max(1, voxels.shape[0] // 64), ::2, ::2]
+    darkest = float(np.percentile(sample, 0.5))
+    if darkest > DARKEST_CT_HU:
+        raise InputError(
+            f"{source}: does not look like a CT in Hounsfield units: its darkest voxels are about "
+            f"{darkest:.0f}, while CT has air near -1000 HU and fat near -100 HU (MR, a processed map, "
+            f"or CT stored without its rescale; for the last, pass --hu-offset)"
+        )
+
+
+def read_volume(
+    path: str | Path,
+    *,
+    series_uid: str | None = None,
+    hu_offset: float | None = None,
+    check_hu: bool = True,
+) -> CTVolume:
+    """Read a NIfTI/NRRD/MHA file or a folder holding one DICOM CT series into a validated CTVolume.
+
+    ``hu_offset`` is added to every voxel (e.g. -1024 for CT stored as HU+1024 without a rescale);
+    ``series_uid`` picks one series from a folder holding several.  Unacceptable data raises InputError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: does not exist")
+    if path.is_dir():
+        from ctfm_engine.dicom.series import read_dicom_series
+
+        volume = read_dicom_series(path, series_uid=series_uid, hu_offset=hu_offset)
+    else:
+        volume = _read_image_file(path, hu_offset)
+    if check_hu:
+        check_hounsfield(volume.voxels, volume.source)
+    return volume
+
+
+def _read_image_file(path: Path, hu_offset: float | None) -> CTVolume:
+    fmt = file_format(path)
+    if fmt is None:
+        if path.suffix.lower() in {".dcm", ".dicom", ".ima"}:
+            raise InputError(f"{path}: is a single DICOM file; pass the folder that holds the whole series")
+        raise InputError(
+            f"{path}: unsupported file type; give a NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) "
+            f"file or a folder holding a DICOM series"
+        )
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise InputError(f"{path}: cannot be read as {fmt} (corrupt or truncated file: {reason[:160]})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel; a CT has one (greyscale)"
+        )
+    if image.GetDimension() != 3:
+        raise InputError(f"{path}: is a {image.GetDimension()}-D image; a CT volume is 3-D")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{path}: has size {image.GetSize()}; a CT volume needs at least 2 voxels along each axis")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(f"{path}: its direction matrix is not orthonormal (sheared geometry); resample it first")
+    volume = CTVolume.from_sitk(image, source=str(path))
+    if hu_offset:
+        volume = volume.with_voxels(volume.voxels + np.float32(hu_offset))
+    return volume

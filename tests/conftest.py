@@ -1,0 +1,79 @@
+"""Shared fixtures: the real data folder, an isolated weights cache, narrow checkpoints, an in-process CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctfm_engine.cli import main
+from ctfm_engine.models.checkpoint import save_checkpoint
+from ctfm_engine.models.encoder import build_encoder, encoder_config
+
+SHARED = Path(os.environ.get("CTFM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+if not (SHARED / "README.md").is_file():
+    raise RuntimeError(f"the real test data is missing: expected ../shared/data beside the repository ({SHARED})")
+
+SAMPLE_CT = SHARED / "totalsegmentator" / "example_ct_sm.nii.gz"
+SAMPLE_LABELS = SHARED / "totalsegmentator" / "example_seg.nii.gz"
+TS_DICOM = SHARED / "dicom" / "ts_abdomen_20slices_j2k"
+
+
+@dataclass
+class CLIResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def document(self) -> dict:
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str) -> CLIResult:
+    """Run ``ctfm`` in-process and capture its exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+    return CLIResult(code, out.getvalue(), err.getvalue())
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give BatchNorm non-trivial running statistics, as a trained model has, so eval mode is not identity."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.copy_(torch.rand(module.num_features, generator=generator) * 0.2 - 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test sees the user's weights or reaches the hub."""
+    cache = tmp_path_factory.mktemp("ctfm-cache")
+    monkeypatch.setenv("CTFM_CACHE", str(cache))
+    monkeypatch.setenv("HF_HOME", str(cache / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("CTFM_WEIGHTS", raising=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def narrow_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A narrow (init_filters 8) CT-FM-architecture encoder checkpoint in the published layout."""
+    torch.manual_seed(0)
+    config = encoder_config(init_filters=8)
+    encoder = build_encoder(config)
+    randomise_batchnorm(encoder)
+    folder = tmp_path_factory.mktemp("weights") / "ctfm-narrow-test"
+    save_checkpoint(encoder, folder, config)
+    return folder
