@@ -121,7 +121,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     log.info("weights %s (sha256 %s) on %s", checkpoint.name, checkpoint.sha256[:12], device)
     embedder = Embedder(encoder, device)
     results = []
-    for path, volume in zip(args.inputs, volumes):
+    for path, volume in zip(args.inputs, volumes, strict=True):
         volume = volume or read_volume(path, series_uid=args.series, hu_offset=args.hu_offset)
         bar = _progress_bar(args, Path(path).name) if args.level == "patch" else None
         progress = None if bar is None else _tqdm_progress(bar)

@@ -8,7 +8,10 @@ order; ``spacing_xyz_mm`` is in the same (x, y, z) order.  The voxel array itsel
 
 from __future__ import annotations
 
+import gzip
 import logging
+import struct
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -207,12 +210,14 @@ def read_volume(
 def _read_image_file(path: Path, hu_offset: float | None) -> CTVolume:
     fmt = file_format(path)
     if fmt is None:
-        if path.suffix.lower() in {".dcm", ".dicom", ".ima"}:
+        if path.suffix.lower() in {".dcm", ".dicom", ".ima"} or _has_dicom_preamble(path):
             raise InputError(f"{path}: is a single DICOM file; pass the folder that holds the whole series")
         raise InputError(
             f"{path}: unsupported file type; give a NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) "
             f"file or a folder holding a DICOM series"
         )
+    if fmt == "NIfTI":
+        _check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -233,3 +238,49 @@ def _read_image_file(path: Path, hu_offset: float | None) -> CTVolume:
     if hu_offset:
         volume = volume.with_voxels(volume.voxels + np.float32(hu_offset))
     return volume
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(132)[128:] == b"DICM"
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse truncated NIfTI files, which ITK silently pads with zeros instead of failing."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            header = stream.read(540)
+            size = len(header) + sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputError(f"{path}: cannot be read as NIfTI (corrupt or truncated file: {error})") from None
+    expected = _nifti_size(header)
+    if expected is None:
+        raise InputError(f"{path}: cannot be read as NIfTI (no NIfTI header: corrupt or not a NIfTI file)")
+    if size < expected:
+        raise InputError(
+            f"{path}: is a corrupt or truncated NIfTI file: it holds {size} bytes where its header needs {expected}"
+        )
+
+
+def _nifti_size(header: bytes) -> int | None:
+    """Bytes a NIfTI-1 or NIfTI-2 file needs (voxel offset + voxel data), from its header; None if no header."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bits = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bits = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7:
+        return None
+    voxels = 1
+    for extent in dims[1 : dims[0] + 1]:
+        voxels *= max(int(extent), 1)
+    return offset + voxels * max(int(bits), 8) // 8

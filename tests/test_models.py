@@ -46,7 +46,7 @@ def test_checkpoint_written_by_lighter_zoo_loads_bit_identically(tmp_path, real_
     with torch.inference_mode():
         expected = theirs.eval()(real_patch)
         actual = ours(real_patch)
-    assert all(torch.equal(a, b) for a, b in zip(actual, expected))
+    assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))
     assert checkpoint.sha256 == hashlib.sha256((tmp_path / "lighter" / "model.safetensors").read_bytes()).hexdigest()
 
 
@@ -54,7 +54,7 @@ def test_our_checkpoint_loads_into_lighter_zoo_bit_identically(tmp_path, narrow_
     ours, _ = load_encoder(narrow_weights)
     theirs = lighter_zoo.SegResEncoder.from_pretrained(str(narrow_weights)).eval()
     with torch.inference_mode():
-        assert all(torch.equal(a, b) for a, b in zip(theirs(real_patch), ours(real_patch)))
+        assert all(torch.equal(a, b) for a, b in zip(theirs(real_patch), ours(real_patch), strict=True))
     assert set(load_file(str(narrow_weights / "model.safetensors"))) == set(theirs.state_dict())
 
 

@@ -73,7 +73,9 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise ModelError(f"{folder}: has no {required.name}; a CT-FM checkpoint holds config.json and model.safetensors")
+            raise ModelError(
+                f"{folder}: has no {required.name}; a CT-FM checkpoint holds config.json and model.safetensors"
+            )
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

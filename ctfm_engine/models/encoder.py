@@ -11,7 +11,12 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 from torch import nn
 
 # The published config of project-lighter/ct_fm_feature_extractor (77.8 M parameters).
-CTFM_ENCODER_CONFIG: dict[str, Any] = {"blocks_down": [1, 2, 2, 4, 4], "in_channels": 1, "init_filters": 32, "spatial_dims": 3}
+CTFM_ENCODER_CONFIG: dict[str, Any] = {
+    "blocks_down": [1, 2, 2, 4, 4],
+    "in_channels": 1,
+    "init_filters": 32,
+    "spatial_dims": 3,
+}
 
 ENCODER_ARGUMENTS = {"spatial_dims", "init_filters", "in_channels", "act", "norm", "blocks_down", "anisotropic_scales"}
 

@@ -15,8 +15,15 @@ from pathlib import Path
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from ctfm_engine.errors import ModelError
-from ctfm_engine.models.checkpoint import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, Checkpoint, encoder_state
-from ctfm_engine.models.checkpoint import load_state_strict, read_checkpoint
+from ctfm_engine.models.checkpoint import (
+    CARD_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    encoder_state,
+    load_state_strict,
+    read_checkpoint,
+)
 from ctfm_engine.models.encoder import ENCODER_ARGUMENTS, build_encoder
 
 DEFAULT_ENCODER_REPO = "project-lighter/ct_fm_feature_extractor"
@@ -37,7 +44,8 @@ def cached_repo_folder(repo_id: str) -> Path:
 
 
 def _hub_cache_snapshots(repo_id: str) -> list[Path]:
-    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or hf_home / "hub"
     snapshots = Path(hub).expanduser() / f"models--{repo_id.replace('/', '--')}" / "snapshots"
     if not snapshots.is_dir():
         return []
@@ -97,7 +105,9 @@ def load_encoder(weights: str | Path | None = None) -> tuple[SegResEncoder, Chec
     config = {key: value for key, value in checkpoint.config.items() if key in ENCODER_ARGUMENTS}
     if state is checkpoint.state_dict and set(checkpoint.config) - ENCODER_ARGUMENTS:
         extra = sorted(set(checkpoint.config) - ENCODER_ARGUMENTS)
-        raise ModelError(f"{checkpoint.folder / CONFIG_FILE}: not a CT-FM encoder config (unexpected arguments {extra})")
+        raise ModelError(
+            f"{checkpoint.folder / CONFIG_FILE}: not a CT-FM encoder config (unexpected arguments {extra})"
+        )
     try:
         encoder = build_encoder(config)
     except (TypeError, ValueError) as error:

@@ -51,7 +51,7 @@ class PatchWindows:
     def starts(self, shape_zyx: Sequence[int]) -> list[tuple[int, int, int]]:
         """Patch corners covering the volume; the last patch on an axis may run past its end (zero-padded)."""
         per_axis = []
-        for length, size, step in zip(shape_zyx, self.size_zyx, self.step_zyx):
+        for length, size, step in zip(shape_zyx, self.size_zyx, self.step_zyx, strict=True):
             count = 1 if length <= size else math.ceil((length - size) / step) + 1
             per_axis.append([index * step for index in range(count)])
         return list(product(*per_axis))  # type: ignore[arg-type]

@@ -1,0 +1,138 @@
+"""Every kind of bad input is refused by `ctfm` with exit code 3 and one sentence naming the file and problem."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import SAMPLE_CT, SHARED, TS_DICOM, run_cli
+
+from ctfm_engine.volume import read_volume
+
+GE_TILT = SHARED / "dicom" / "ge_head_gantry_tilt"
+SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"
+
+
+def copy_series(source: Path, target: Path, skip: int | None = None) -> Path:
+    target.mkdir(parents=True)
+    files = sorted(p for p in source.iterdir() if not p.name.startswith("LICENSE"))
+    for index, path in enumerate(files):
+        if index != skip:
+            shutil.copy(path, target / path.name)
+    return target
+
+
+def mr_nifti(tmp_path: Path) -> tuple[Path, str]:
+    path = SHARED / "negative-controls" / "example_mr_sm.nii.gz"
+    return path, "Hounsfield"
+
+
+def mr_nrrd(tmp_path: Path) -> tuple[Path, str]:
+    return SHARED / "negative-controls" / "brain1_image.nrrd", "Hounsfield"
+
+
+def template_without_air(tmp_path: Path) -> tuple[Path, str]:
+    return SHARED / "totalsegmentator" / "ct_brain_atlas_1mm.nii.gz", "Hounsfield"
+
+
+def missing_path(tmp_path: Path) -> tuple[Path, str]:
+    return tmp_path / "nowhere.nii.gz", "does not exist"
+
+
+def not_an_image(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a scan")
+    return path, "unsupported file type"
+
+
+def single_dicom_file(tmp_path: Path) -> tuple[Path, str]:
+    return next(TS_DICOM.iterdir()), "single DICOM file"
+
+
+def truncated_nifti(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "truncated.nii.gz"
+    path.write_bytes(SAMPLE_CT.read_bytes()[:100_000])
+    return path, "corrupt or truncated"
+
+
+def nifti_with_garbage(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "garbage.nii.gz"
+    path.write_bytes(gzip.compress(b"\x00" * 4096))
+    return path, "cannot be read"
+
+
+def empty_folder(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "empty"
+    path.mkdir()
+    return path, "empty"
+
+
+def folder_without_dicom(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "texts"
+    path.mkdir()
+    (path / "README.txt").write_text("hello")
+    return path, "no DICOM"
+
+
+def two_series(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "mixed"
+    copy_series(TS_DICOM, path / "abdomen")
+    copy_series(SLICER_HEAD, path / "head")
+    return path, "--series"
+
+
+def missing_slice(tmp_path: Path) -> tuple[Path, str]:
+    return copy_series(TS_DICOM, tmp_path / "gap", skip=10), "missing"
+
+
+def duplicated_slice(tmp_path: Path) -> tuple[Path, str]:
+    path = copy_series(TS_DICOM, tmp_path / "twice")
+    first = sorted(path.iterdir())[5]
+    shutil.copy(first, path / "copy-of-a-slice")
+    return path, "duplicated"
+
+
+def uneven_spacing(tmp_path: Path) -> tuple[Path, str]:
+    return GE_TILT, "uneven"
+
+
+def corrupt_dicom_file(tmp_path: Path) -> tuple[Path, str]:
+    path = copy_series(TS_DICOM, tmp_path / "corrupt")
+    victim = sorted(path.iterdir())[7]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return path, victim.name
+
+
+BAD_INPUTS = [
+    mr_nifti, mr_nrrd, template_without_air, missing_path, not_an_image, single_dicom_file, truncated_nifti,
+    nifti_with_garbage, empty_folder, folder_without_dicom, two_series, missing_slice, duplicated_slice,
+    uneven_spacing, corrupt_dicom_file,
+]
+
+
+@pytest.mark.parametrize("make_input", BAD_INPUTS, ids=[f.__name__ for f in BAD_INPUTS])
+def test_bad_input_exits_3_naming_the_file_and_the_problem(tmp_path, make_input):
+    path, problem = make_input(tmp_path)
+    out = tmp_path / "out.npz"
+    # no weights exist: the input must be judged before any model is looked for
+    result = run_cli("embed", path, "--out", out, "--json")
+    assert result.code == 3, (result.code, result.stderr)
+    message = result.document["error"]["message"]
+    assert str(path) in message or path.name in message, message
+    assert problem in message, message
+    assert message.count("\n") == 0
+    assert not out.exists()
+
+
+def test_nrrd_and_mha_copies_of_a_nifti_read_identically(tmp_path):
+    original = read_volume(SAMPLE_CT)
+    for suffix in (".nrrd", ".mha"):
+        copy = tmp_path / f"copy{suffix}"
+        sitk.WriteImage(sitk.ReadImage(str(SAMPLE_CT)), str(copy))
+        volume = read_volume(copy)
+        assert volume.grid.matches(original.grid, tolerance_mm=1e-6)
+        np.testing.assert_array_equal(volume.voxels, original.voxels)
