@@ -85,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(args: argparse.Namespace, description: str):  # noqa: ANN202 - tqdm or None
+def _progress_bar(args: argparse.Namespace, description: str, unit: str, total: int | None = None):  # noqa: ANN202
+    """A tqdm bar on stderr, or None with --quiet."""
     if args.quiet:
         return None
     from tqdm import tqdm
 
-    return tqdm(desc=description, unit="patch", file=sys.stderr, leave=False)
+    return tqdm(desc=description, unit=unit, total=total, file=sys.stderr, leave=False)
 
 
 def read_inputs(paths: Sequence[str], args: argparse.Namespace) -> list[CTVolume | None]:
@@ -121,16 +122,20 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     log.info("weights %s (sha256 %s) on %s", checkpoint.name, checkpoint.sha256[:12], device)
     embedder = Embedder(encoder, device)
     results = []
+    scans = _progress_bar(args, "embedding", "scan", total=len(args.inputs)) if len(args.inputs) > 1 else None
     for path, volume in zip(args.inputs, volumes, strict=True):
         volume = volume or read_volume(path, series_uid=args.series, hu_offset=args.hu_offset)
-        bar = _progress_bar(args, Path(path).name) if args.level == "patch" else None
-        progress = None if bar is None else _tqdm_progress(bar)
+        patches = _progress_bar(args, Path(path).name, "patch") if args.level == "patch" else None
         results.append(
             embedder.embed(volume, args.level, windows=windows, aggregation=args.aggregation,
-                           batch_size=args.batch_size, progress=progress)
+                           batch_size=args.batch_size, progress=None if patches is None else _tqdm_progress(patches))
         )
-        if bar is not None:
-            bar.close()
+        if patches is not None:
+            patches.close()
+        if scans is not None:
+            scans.update(1)
+    if scans is not None:
+        scans.close()
     if args.out is not None:
         write_embeddings(results, args.out, weights=checkpoint.identity, preprocessing=embedder.preprocessing)
     return {

@@ -1,1 +1,1 @@
-"""DICOM input: assemble one CT series from a folder of DICOM files into a CTVolume."""
+"""DICOM input: reading one CT series; DICOM-SEG/SR writing and PACS arrive with the MONAI Deploy issue."""

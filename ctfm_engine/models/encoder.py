@@ -20,6 +20,10 @@ CTFM_ENCODER_CONFIG: dict[str, Any] = {
 
 ENCODER_ARGUMENTS = {"spatial_dims", "init_filters", "in_channels", "act", "norm", "blocks_down", "anisotropic_scales"}
 
+# Activation memory the two full-resolution levels may use at once; 3 GiB keeps a 512x512x300 CT under 4 GB of
+# peak RSS on CPU at the speed of the untiled pass (benchmarks/embed.py).
+DEFAULT_MEMORY_BUDGET_BYTES = 3 << 30
+
 # Halo (input voxels along z) that makes each slab of the first two levels exact; both even so slabs stay
 # aligned with the stride-2 downsampling: level 0 = conv_init + one block (3 convs) + downsample -> 4;
 # level 1 = two blocks (4 convs) + downsample -> 5, rounded up to 6.
@@ -44,13 +48,15 @@ def embedding_size(encoder: SegResEncoder) -> int:
     return int(encoder.layers[-1]["blocks"][-1].conv2.out_channels)
 
 
-def scan_embedding(encoder: SegResEncoder, image: torch.Tensor, *, memory_budget_bytes: int = 1 << 30) -> torch.Tensor:
+def scan_embedding(
+    encoder: SegResEncoder, image: torch.Tensor, *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+) -> torch.Tensor:
     """Global-average-pooled last feature map of a whole volume (B, 1, Z, Y, X) -> (B, C)."""
     return last_feature_map(encoder, image, memory_budget_bytes=memory_budget_bytes).mean(dim=(2, 3, 4))
 
 
 def last_feature_map(
-    encoder: SegResEncoder, image: torch.Tensor, *, memory_budget_bytes: int = 1 << 30
+    encoder: SegResEncoder, image: torch.Tensor, *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
 ) -> torch.Tensor:
     """The encoder's last (stride-16) feature map, computing the two full-resolution levels in z-slabs.
 

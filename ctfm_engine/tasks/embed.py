@@ -19,7 +19,7 @@ import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from ctfm_engine.io import atomic_output
-from ctfm_engine.models.encoder import patch_embeddings, scan_embedding
+from ctfm_engine.models.encoder import DEFAULT_MEMORY_BUDGET_BYTES, patch_embeddings, scan_embedding
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess
 from ctfm_engine.volume import CTVolume
 
@@ -79,7 +79,7 @@ class Embedder:
         encoder: SegResEncoder,
         device: torch.device | str = "cpu",
         preprocessing: Preprocessing = CTFM_PREPROCESSING,
-        memory_budget_bytes: int = 1 << 30,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     ) -> None:
         self.device = torch.device(device)
         self.encoder = encoder.eval().to(self.device)
@@ -171,13 +171,14 @@ def write_embeddings(
         "series_instance_uids": np.array([item.series_instance_uid or "" for item in embeddings]),
         "metadata": np.array(json.dumps(metadata)),
     }
-    patched = [item for item in embeddings if item.patch_vectors is not None]
-    if patched:
-        arrays["patch_embeddings"] = np.concatenate([item.patch_vectors for item in patched]).astype(np.float32)
+    if len({item.level for item in embeddings}) != 1:
+        raise ValueError("one embeddings file holds one level (scan or patch)")
+    if embeddings[0].level == "patch":
+        arrays["patch_embeddings"] = np.concatenate([item.patch_vectors for item in embeddings]).astype(np.float32)
         arrays["patch_input_index"] = np.concatenate(
-            [np.full(len(item.patch_vectors), index) for index, item in enumerate(embeddings) if item in patched]
+            [np.full(len(item.patch_vectors), index) for index, item in enumerate(embeddings)]
         )
-        arrays["patch_centres_lps"] = np.concatenate([item.patch_centres_lps for item in patched])
+        arrays["patch_centres_lps"] = np.concatenate([item.patch_centres_lps for item in embeddings])
     with atomic_output(path) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **arrays)
     return path

@@ -1,0 +1,1 @@
+"""Intra-sample self-supervised pre-training and fine-tuning (filled by the training issue)."""
