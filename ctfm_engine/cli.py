@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(args: argparse.Namespace, description: str, unit: str, total: int | None = None):  # noqa: ANN202
+def _progress_bar(args: argparse.Namespace, description: str, unit: str, total: int | None = None) -> Any:
     """A tqdm bar on stderr, or None with --quiet."""
     if args.quiet:
         return None
@@ -159,7 +159,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _tqdm_progress(bar):  # noqa: ANN001, ANN202
+def _tqdm_progress(bar: Any) -> Callable[[int, int], None]:
     def update(done: int, total: int) -> None:
         bar.total = total
         bar.n = done
@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, error.exit_code, str(error))
     except KeyboardInterrupt:
         return _fail(args, 130, "interrupted; no partial output was left behind")
+    except Exception as error:  # a bug, not a user error: say so in one line, the traceback with -v
+        log.debug("traceback", exc_info=True)
+        return _fail(args, 1, f"unexpected {type(error).__name__}: {error} (run with -v for the traceback)")
     if args.json:
         print(json.dumps(document))
     else:

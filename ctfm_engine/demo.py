@@ -10,18 +10,18 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from ctfm_engine.errors import ModelError
 from ctfm_engine.io import atomic_output
-from ctfm_engine.models.checkpoint import save_checkpoint
+from ctfm_engine.models.checkpoint import Checkpoint, save_checkpoint
 from ctfm_engine.models.encoder import build_encoder, encoder_config
 from ctfm_engine.models.registry import cache_dir, load_encoder
-from ctfm_engine.preprocess import preprocess
+from ctfm_engine.preprocess import ModelInput, preprocess
 from ctfm_engine.runtime.device import resolve_device
 from ctfm_engine.tasks.embed import Embedder, PatchWindows, write_embeddings
 from ctfm_engine.volume import CTVolume, read_volume
@@ -42,7 +42,7 @@ def sample_ct_path() -> Path:
     return Path(str(resources.files("ctfm_engine") / "data" / "sample_ct.nii.gz"))
 
 
-def demo_weights(weights: str | None) -> tuple[Any, Any, bool]:
+def demo_weights(weights: str | None) -> tuple[SegResEncoder, Checkpoint, bool]:
     """The configured encoder, else the untrained demo encoder (created once in the cache)."""
     try:
         encoder, checkpoint = load_encoder(weights)
@@ -69,15 +69,16 @@ def run_demo(out_dir: Path, *, weights: str | None = None, device_name: str = "c
             "embeddings mean nothing (pass --weights or set CTFM_WEIGHTS)", checkpoint.name,
         )
     embedder = Embedder(encoder, device)
-    scan = embedder.embed(volume, "scan")
-    patches = embedder.embed(volume, "patch", windows=PatchWindows(), aggregation="min")
+    model_input = preprocess(volume, embedder.preprocessing)
+    scan = embedder.embed(volume, "scan", model_input=model_input)
+    patches = embedder.embed(volume, "patch", windows=PatchWindows(), aggregation="min", model_input=model_input)
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = write_embeddings([scan], out_dir / "scan_embedding.npz", weights=checkpoint.identity,
                            preprocessing=embedder.preprocessing)
     patch_npz = write_embeddings([patches], out_dir / "patch_embeddings.npz", weights=checkpoint.identity,
                                  preprocessing=embedder.preprocessing)
     picture = out_dir / "preprocessing.png"
-    draw_overview(volume, patches.patch_vectors, patches.patch_centres_lps, picture, checkpoint.name)
+    draw_overview(volume, model_input, patches.patch_vectors, patches.patch_centres_lps, picture, checkpoint.name)
     model_shape = "x".join(map(str, scan.model_shape_zyx))
     summary = [
         f"input: bundled sample CT ({sample_ct_path().name}, {'x'.join(map(str, volume.shape_zyx))} voxels z,y,x)",
@@ -99,7 +100,12 @@ def run_demo(out_dir: Path, *, weights: str | None = None, device_name: str = "c
 
 
 def draw_overview(
-    volume: CTVolume, patch_vectors: np.ndarray, patch_centres_lps: np.ndarray, path: Path, weights_name: str
+    volume: CTVolume,
+    model_input: ModelInput,
+    patch_vectors: np.ndarray,
+    patch_centres_lps: np.ndarray,
+    path: Path,
+    weights_name: str,
 ) -> None:
     """Source slices, the model-space input, and each patch's cosine similarity to the central patch."""
     import matplotlib
@@ -107,7 +113,6 @@ def draw_overview(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model_input = preprocess(volume)
     image = model_input.image
     figure, axes = plt.subplots(1, 3, figsize=(15, 5))
     # Displayed like a radiologist's axial view: anterior up, patient left on the right of the image.

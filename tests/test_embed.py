@@ -56,7 +56,8 @@ def test_patch_level_aggregates_sliding_window_patch_embeddings(tmp_path, narrow
     assert np.all(index > -2) and np.all(index < np.array(volume.shape_zyx) + 1)  # centres lie on the scan
 
 
-def _nifti_with_sitk(folder, path):
+def _nifti_with_sitk(folder, out_dir):
+    path = out_dir / "scan.nii.gz"
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     sitk.WriteImage(reader.Execute(), str(path))
@@ -73,8 +74,7 @@ def _nifti_with_dcm2niix(folder, out_dir):
 
 @pytest.mark.parametrize("converter", [_nifti_with_sitk, _nifti_with_dcm2niix], ids=["simpleitk", "dcm2niix"])
 def test_dicom_series_and_its_nifti_give_the_same_geometry_and_embedding(tmp_path, narrow_weights, converter):
-    nifti = converter(TS_DICOM, tmp_path) if converter is _nifti_with_dcm2niix else converter(TS_DICOM,
-                                                                                             tmp_path / "s.nii.gz")
+    nifti = converter(TS_DICOM, tmp_path)
     from_dicom, from_nifti = read_volume(TS_DICOM), read_volume(nifti)
     assert from_dicom.grid.matches(from_nifti.grid, tolerance_mm=1e-3) or _same_points(from_dicom, from_nifti)
     result = run_cli("embed", TS_DICOM, nifti, "--weights", narrow_weights, "--json")

@@ -95,10 +95,13 @@ class Embedder:
         aggregation: str = "min",
         batch_size: int = 4,
         progress: Progress | None = None,
+        model_input: ModelInput | None = None,
     ) -> Embedding:
+        """Embed ``volume``; ``model_input`` may carry its preprocessing when the caller already has it."""
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        model_input = preprocess(volume, self.preprocessing)
+        if model_input is None:
+            model_input = preprocess(volume, self.preprocessing)
         common = {
             "input": volume.source,
             "series_instance_uid": volume.series_instance_uid,
