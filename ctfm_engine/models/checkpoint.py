@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctfm_engine.errors import ModelError
+from ctfm_engine.io import atomic_folder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -120,22 +118,12 @@ def encoder_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
 def save_checkpoint(model: nn.Module, folder: str | Path, config: dict[str, Any], card: str | None = None) -> str:
     """Write ``config.json``, ``model.safetensors`` (and a model card) atomically; returns the weights' sha256.
 
-    The folder appears complete or not at all: files are written into a sibling temporary folder that is then
-    renamed into place.
+    The folder appears complete or not at all (see :func:`ctfm_engine.io.atomic_folder`).
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if card is not None:
             (staging / CARD_FILE).write_text(card)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return sha256_of(folder / WEIGHTS_FILE)
+    return sha256_of(Path(folder) / WEIGHTS_FILE)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from ctfm_engine.errors import ModelError
+from ctfm_engine.io import atomic_folder
 from ctfm_engine.models.checkpoint import (
     CARD_FILE,
     CONFIG_FILE,
@@ -123,26 +123,22 @@ def pull_weights(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     target = cached_repo_folder(repo_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        snapshot_download(
-            repo_id,
-            revision=revision,
-            local_dir=staging,
-            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE],
-        )
-        if not _is_checkpoint(staging):
-            raise ModelError(f"{repo_id}: the repo has no {CONFIG_FILE} + {WEIGHTS_FILE}; it is not a CT-FM checkpoint")
-        shutil.rmtree(staging / ".cache", ignore_errors=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        with atomic_folder(target) as staging:
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                local_dir=staging,
+                allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE],
+            )
+            if not _is_checkpoint(staging):
+                raise ModelError(
+                    f"{repo_id}: the repo has no {CONFIG_FILE} + {WEIGHTS_FILE}; it is not a CT-FM checkpoint"
+                )
+            shutil.rmtree(staging / ".cache", ignore_errors=True)
     except ModelError:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     except Exception as error:  # the hub client raises many types for "no network"; all mean the same here
-        shutil.rmtree(staging, ignore_errors=True)
         raise ModelError(
             f"{repo_id}: cannot download from the Hugging Face hub ({type(error).__name__}); this machine looks "
             f"offline: on a connected machine run `huggingface-cli download {repo_id} --local-dir DIR`, copy DIR "
