@@ -1,4 +1,4 @@
-"""The ``ctfm`` command: ``embed``, ``weights`` and ``demo`` (other subcommands arrive with their issues).
+"""The ``ctfm`` command: ``embed``, ``weights``, ``pretrain`` and ``demo`` (others arrive with their issues).
 
 Exit codes: 0 success, 2 usage error, 3 unacceptable input data, 4 model or weights problem, 1 anything else.
 With ``--json`` one JSON document goes to stdout (also on failure: ``{"error": {...}}``); logs and progress
@@ -8,6 +8,7 @@ go to stderr.  Inputs are validated before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -30,7 +31,7 @@ KEEP_VALIDATED_VOXELS = 300_000_000
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    common.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    common.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu; training: the recipe's accelerator)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     return common
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = weight_commands.add_parser("info", parents=[common], help="config, size and sha256 of a checkpoint")
     info.add_argument("weights", nargs="?", help="folder or hub repo id (default: the one `embed` would use)")
 
+    for name, text in (("pretrain", "self-supervised pre-training of the encoder from a recipe"),):
+        train = commands.add_parser(name, parents=[common], help=text)
+        train.add_argument("--config", required=True, type=Path, help="recipe YAML (see training/)")
+        train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a recipe key, e.g. --set trainer.max_epochs=2 (repeatable)")
+        train.add_argument("--resume", metavar="CKPT", help="continue from a Lightning checkpoint (e.g. last.ckpt)")
+
     demo = commands.add_parser("demo", parents=[common], help="the main job end to end on the bundled sample CT")
     demo.add_argument("--out-dir", type=Path, default=Path("ctfm-demo"), help="where results go (ctfm-demo)")
     demo.add_argument("--weights", help="checkpoint folder or hub repo id (default: as for embed)")
@@ -117,7 +125,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as error:
         raise UsageError(f"--patch-size/--overlap: {error}") from None
     volumes = read_inputs(args.inputs, args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device or "cpu")
     encoder, checkpoint = load_encoder(args.weights)
     log.info("weights %s (sha256 %s) on %s", checkpoint.name, checkpoint.sha256[:12], device)
     embedder = Embedder(encoder, device)
@@ -224,10 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             document = run_embed(args)
         elif args.command == "weights":
             document = run_weights(args)
+        elif args.command == "pretrain":
+            from ctfm_engine.training.recipe import run_recipe
+
+            accelerator = None if args.device is None else {"cpu": "cpu", "auto": "auto"}.get(args.device, "gpu")
+            # Lightning draws progress and summaries on stdout, which belongs to the --json document.
+            with contextlib.redirect_stdout(sys.stderr):
+                document = run_recipe(args.config, args.set, resume=args.resume, accelerator=accelerator,
+                                      quiet=args.quiet)
         else:
             from ctfm_engine.demo import run_demo
 
-            document = run_demo(args.out_dir, weights=args.weights, device_name=args.device, quiet=args.quiet)
+            document = run_demo(args.out_dir, weights=args.weights, device_name=args.device or "cpu", quiet=args.quiet)
     except CTFMError as error:
         return _fail(args, error.exit_code, str(error))
     except KeyboardInterrupt:

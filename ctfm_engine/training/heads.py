@@ -1,0 +1,85 @@
+"""Projection and prediction heads of CT-FM pre-training and its ablations (facts §3.3, §3.6).
+
+Each head keeps its layers in ``self.layers`` (an ``nn.Sequential``) so that state-dict keys match lightly's heads,
+which CT-FM uses (raw checkpoints hold ``model.projection_head.layers.{0,2}.*``). As in lightly, a Linear followed by
+BatchNorm has no bias, since the BatchNorm shift makes it redundant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR head Linear-ReLU-Linear, as lightly's ``SimCLRProjectionHead(512, 256, 128, batch_norm=False)``."""
+
+    def __init__(self, in_dim: int = 512, hidden_dim: int = 256, out_dim: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project (batch, in_dim) features to (batch, out_dim)."""
+        return self.layers(x)
+
+
+class SimSiamProjectionHead(nn.Module):
+    """SimSiam projector: 3 Linear layers, BatchNorm after each (last one affine-free); lightly / Chen & He 2021."""
+
+    def __init__(self, in_dim: int = 512, hidden_dim: int = 2048, out_dim: int = 2048) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim, bias=False),
+            nn.BatchNorm1d(out_dim, affine=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project (batch, in_dim) features to (batch, out_dim)."""
+        return self.layers(x)
+
+
+class SimSiamPredictionHead(nn.Module):
+    """SimSiam predictor Linear-BN-ReLU-Linear (bottleneck hidden layer); lightly / Chen & He 2021."""
+
+    def __init__(self, in_dim: int = 2048, hidden_dim: int = 512, out_dim: int = 2048) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict (batch, out_dim) targets from (batch, in_dim) projections."""
+        return self.layers(x)
+
+
+class VICRegProjectionHead(nn.Module):
+    """VICReg expander (Linear-BN-ReLU) x 2 + Linear, lightly's ``BarlowTwinsProjectionHead``; Bardes et al. 2022."""
+
+    def __init__(self, in_dim: int = 512, hidden_dim: int = 8192, out_dim: int = 8192) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand (batch, in_dim) features to (batch, out_dim)."""
+        return self.layers(x)

@@ -1,0 +1,56 @@
+"""Model cards: the README.md beside a checkpoint saying what it was trained on, how, and how well."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctfm_engine.io import atomic_output
+from ctfm_engine.models.checkpoint import CARD_FILE, WEIGHTS_FILE, sha256_of
+from ctfm_engine.training.data import ManifestEntry
+
+
+def write_model_card(
+    folder: Path, recipe: dict[str, Any], entries: Sequence[ManifestEntry], results: dict[str, Any], kind: str
+) -> Path:
+    """Write ``README.md`` into a checkpoint folder: data, recipe, results, sha256, and the clinical-use warning."""
+    name = section_name(recipe, folder)
+    recipe_text = yaml.safe_dump({k: v for k, v in recipe.items() if not k.startswith("_")}, sort_keys=False)
+    data_lines = "\n".join(f"- `{entry.path.name}`" + (f" (labels `{entry.labels.name}`)" if entry.labels else "")
+                           for entry in entries)
+    card = f"""---
+library_name: project-lighter
+tags: [ct, ct-fm, {kind}, demonstration]
+---
+# {name}
+
+**A demonstration model, not for clinical use.** It was trained by SlicerCTFM's own training stack on the few
+real CT scans listed below, to show the pipeline working offline; it is not CT-FM and not comparable to it.
+
+- Kind: {kind} (MONAI SegResNetDS family, Hugging Face layout: `config.json` + `model.safetensors`)
+- Weights sha256: `{sha256_of(folder / WEIGHTS_FILE)}`
+
+## Training data ({len(entries)} scans)
+{data_lines}
+
+## Results
+```json
+{json.dumps({k: v for k, v in results.items() if k not in {"checkpoint", "metrics"}}, indent=2)}
+```
+
+## Recipe
+```yaml
+{recipe_text}```
+"""
+    path = folder / CARD_FILE
+    with atomic_output(path) as temporary:
+        temporary.write_text(card)
+    return path
+
+
+def section_name(recipe: dict[str, Any], folder: Path) -> str:
+    return str((recipe.get("output") or {}).get("name") or folder.name)

@@ -1,0 +1,99 @@
+"""Recipes: a YAML file configures a training run; this module turns it into data, a Lightning module and a Trainer.
+
+Relative paths in a recipe (manifest) are resolved against the recipe's folder; ``output.dir`` and
+``output.export`` against the working directory.  ``--set a.b=value`` overrides any key (value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctfm_engine.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("pretrain",)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe in ``path`` with ``key.sub=value`` overrides applied; UsageError when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config {path}: recipe file does not exist")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UsageError(f"--config {path}: not valid YAML ({error})") from None
+    if not isinstance(recipe, dict) or recipe.get("task") not in TASKS:
+        raise UsageError(f"--config {path}: a recipe is a mapping with 'task' one of {TASKS}")
+    recipe = copy.deepcopy(recipe)
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        if not separator or not key:
+            raise UsageError(f"--set {override}: expected key.sub=value")
+        target = recipe
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise UsageError(f"--set {override}: {parent} is not a section")
+        target[leaf] = yaml.safe_load(value)
+    recipe["_folder"] = str(path.resolve().parent)
+    return recipe
+
+
+def section(recipe: dict[str, Any], name: str) -> dict[str, Any]:
+    value = recipe.get(name) or {}
+    if not isinstance(value, dict):
+        raise UsageError(f"recipe section {name!r} must be a mapping")
+    return value
+
+
+def recipe_path(recipe: dict[str, Any], value: str) -> Path:
+    """A path from the recipe, relative to the recipe's folder."""
+    return (Path(recipe["_folder"]) / value).resolve()
+
+
+def trainer_for(recipe: dict[str, Any], accelerator: str | None, quiet: bool = False) -> Any:
+    """A Lightning Trainer from the recipe's ``trainer`` section, with checkpoints and a CSV metrics log."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    output = Path(section(recipe, "output").get("dir", "runs/ctfm"))
+    options = dict(section(recipe, "trainer"))
+    if accelerator is not None:
+        options["accelerator"] = accelerator
+    if quiet:
+        options.update(enable_progress_bar=False, enable_model_summary=False)
+    every = int(options.pop("checkpoint_every_n_epochs", 10))
+    loggers: list[Any] = [CSVLogger(output, name="logs", version="")]
+    if options.pop("tensorboard", False):
+        loggers.append(TensorBoardLogger(output, name="tensorboard", version=""))
+    checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=-1,
+                                  every_n_epochs=every)
+    # Our EpochSampler shards by rank itself, so Lightning must not swap in a DistributedSampler.
+    return L.Trainer(default_root_dir=output, logger=loggers, callbacks=[checkpoints], use_distributed_sampler=False,
+                     **options)
+
+
+def read_metrics(trainer: Any) -> list[dict[str, str]]:
+    metrics = Path(trainer.loggers[0].log_dir) / "metrics.csv"
+    if not metrics.is_file():
+        return []
+    with open(metrics, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
+               accelerator: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    recipe = load_recipe(path, overrides)
+    from ctfm_engine.training.run_pretraining import run_pretraining
+
+    return run_pretraining(recipe, resume=resume, accelerator=accelerator, quiet=quiet)
