@@ -38,6 +38,9 @@ class ViewAugmentation:
         return torch.as_tensor(view, dtype=torch.float32)
 
 
+CTFM_VIEW_AUGMENTATION = ViewAugmentation()
+
+
 def random_resized_crop(crop: torch.Tensor, rng: np.random.Generator, scale: tuple[float, float]) -> torch.Tensor:
     """A sub-box of ``s`` times each side (one s for all axes, random centre), resized back trilinearly.
 

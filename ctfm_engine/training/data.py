@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 from ctfm_engine.errors import CTFMError, InputError
-from ctfm_engine.preprocess import CTFM_PREPROCESSING, Preprocessing, preprocess
-from ctfm_engine.training.augment import ViewAugmentation
+from ctfm_engine.preprocess import Preprocessing, preprocess
+from ctfm_engine.training.augment import CTFM_VIEW_AUGMENTATION, ViewAugmentation
 from ctfm_engine.volume import read_volume
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ def random_crops(image: np.ndarray, patch_size_zyx: Sequence[int], count: int, r
     crops = np.empty((count, *size), dtype=np.float32)
     for index in range(count):
         start = [int(rng.integers(0, extent - s + 1)) for extent, s in zip(image.shape, size, strict=True)]
-        crops[index] = image[start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
+        box = tuple(slice(first, first + extent) for first, extent in zip(start, size, strict=True))
+        crops[index] = image[box]
     return crops
 
 
@@ -134,7 +135,7 @@ class IntraSampleCrops(Dataset):
         scans: PreprocessedScans,
         patch_size_zyx: Sequence[int],
         crops_per_scan: int,
-        augmentation: ViewAugmentation = ViewAugmentation(),
+        augmentation: ViewAugmentation = CTFM_VIEW_AUGMENTATION,
         seed: int = 0,
     ) -> None:
         if crops_per_scan < 2:
