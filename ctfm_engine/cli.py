@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = weight_commands.add_parser("info", parents=[common], help="config, size and sha256 of a checkpoint")
     info.add_argument("weights", nargs="?", help="folder or hub repo id (default: the one `embed` would use)")
 
-    for name, text in (("pretrain", "self-supervised pre-training of the encoder from a recipe"),):
+    for name, text in (("pretrain", "self-supervised pre-training of the encoder from a recipe"),
+                       ("finetune", "fine-tune a task model (segmentation) from a recipe")):
         train = commands.add_parser(name, parents=[common], help=text)
         train.add_argument("--config", required=True, type=Path, help="recipe YAML (see training/)")
         train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -232,14 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             document = run_embed(args)
         elif args.command == "weights":
             document = run_weights(args)
-        elif args.command == "pretrain":
+        elif args.command in ("pretrain", "finetune"):
             from ctfm_engine.training.recipe import run_recipe
 
             accelerator = None if args.device is None else {"cpu": "cpu", "auto": "auto"}.get(args.device, "gpu")
             # Lightning draws progress and summaries on stdout, which belongs to the --json document.
             with contextlib.redirect_stdout(sys.stderr):
-                document = run_recipe(args.config, args.set, resume=args.resume, accelerator=accelerator,
-                                      quiet=args.quiet)
+                document = run_recipe(args.command, args.config, args.set, resume=args.resume,
+                                      accelerator=accelerator, quiet=args.quiet)
         else:
             from ctfm_engine.demo import run_demo
 

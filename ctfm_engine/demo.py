@@ -8,6 +8,7 @@ encoder, says so loudly, and the numbers it prints mean nothing about CT-FM's qu
 from __future__ import annotations
 
 import logging
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -16,11 +17,10 @@ import SimpleITK as sitk
 import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
-from ctfm_engine.errors import ModelError
 from ctfm_engine.io import atomic_output
 from ctfm_engine.models.checkpoint import Checkpoint, save_checkpoint
 from ctfm_engine.models.encoder import build_encoder, encoder_config
-from ctfm_engine.models.registry import cache_dir, load_encoder
+from ctfm_engine.models.registry import bundled_weights, cache_dir, load_encoder
 from ctfm_engine.preprocess import ModelInput, preprocess
 from ctfm_engine.runtime.device import resolve_device
 from ctfm_engine.tasks.embed import Embedder, PatchWindows, write_embeddings
@@ -43,13 +43,14 @@ def sample_ct_path() -> Path:
 
 
 def demo_weights(weights: str | None) -> tuple[SegResEncoder, Checkpoint, bool]:
-    """The configured encoder, else the untrained demo encoder (created once in the cache)."""
-    try:
+    """``--weights`` or ``CTFM_WEIGHTS`` when given, else the shipped ctfm-mini, else an untrained encoder."""
+    if weights or os.environ.get("CTFM_WEIGHTS"):
         encoder, checkpoint = load_encoder(weights)
         return encoder, checkpoint, False
-    except ModelError:
-        if weights:
-            raise
+    shipped = bundled_weights("ctfm-mini")
+    if shipped is not None:
+        encoder, checkpoint = load_encoder(shipped)
+        return encoder, checkpoint, False
     folder = cache_dir() / "models" / UNTRAINED_NAME
     if not folder.is_dir():
         torch.manual_seed(0)

@@ -25,8 +25,9 @@ pytest.importorskip("lightning", reason="the [train] extra (lightning) is not in
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "pretrain_ctfm_mini_cpu.yaml"
 # A few minutes of CPU at most: a tiny patch, few crops, few epochs.
-SMOKE = ["data.crops_per_scan=3", "data.patch_size_zyx=[16,32,32]", "data.scans_per_batch=2",
-         "trainer.log_every_n_steps=1", "optim.warmup_epochs=0", "optim.learning_rate=0.003"]
+SMOKE = ["data.crops_per_scan=4", "data.patch_size_zyx=[16,32,32]", "data.scans_per_batch=5",
+         "data.visits_per_epoch=4", "trainer.log_every_n_steps=1", "optim.warmup_epochs=0",
+         "optim.learning_rate=0.0001", "output.weights_dtype=float32"]
 
 
 def write_manifest(folder: Path, paths: list[Path]) -> Path:

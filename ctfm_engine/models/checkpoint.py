@@ -115,13 +115,24 @@ def encoder_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(model: nn.Module, folder: str | Path, config: dict[str, Any], card: str | None = None) -> str:
+def save_checkpoint(
+    model: nn.Module,
+    folder: str | Path,
+    config: dict[str, Any],
+    card: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """Write ``config.json``, ``model.safetensors`` (and a model card) atomically; returns the weights' sha256.
 
-    The folder appears complete or not at all (see :func:`ctfm_engine.io.atomic_folder`).
+    The folder appears complete or not at all (see :func:`ctfm_engine.io.atomic_folder`).  ``dtype`` (e.g.
+    ``torch.float16``, to ship small files) converts floating-point tensors; loading casts them back to the model's.
     """
     with atomic_folder(folder) as staging:
-        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        state = {}
+        for key, value in model.state_dict().items():
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            state[key] = value.detach().cpu().contiguous()
         save_file(state, str(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if card is not None:

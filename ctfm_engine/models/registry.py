@@ -34,6 +34,16 @@ PUBLISHED_REPOS = (
 )
 
 
+# Demonstration checkpoints trained by this project's own training stack (see training/), shipped with the package.
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
+
+def bundled_weights(name: str) -> Path | None:
+    """The shipped demonstration checkpoint ``name`` (e.g. ``ctfm-mini``), or None when it is not installed."""
+    folder = BUNDLED_WEIGHTS_DIR / name
+    return folder if _is_checkpoint(folder) else None
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("CTFM_CACHE") or Path.home() / ".cache" / "ctfm").expanduser()
 

@@ -127,7 +127,8 @@ class IntraSampleCrops(Dataset):
 
     Keys are (index, epoch) pairs from :class:`EpochSampler`; the randomness of an item is seeded by
     (seed, epoch, index), so it does not depend on workers, order or resumption.  Returns a float tensor
-    (crops, 2, 1, z, y, x), or None when the scan cannot be read.
+    (crops, 2, 1, z, y, x), or None when the scan cannot be read.  With ``visits_per_epoch`` > 1 an epoch visits
+    every scan that many times, each with other crops (small data sets then get more steps per epoch).
     """
 
     def __init__(
@@ -137,21 +138,25 @@ class IntraSampleCrops(Dataset):
         crops_per_scan: int,
         augmentation: ViewAugmentation = CTFM_VIEW_AUGMENTATION,
         seed: int = 0,
+        visits_per_epoch: int = 1,
     ) -> None:
         if crops_per_scan < 2:
             raise ValueError("intra-sample contrastive learning needs at least 2 crops per scan")
+        if visits_per_epoch < 1:
+            raise ValueError("visits_per_epoch must be at least 1")
         self.scans = scans
         self.patch_size_zyx = tuple(int(s) for s in patch_size_zyx)
         self.crops_per_scan = crops_per_scan
         self.augmentation = augmentation
         self.seed = seed
+        self.visits_per_epoch = visits_per_epoch
 
     def __len__(self) -> int:
-        return len(self.scans)
+        return len(self.scans) * self.visits_per_epoch
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor | None:
         index, epoch = key
-        image = self.scans.image(index)
+        image = self.scans.image(index % len(self.scans))
         if image is None:
             return None
         rng = np.random.default_rng([self.seed, epoch, index])

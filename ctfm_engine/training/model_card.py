@@ -7,11 +7,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from torch import nn
 
+from ctfm_engine.errors import UsageError
 from ctfm_engine.io import atomic_output
-from ctfm_engine.models.checkpoint import CARD_FILE, WEIGHTS_FILE, sha256_of
+from ctfm_engine.models.checkpoint import CARD_FILE, WEIGHTS_FILE, read_checkpoint, save_checkpoint, sha256_of
 from ctfm_engine.training.data import ManifestEntry
+
+WEIGHT_DTYPES = {"float32": None, "float16": torch.float16}
+
+
+def export_model(
+    network: nn.Module,
+    config: dict[str, Any],
+    recipe: dict[str, Any],
+    entries: Sequence[ManifestEntry],
+    results: dict[str, Any],
+    kind: str,
+) -> dict[str, Any]:
+    """Save ``network`` to the recipe's ``output.export`` folder with its model card; the export's identity."""
+    output = recipe.get("output") or {}
+    folder = Path(output["export"])
+    dtype_name = str(output.get("weights_dtype", "float32"))
+    if dtype_name not in WEIGHT_DTYPES:
+        raise UsageError(f"output.weights_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype_name!r}")
+    save_checkpoint(network.cpu(), folder, config, dtype=WEIGHT_DTYPES[dtype_name])
+    write_model_card(folder, recipe, entries, {**results, "weights_dtype": dtype_name}, kind=kind)
+    return {"weights": read_checkpoint(folder).identity, "export": str(folder)}
 
 
 def write_model_card(

@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from ctfm_engine.errors import UsageError
+from ctfm_engine.errors import CTFMError, UsageError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "segmentation")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -83,6 +83,15 @@ def trainer_for(recipe: dict[str, Any], accelerator: str | None, quiet: bool = F
                      **options)
 
 
+def fit(trainer: Any, module: Any, loader: Any, resume: str | None) -> None:
+    """``trainer.fit``; an interrupted run (Ctrl-C, SIGTERM) raises instead of exporting a half-trained model."""
+    trainer.fit(module, loader, ckpt_path=resume)
+    if trainer.interrupted:
+        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        raise CTFMError(f"training was interrupted in epoch {trainer.current_epoch}; nothing was exported; "
+                        f"continue with --resume {last} (the last completed checkpoint)")
+
+
 def read_metrics(trainer: Any) -> list[dict[str, str]]:
     metrics = Path(trainer.loggers[0].log_dir) / "metrics.csv"
     if not metrics.is_file():
@@ -91,9 +100,19 @@ def read_metrics(trainer: Any) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
-               accelerator: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    recipe = load_recipe(path, overrides)
-    from ctfm_engine.training.run_pretraining import run_pretraining
+COMMAND_TASKS = {"pretrain": ("pretrain",), "finetune": ("segmentation",)}
 
-    return run_pretraining(recipe, resume=resume, accelerator=accelerator, quiet=quiet)
+
+def run_recipe(command: str, path: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
+               accelerator: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run the recipe in ``path`` for ``ctfm pretrain`` or ``ctfm finetune`` (the recipe's task must fit)."""
+    recipe = load_recipe(path, overrides)
+    if recipe["task"] not in COMMAND_TASKS[command]:
+        raise UsageError(
+            f"--config {path}: a {recipe['task']!r} recipe; `ctfm {command}` runs {COMMAND_TASKS[command]}"
+        )
+    if recipe["task"] == "pretrain":
+        from ctfm_engine.training.run_pretraining import run_pretraining as run
+    else:
+        from ctfm_engine.training.run_finetuning import run_finetuning as run
+    return run(recipe, resume=resume, accelerator=accelerator, quiet=quiet)

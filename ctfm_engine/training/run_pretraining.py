@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from ctfm_engine.models.checkpoint import read_checkpoint, save_checkpoint
 from ctfm_engine.models.encoder import encoder_config
 from ctfm_engine.preprocess import Preprocessing
 from ctfm_engine.training.augment import ViewAugmentation
@@ -20,9 +19,9 @@ from ctfm_engine.training.data import (
     collate_skipping_unreadable,
     read_manifest,
 )
-from ctfm_engine.training.model_card import write_model_card
+from ctfm_engine.training.model_card import export_model
 from ctfm_engine.training.pretrain import IntraSamplePretraining
-from ctfm_engine.training.recipe import read_metrics, recipe_path, section, trainer_for
+from ctfm_engine.training.recipe import fit, read_metrics, recipe_path, section, trainer_for
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def run_pretraining(
     augmentation = ViewAugmentation(**{k: tuple(v) if isinstance(v, list) else v
                                        for k, v in section(recipe, "augmentation").items()})
     dataset = IntraSampleCrops(scans, data.get("patch_size_zyx", (24, 128, 128)), int(data.get("crops_per_scan", 20)),
-                               augmentation, seed)
+                               augmentation, seed, visits_per_epoch=int(data.get("visits_per_epoch", 1)))
     loader = DataLoader(
         dataset,
         batch_size=int(data.get("scans_per_batch", 4)),
@@ -64,7 +63,7 @@ def run_pretraining(
         warmup_epochs=int(optim.get("warmup_epochs", 10)),
         schedule_epochs=int(optim.get("schedule_epochs") or trainer.max_epochs),
     )
-    trainer.fit(module, loader, ckpt_path=resume)
+    fit(trainer, module, loader, resume)
     metrics = read_metrics(trainer)
     losses = [float(row["train/loss_epoch"]) for row in metrics if row.get("train/loss_epoch")]
     document: dict[str, Any] = {
@@ -76,11 +75,6 @@ def run_pretraining(
         "checkpoint": str(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"),
         "metrics": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"),
     }
-    export = section(recipe, "output").get("export")
-    if export and trainer.is_global_zero:
-        folder = Path(export)
-        save_checkpoint(module.encoder.cpu(), folder, config)
-        write_model_card(folder, recipe, entries, document, kind="encoder")
-        document["weights"] = read_checkpoint(folder).identity
-        document["export"] = str(folder)
+    if section(recipe, "output").get("export") and trainer.is_global_zero:
+        document.update(export_model(module.encoder, config, recipe, entries, document, kind="encoder"))
     return document
