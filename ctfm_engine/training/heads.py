@@ -11,75 +11,51 @@ import torch
 from torch import nn
 
 
-class ProjectionHead(nn.Module):
-    """SimCLR head Linear-ReLU-Linear, as lightly's ``SimCLRProjectionHead(512, 256, 128, batch_norm=False)``."""
+class _Head(nn.Module):
+    """A head is its ``layers``; only their composition differs."""
 
-    def __init__(self, in_dim: int = 512, hidden_dim: int = 256, out_dim: int = 128) -> None:
+    def __init__(self, *layers: nn.Module) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, out_dim),
-        )
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Project (batch, in_dim) features to (batch, out_dim)."""
+        """(batch, in_dim) -> (batch, out_dim)."""
         return self.layers(x)
 
 
-class SimSiamProjectionHead(nn.Module):
+def _hidden(in_dim: int, out_dim: int) -> list[nn.Module]:
+    """Linear (no bias: BatchNorm's shift makes it redundant) -> BatchNorm -> ReLU."""
+    return [nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU()]
+
+
+class ProjectionHead(_Head):
+    """SimCLR head Linear-ReLU-Linear, as lightly's ``SimCLRProjectionHead(512, 256, 128, batch_norm=False)``."""
+
+    def __init__(self, in_dim: int = 512, hidden_dim: int = 256, out_dim: int = 128) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class SimSiamProjectionHead(_Head):
     """SimSiam projector: 3 Linear layers, BatchNorm after each (last one affine-free); lightly / Chen & He 2021."""
 
     def __init__(self, in_dim: int = 512, hidden_dim: int = 2048, out_dim: int = 2048) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(),
+        super().__init__(
+            *_hidden(in_dim, hidden_dim),
+            *_hidden(hidden_dim, hidden_dim),
             nn.Linear(hidden_dim, out_dim, bias=False),
             nn.BatchNorm1d(out_dim, affine=False),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Project (batch, in_dim) features to (batch, out_dim)."""
-        return self.layers(x)
 
-
-class SimSiamPredictionHead(nn.Module):
+class SimSiamPredictionHead(_Head):
     """SimSiam predictor Linear-BN-ReLU-Linear (bottleneck hidden layer); lightly / Chen & He 2021."""
 
     def __init__(self, in_dim: int = 2048, hidden_dim: int = 512, out_dim: int = 2048) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Predict (batch, out_dim) targets from (batch, in_dim) projections."""
-        return self.layers(x)
+        super().__init__(*_hidden(in_dim, hidden_dim), nn.Linear(hidden_dim, out_dim))
 
 
-class VICRegProjectionHead(nn.Module):
+class VICRegProjectionHead(_Head):
     """VICReg expander (Linear-BN-ReLU) x 2 + Linear, lightly's ``BarlowTwinsProjectionHead``; Bardes et al. 2022."""
 
     def __init__(self, in_dim: int = 512, hidden_dim: int = 8192, out_dim: int = 8192) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Expand (batch, in_dim) features to (batch, out_dim)."""
-        return self.layers(x)
+        super().__init__(*_hidden(in_dim, hidden_dim), *_hidden(hidden_dim, hidden_dim), nn.Linear(hidden_dim, out_dim))

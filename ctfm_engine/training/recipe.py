@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import copy
 import csv
-import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ctfm_engine.errors import CTFMError, UsageError
-
-log = logging.getLogger(__name__)
+from ctfm_engine.preprocess import Preprocessing
 
 TASKS = ("pretrain", "segmentation")
 
@@ -81,6 +79,17 @@ def trainer_for(recipe: dict[str, Any], accelerator: str | None, quiet: bool = F
     # Our EpochSampler shards by rank itself, so Lightning must not swap in a DistributedSampler.
     return L.Trainer(default_root_dir=output, logger=loggers, callbacks=[checkpoints], use_distributed_sampler=False,
                      **options)
+
+
+def start_run(recipe: dict[str, Any]) -> tuple[int, Path, Preprocessing]:
+    """Seed every random generator; the recipe's seed, manifest path and preprocessing."""
+    import lightning as L
+
+    seed = int(recipe.get("seed", 0))
+    L.seed_everything(seed, workers=True, verbose=False)
+    data = section(recipe, "data")
+    spacing = tuple(float(s) for s in data.get("spacing_zyx_mm", (3.0, 1.0, 1.0)))
+    return seed, recipe_path(recipe, data["manifest"]), Preprocessing(spacing_zyx_mm=spacing)
 
 
 def fit(trainer: Any, module: Any, loader: Any, resume: str | None) -> None:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
@@ -14,7 +13,7 @@ from ctfm_engine.errors import InputError
 from ctfm_engine.preprocess import Preprocessing
 from ctfm_engine.training.data import EpochSampler, read_manifest
 from ctfm_engine.training.model_card import export_model
-from ctfm_engine.training.recipe import fit, read_metrics, recipe_path, section, trainer_for
+from ctfm_engine.training.recipe import fit, read_metrics, recipe_path, section, start_run, trainer_for
 from ctfm_engine.training.segmentation import (
     LabelledPatches,
     SegmentationFinetuning,
@@ -29,11 +28,8 @@ LABEL_NAMES_FILE = Path(__file__).resolve().parents[1] / "data" / "totalsegmenta
 def run_finetuning(
     recipe: dict[str, Any], resume: str | None = None, accelerator: str | None = None, quiet: bool = False
 ) -> dict:
-    seed = int(recipe.get("seed", 0))
-    L.seed_everything(seed, workers=True, verbose=False)
+    seed, manifest, preprocessing = start_run(recipe)
     data, model, optim = section(recipe, "data"), section(recipe, "model"), section(recipe, "optim")
-    manifest = recipe_path(recipe, data["manifest"])
-    preprocessing = Preprocessing(spacing_zyx_mm=tuple(data.get("spacing_zyx_mm", (3.0, 1.0, 1.0))))
     train_entries = read_manifest(manifest, split="train")
     dataset = LabelledPatches(train_entries, preprocessing, data.get("patch_size_zyx", (96, 160, 160)), seed,
                               visits_per_epoch=int(data.get("visits_per_epoch", 1)))

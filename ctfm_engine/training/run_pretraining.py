@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader
 
 from ctfm_engine.models.encoder import encoder_config
-from ctfm_engine.preprocess import Preprocessing
 from ctfm_engine.training.augment import ViewAugmentation
 from ctfm_engine.training.data import (
     EpochSampler,
@@ -21,20 +18,15 @@ from ctfm_engine.training.data import (
 )
 from ctfm_engine.training.model_card import export_model
 from ctfm_engine.training.pretrain import IntraSamplePretraining
-from ctfm_engine.training.recipe import fit, read_metrics, recipe_path, section, trainer_for
-
-log = logging.getLogger(__name__)
+from ctfm_engine.training.recipe import fit, read_metrics, section, start_run, trainer_for
 
 
 def run_pretraining(
     recipe: dict[str, Any], resume: str | None = None, accelerator: str | None = None, quiet: bool = False
 ) -> dict:
-    seed = int(recipe.get("seed", 0))
-    L.seed_everything(seed, workers=True, verbose=False)
+    seed, manifest, preprocessing = start_run(recipe)
     data, method, optim = section(recipe, "data"), section(recipe, "method"), section(recipe, "optim")
-    manifest = recipe_path(recipe, data["manifest"])
     entries = read_manifest(manifest, split=data.get("split"))
-    preprocessing = Preprocessing(spacing_zyx_mm=tuple(data.get("spacing_zyx_mm", (3.0, 1.0, 1.0))))
     scans = PreprocessedScans(entries, preprocessing, keep=data.get("cache", "memory") == "memory")
     augmentation = ViewAugmentation(**{k: tuple(v) if isinstance(v, list) else v
                                        for k, v in section(recipe, "augmentation").items()})
