@@ -125,3 +125,12 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[key], reference[key]) for key in reference)
     assert result.document["epoch_losses"][-1] == whole["epoch_losses"][-1]
+
+
+def test_recipe_mistakes_are_usage_errors(tmp_path):
+    typo = run_cli("pretrain", "--config", RECIPE, "--set", "trainer.max_epoch=3", "--set", f"output.dir={tmp_path}")
+    assert typo.code == 2 and "max_epoch" in typo.stderr
+    missing = run_cli("pretrain", "--config", tmp_path / "nowhere.yaml")
+    assert missing.code == 2 and "does not exist" in missing.stderr
+    bad_set = run_cli("pretrain", "--config", RECIPE, "--set", "trainer")
+    assert bad_set.code == 2 and "key.sub=value" in bad_set.stderr

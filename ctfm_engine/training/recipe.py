@@ -76,9 +76,12 @@ def trainer_for(recipe: dict[str, Any], accelerator: str | None, quiet: bool = F
         loggers.append(TensorBoardLogger(output, name="tensorboard", version=""))
     checkpoints = ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=-1,
                                   every_n_epochs=every)
-    # Our EpochSampler shards by rank itself, so Lightning must not swap in a DistributedSampler.
-    return L.Trainer(default_root_dir=output, logger=loggers, callbacks=[checkpoints], use_distributed_sampler=False,
-                     **options)
+    try:
+        # Our EpochSampler shards by rank itself, so Lightning must not swap in a DistributedSampler.
+        return L.Trainer(default_root_dir=output, logger=loggers, callbacks=[checkpoints],
+                         use_distributed_sampler=False, **options)
+    except (TypeError, ValueError) as error:  # Lightning's answer to an unknown or invalid trainer option
+        raise UsageError(f"recipe section 'trainer': {error}") from None
 
 
 def start_run(recipe: dict[str, Any]) -> tuple[int, Path, Preprocessing]:
