@@ -1,1 +1,1 @@
-"""Intra-sample self-supervised pre-training and fine-tuning (filled by the training issue)."""
+"""Training library: intra-sample self-supervised pre-training, segmentation fine-tuning, recipes, model cards."""
