@@ -1,4 +1,4 @@
-"""The ``ctfm`` command: ``embed``, ``weights``, ``pretrain`` and ``demo`` (others arrive with their issues).
+"""The ``ctfm`` command: ``embed``, ``weights``, ``pretrain``, ``finetune``, ``demo`` (others arrive with issues).
 
 Exit codes: 0 success, 2 usage error, 3 unacceptable input data, 4 model or weights problem, 1 anything else.
 With ``--json`` one JSON document goes to stdout (also on failure: ``{"error": {...}}``); logs and progress

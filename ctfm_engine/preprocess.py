@@ -8,6 +8,7 @@ that grid, so any result is mapped back onto the source grid by resampling at th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -95,6 +96,12 @@ def resample(
     resampler.SetDefaultPixelValue(float(fill))
     resampler.SetOutputPixelType(source.GetPixelID())
     return sitk.GetArrayFromImage(resampler.Execute(source))
+
+
+def read_labels_on(path: str | Path, grid: Grid) -> np.ndarray:
+    """A label-map file sampled nearest-neighbour at every voxel centre of ``grid`` (0 where it has no data)."""
+    image = sitk.ReadImage(str(path))
+    return resample(sitk.GetArrayFromImage(image), Grid.of_image(image), grid, interpolation="nearest")
 
 
 def foreground_box(hu: np.ndarray, above_hu: float) -> tuple[slice, slice, slice] | None:

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ctfm_engine.models.encoder import patch_embeddings
-from ctfm_engine.preprocess import ModelInput, preprocess, resample
+from ctfm_engine.preprocess import ModelInput, preprocess, read_labels_on
 from ctfm_engine.tasks.embed import Embedder, PatchWindows
-from ctfm_engine.volume import CTVolume, Grid, read_volume
+from ctfm_engine.volume import CTVolume, read_volume
 
 # The reference semantic-search app's window: 16x64x64 voxels at 3x1x1 mm, overlap 0.625 (facts §6.1).
 APP_WINDOWS = PatchWindows((16, 64, 64), 0.625)
@@ -35,10 +34,7 @@ class LabelledScan:
     @classmethod
     def read(cls, image: str | Path, labels: str | Path) -> LabelledScan:
         volume = read_volume(image)
-        label_image = sitk.ReadImage(str(labels))
-        on_grid = resample(sitk.GetArrayFromImage(label_image), Grid.of_image(label_image), volume.grid,
-                           interpolation="nearest")
-        return cls(volume, on_grid)
+        return cls(volume, read_labels_on(labels, volume.grid))
 
     def centroid_lps(self, label: int) -> np.ndarray:
         return self.volume.zyx_index_to_lps(np.argwhere(self.labels == label).mean(axis=0))

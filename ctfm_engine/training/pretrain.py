@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from monai.optimizers import WarmupCosineSchedule
 
-from ctfm_engine.models.encoder import build_encoder, embedding_size
+from ctfm_engine.models.encoder import build_encoder, embedding_size, patch_embeddings
 from ctfm_engine.training.heads import (
     ProjectionHead,
     SimSiamPredictionHead,
@@ -62,7 +62,7 @@ class IntraSamplePretraining(L.LightningModule):
 
     def pooled(self, patches: torch.Tensor) -> torch.Tensor:
         """(M, 1, z, y, x) -> (M, C): last feature map, global average pool."""
-        return self.encoder(patches)[-1].mean(dim=(2, 3, 4))
+        return patch_embeddings(self.encoder, patches)
 
     def features(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, 2, 1, z, y, x) -> pooled features of view 0 and view 1, each (B, N, C)."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
@@ -23,9 +22,9 @@ from torch.utils.data import Dataset
 from ctfm_engine.errors import CTFMError
 from ctfm_engine.models.checkpoint import load_state_strict
 from ctfm_engine.models.registry import load_encoder
-from ctfm_engine.preprocess import Preprocessing, preprocess, resample
+from ctfm_engine.preprocess import Preprocessing, preprocess, read_labels_on
 from ctfm_engine.training.data import ManifestEntry, pad_to_patch
-from ctfm_engine.volume import Grid, read_volume
+from ctfm_engine.volume import read_volume
 
 
 def segmentation_config(out_channels: int = 118, init_filters: int = 32, dsdepth: int = 4) -> dict[str, Any]:
@@ -37,10 +36,7 @@ def segmentation_config(out_channels: int = 118, init_filters: int = 32, dsdepth
 def labelled_model_space(entry: ManifestEntry, preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     """The preprocessed image and its label map resampled (nearest) onto the same model grid."""
     model_input = preprocess(read_volume(entry.path), preprocessing)
-    label_image = sitk.ReadImage(str(entry.labels))
-    labels = resample(sitk.GetArrayFromImage(label_image).astype(np.int16), Grid.of_image(label_image),
-                      model_input.grid, interpolation="nearest")
-    return model_input.image, labels
+    return model_input.image, read_labels_on(entry.labels, model_input.grid)
 
 
 class LabelledPatches(Dataset):
