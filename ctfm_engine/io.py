@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _default_mode(mode: int) -> int:
+def default_mode(mode: int) -> int:
     """``mode`` limited by the process umask: what a plain open() or mkdir() would have created."""
     umask = os.umask(0)
     os.umask(umask)
@@ -24,7 +24,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
-    os.chmod(temporary, _default_mode(0o666))  # mkstemp makes files private; results are ordinary files
+    os.chmod(temporary, default_mode(0o666))  # mkstemp makes files private; results are ordinary files
     try:
         yield Path(temporary)
         os.replace(temporary, path)
@@ -39,7 +39,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(staging, _default_mode(0o777))
+    os.chmod(staging, default_mode(0o777))
     try:
         yield staging
         if path.exists():

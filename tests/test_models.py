@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -120,6 +121,11 @@ def test_save_is_atomic_and_records_sha256(tmp_path):
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert read_checkpoint(tmp_path / "model").sha256 == sha
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    # a shipped or shared checkpoint must be readable by others as any file the user writes would be
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()} == {
+        name: 0o666 & ~umask for name in ("README.md", "config.json", "model.safetensors")}
 
 
 def test_exact_slab_forward_equals_whole_volume_forward_on_real_ct(narrow_weights):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctfm_engine.errors import ModelError
-from ctfm_engine.io import atomic_folder
+from ctfm_engine.io import atomic_folder, default_mode
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -134,6 +135,7 @@ def save_checkpoint(
                 value = value.to(dtype)
             state[key] = value.detach().cpu().contiguous()
         save_file(state, str(staging / WEIGHTS_FILE))
+        os.chmod(staging / WEIGHTS_FILE, default_mode(0o666))  # safetensors writes owner-only files
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if card is not None:
             (staging / CARD_FILE).write_text(card)
