@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("weights", nargs="?", help="folder or hub repo id (default: the one `embed` would use)")
 
     for name, text in (("pretrain", "self-supervised pre-training of the encoder from a recipe"),
-                       ("finetune", "fine-tune a task model (segmentation) from a recipe")):
+                       ("finetune", "fine-tune a task model (segmentation, head-CT triage) from a recipe")):
         train = commands.add_parser(name, parents=[common], help=text)
         train.add_argument("--config", required=True, type=Path, help="recipe YAML (see training/)")
         train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

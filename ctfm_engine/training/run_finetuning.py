@@ -1,4 +1,8 @@
-"""Run a segmentation fine-tuning recipe: labelled manifest -> class-balanced patches -> fit -> held-out Dice."""
+"""Run a segmentation fine-tuning recipe: labelled manifest -> class-balanced patches -> fit -> held-out Dice.
+
+Few-shot runs set ``data.train_volumes`` (k) and ``data.subset_seed`` (see
+:func:`~ctfm_engine.training.recipe.select_training_volumes`); the result and the model card record both.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,16 @@ from ctfm_engine.errors import InputError
 from ctfm_engine.preprocess import Preprocessing
 from ctfm_engine.training.data import EpochSampler, read_manifest
 from ctfm_engine.training.model_card import export_model
-from ctfm_engine.training.recipe import fit, read_metrics, recipe_path, section, start_run, trainer_for
+from ctfm_engine.training.recipe import (
+    fit,
+    read_metrics,
+    recipe_path,
+    section,
+    select_training_volumes,
+    start_run,
+    trainer_for,
+    training_subset,
+)
 from ctfm_engine.training.segmentation import (
     LabelledPatches,
     SegmentationFinetuning,
@@ -30,7 +43,8 @@ def run_finetuning(
 ) -> dict:
     seed, manifest, preprocessing = start_run(recipe)
     data, model, optim = section(recipe, "data"), section(recipe, "model"), section(recipe, "optim")
-    train_entries = read_manifest(manifest, split="train")
+    # Few-shot: only data.train_volumes of the training scans (data.subset_seed says which).
+    train_entries = select_training_volumes(read_manifest(manifest, split="train"), recipe)
     dataset = LabelledPatches(train_entries, preprocessing, data.get("patch_size_zyx", (96, 160, 160)), seed,
                               visits_per_epoch=int(data.get("visits_per_epoch", 1)))
     loader = DataLoader(dataset, batch_size=int(data.get("batch_size", 2)), sampler=EpochSampler(len(dataset), seed),
@@ -55,6 +69,7 @@ def run_finetuning(
         "command": "finetune",
         "task": "segmentation",
         "encoder_sha256": module.hparams.encoder_sha256,
+        **training_subset(recipe, train_entries),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "epoch_losses": losses,
