@@ -58,7 +58,7 @@ real CT scans listed below, to show the pipeline working offline; it is not CT-F
 - Kind: {kind} (MONAI SegResNetDS family, Hugging Face layout: `config.json` + `model.safetensors`)
 - Weights sha256: `{sha256_of(folder / WEIGHTS_FILE)}`
 
-## Training data ({len(entries)} scans)
+## Training data ({len(entries)} scan{"" if len(entries) == 1 else "s"})
 {data_lines}
 
 ## Results
