@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", parents=[common], help="the main job end to end on the bundled sample CT")
     demo.add_argument("--out-dir", type=Path, default=Path("ctfm-demo"), help="where results go (ctfm-demo)")
     demo.add_argument("--weights", help="checkpoint folder or hub repo id (default: as for embed)")
+    demo.add_argument("--seg-weights", help="segmentation checkpoint folder, e.g. a local copy of "
+                      "project-lighter/whole_body_segmentation (default: the shipped ctfm-mini-wholebody-seg)")
     return parser
 
 
@@ -244,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from ctfm_engine.demo import run_demo
 
-            document = run_demo(args.out_dir, weights=args.weights, device_name=args.device or "cpu", quiet=args.quiet)
+            document = run_demo(args.out_dir, weights=args.weights, seg_weights=args.seg_weights,
+                                device_name=args.device or "cpu", quiet=args.quiet)
     except CTFMError as error:
         return _fail(args, error.exit_code, str(error))
     except KeyboardInterrupt:

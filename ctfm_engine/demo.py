@@ -1,12 +1,16 @@
 """``ctfm demo``: the most complete flow that exists, end to end on the bundled sample CT.
 
 Today that is: read and validate the sample, CT-FM preprocessing, scan and patch embeddings, an npz with
-provenance, and a picture of what the model saw.  With no weights configured it uses an *untrained* narrow
-encoder, says so loudly, and the numbers it prints mean nothing about CT-FM's quality.
+provenance, a picture of what the model saw, and a whole-body segmentation on the sample's own grid with a table
+of structure volumes and an overlay picture.  By default it uses the demonstration checkpoints shipped in the
+package (ctfm-mini and ctfm-mini-wholebody-seg, trained by ``training/`` on a handful of public scans -- they show
+the pipeline, not CT-FM's quality); ``--weights`` and ``--seg-weights`` put published CT-FM checkpoints in their
+place.  With nothing shipped or configured it falls back on an *untrained* narrow encoder and says so loudly.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from importlib import resources
@@ -24,6 +28,7 @@ from ctfm_engine.models.registry import bundled_weights, cache_dir, load_encoder
 from ctfm_engine.preprocess import ModelInput, preprocess
 from ctfm_engine.runtime.device import resolve_device
 from ctfm_engine.tasks.embed import Embedder, PatchWindows, write_embeddings
+from ctfm_engine.tasks.segment import Segmentation, load_segmentation_model, segment, totalsegmentator_names
 from ctfm_engine.volume import CTVolume, read_volume
 
 log = logging.getLogger("ctfm")
@@ -60,10 +65,22 @@ def demo_weights(weights: str | None) -> tuple[SegResEncoder, Checkpoint, bool]:
     return encoder, checkpoint, True
 
 
-def run_demo(out_dir: Path, *, weights: str | None = None, device_name: str = "cpu", quiet: bool = False) -> dict:
+def demo_segmentation_weights(seg_weights: str | None) -> str | None:
+    """``--seg-weights`` when given, else the shipped ctfm-mini-wholebody-seg (None: the demo skips segmentation)."""
+    if seg_weights:
+        return seg_weights
+    shipped = bundled_weights("ctfm-mini-wholebody-seg")
+    return None if shipped is None else str(shipped)
+
+
+def run_demo(out_dir: Path, *, weights: str | None = None, seg_weights: str | None = None, device_name: str = "cpu",
+             quiet: bool = False) -> dict:
     volume = read_volume(sample_ct_path())
     device = resolve_device(device_name)
     encoder, checkpoint, untrained = demo_weights(weights)
+    # Both models are read before anything is written: wrong weights leave no partial results behind.
+    seg_folder = demo_segmentation_weights(seg_weights)
+    segmenter = None if seg_folder is None else load_segmentation_model(seg_folder)
     if untrained:
         log.warning(
             "NOTE: no CT-FM weights configured; using %s, an UNTRAINED encoder: the pipeline runs, the "
@@ -80,7 +97,26 @@ def run_demo(out_dir: Path, *, weights: str | None = None, device_name: str = "c
                                  preprocessing=embedder.preprocessing)
     picture = out_dir / "preprocessing.png"
     draw_overview(volume, model_input, patches.patch_vectors, patches.patch_centres_lps, picture, checkpoint.name)
+    outputs = [npz, patch_npz, picture]
     model_shape = "x".join(map(str, scan.model_shape_zyx))
+    segmentation_lines, segmentation_identity = [], None
+    if segmenter is not None:
+        network, seg_checkpoint = segmenter
+        segmentation_identity = seg_checkpoint.identity
+        result = segment(volume, network.to(device), device=device)
+        names = totalsegmentator_names()
+        structures = result.structures(names)
+        label_path = result.write(out_dir / "segmentation.nii.gz")
+        table = write_structure_table(structures, out_dir / "structures.csv")
+        overlay = out_dir / "segmentation.png"
+        draw_segmentation(result, structures, overlay, seg_checkpoint.name)
+        outputs += [label_path, table, overlay]
+        largest = ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in structures[:4]) or "nothing"
+        segmentation_lines = [
+            f"segmentation: {seg_checkpoint.name} (sha256 {seg_checkpoint.sha256[:16]}...), {len(structures)} "
+            f"structures on the sample's own grid -> {label_path}",
+            f"largest: {largest}; all volumes -> {table}; overlay -> {overlay}",
+        ]
     summary = [
         f"input: bundled sample CT ({sample_ct_path().name}, {'x'.join(map(str, volume.shape_zyx))} voxels z,y,x)",
         f"weights: {checkpoint.name} (sha256 {checkpoint.sha256[:16]}...)" + ("  [UNTRAINED]" if untrained else ""),
@@ -88,13 +124,15 @@ def run_demo(out_dir: Path, *, weights: str | None = None, device_name: str = "c
         f"scan embedding: {scan.vector.size}-d, norm {np.linalg.norm(scan.vector):.3f} -> {npz}",
         f"patch embeddings: {len(patches.patch_vectors)} patches of 24x128x128, min-aggregated -> {patch_npz}",
         f"picture: {picture}",
+        *segmentation_lines,
     ]
     return {
         "command": "demo",
         "weights": checkpoint.identity,
+        "segmentation_weights": segmentation_identity,
         "untrained_weights": untrained,
         "input": str(sample_ct_path()),
-        "outputs": [str(npz), str(patch_npz), str(picture)],
+        "outputs": [str(path) for path in outputs],
         "results": [{"input": scan.input, "embedding": [float(v) for v in scan.vector]}],
         "summary": summary,
     }
@@ -135,6 +173,55 @@ def draw_overview(
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=90)
+    plt.close(figure)
+
+
+def write_structure_table(structures: list[dict], path: Path) -> Path:
+    """label, name, voxels, volume_ml per present structure, written atomically."""
+    with atomic_output(path) as temporary, open(temporary, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["label", "name", "voxels", "volume_ml"])
+        writer.writeheader()
+        writer.writerows(structures)
+    return path
+
+
+def draw_segmentation(result: Segmentation, structures: list[dict], path: Path, weights_name: str) -> None:
+    """Axial and coronal slices through the largest structure, labels overlaid in distinct colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    reference = result.volume.to_sitk()
+    ct = sitk.GetArrayFromImage(sitk.DICOMOrient(reference, "LPS"))
+    label_image = sitk.GetImageFromArray(result.labels)
+    label_image.CopyInformation(reference)
+    labels = sitk.GetArrayFromImage(sitk.DICOMOrient(label_image, "LPS"))
+    if structures:
+        centre = np.argwhere(labels == structures[0]["label"]).mean(axis=0).round().astype(int)
+    else:
+        centre = np.array(labels.shape) // 2
+    colours = plt.get_cmap("tab20")(np.arange(20))
+    palette = ListedColormap(colours)
+    spacing_zyx = np.array(sitk.DICOMOrient(reference, "LPS").GetSpacing())[::-1]
+    views = [("axial", ct[centre[0]], labels[centre[0]], 1.0),
+             ("coronal", ct[::-1, centre[1]], labels[::-1, centre[1]], spacing_zyx[0] / spacing_zyx[2])]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 6))
+    for axis, (title, image, overlay, aspect) in zip(axes, views, strict=True):
+        axis.imshow(np.clip(image, -160, 240), cmap="gray", aspect=aspect)
+        masked = np.ma.masked_equal(overlay, 0)
+        axis.imshow(masked % 20, cmap=palette, vmin=0, vmax=19, alpha=0.45, aspect=aspect, interpolation="nearest")
+        axis.set_title(f"{title} (patient left on the right)", fontsize=10)
+        axis.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[row["label"] % 20]) for row in structures[:12]]
+    figure.legend(handles, [f"{row['name']} ({row['volume_ml']:.0f} mL)" for row in structures[:12]],
+                  loc="lower center", ncol=4, fontsize=8, frameon=False)
+    figure.suptitle(f"whole-body segmentation, {weights_name} -- demonstration model, not for clinical use",
+                    fontsize=11)
+    figure.tight_layout(rect=(0, 0.08, 1, 0.96))
     with atomic_output(path) as temporary:
         figure.savefig(temporary, format="png", dpi=90)
     plt.close(figure)

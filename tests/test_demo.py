@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
-from conftest import run_cli
+import SimpleITK as sitk
+from conftest import SHARED, run_cli
 from matplotlib.image import imread
 
 from ctfm_engine.demo import sample_ct_path
 from ctfm_engine.volume import read_volume
+
+LIVER = 5
+LIVER_DICE_FLOOR = 0.5
 
 
 def test_bundled_sample_is_a_real_ct():
@@ -15,20 +21,47 @@ def test_bundled_sample_is_a_real_ct():
     assert volume.shape_zyx == (30, 101, 122) and volume.spacing_xyz_mm == (3.0, 3.0, 3.0)
 
 
-def test_demo_without_weights_runs_and_says_the_encoder_is_untrained(tmp_path, caplog):
+def test_demo_uses_the_shipped_demonstration_models_by_default(tmp_path):
     result = run_cli("demo", "--out-dir", tmp_path / "demo", "--json")
     assert result.code == 0, result.stderr
     document = result.document
-    assert document["untrained_weights"] is True and document["weights"]["name"] == "ctfm-untrained-demo"
-    assert "UNTRAINED" in caplog.text
-    npz, patch_npz, picture = (tmp_path / "demo" / name for name in
-                               ("scan_embedding.npz", "patch_embeddings.npz", "preprocessing.png"))
-    assert [str(p) for p in (npz, patch_npz, picture)] == document["outputs"]
+    assert document["untrained_weights"] is False
+    assert document["weights"]["name"] == "ctfm-mini" and document["segmentation_weights"]["name"] == \
+        "ctfm-mini-wholebody-seg"
+    names = ("scan_embedding.npz", "patch_embeddings.npz", "preprocessing.png", "segmentation.nii.gz",
+             "structures.csv", "segmentation.png")
+    paths = [tmp_path / "demo" / name for name in names]
+    assert [str(p) for p in paths] == document["outputs"]
+    npz, patch_npz, picture, labels_path, table, overlay = paths
     with np.load(npz) as saved:
         np.testing.assert_allclose(saved["embeddings"][0], document["results"][0]["embedding"], rtol=1e-6)
     with np.load(patch_npz) as saved:
         assert saved["patch_embeddings"].shape[0] == 60
-    assert imread(picture).shape[0] > 300  # a real picture, not an empty file
+    assert imread(picture).shape[0] > 300 and imread(overlay).shape[0] > 300  # real pictures, not empty files
+    # The label map lies on the sample's own grid, and the shipped model finds the liver where TotalSegmentator did
+    # (the sample is the scan it was fine-tuned on: this checks the pipeline and geometry, not generalisation).
+    labels, sample = sitk.ReadImage(str(labels_path)), sitk.ReadImage(str(sample_ct_path()))
+    assert labels.GetSize() == sample.GetSize() and labels.GetSpacing() == sample.GetSpacing()
+    np.testing.assert_allclose(labels.GetOrigin(), sample.GetOrigin(), atol=1e-4)
+    predicted = sitk.GetArrayFromImage(labels)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(SHARED / "totalsegmentator" / "example_seg.nii.gz")))
+    liver = (predicted == LIVER), (reference == LIVER)
+    assert 2 * np.sum(liver[0] & liver[1]) / (liver[0].sum() + liver[1].sum()) > LIVER_DICE_FLOOR
+    with open(table, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert rows and {int(row["label"]) for row in rows} == set(np.unique(predicted)) - {0}
+    for row in rows:
+        assert int(row["voxels"]) == int(np.sum(predicted == int(row["label"])))
+
+
+def test_demo_without_any_weights_runs_and_says_the_encoder_is_untrained(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("ctfm_engine.demo.bundled_weights", lambda name: None)  # as if nothing were shipped
+    result = run_cli("demo", "--out-dir", tmp_path / "demo", "--json")
+    assert result.code == 0, result.stderr
+    document = result.document
+    assert document["untrained_weights"] is True and document["weights"]["name"] == "ctfm-untrained-demo"
+    assert document["segmentation_weights"] is None and len(document["outputs"]) == 3
+    assert "UNTRAINED" in caplog.text
     again = run_cli("demo", "--out-dir", tmp_path / "again", "--json")
     assert again.document["weights"] == document["weights"]  # the untrained encoder is made once, deterministically
 

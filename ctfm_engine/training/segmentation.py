@@ -13,7 +13,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.networks.nets import SegResNetDS
 from monai.optimizers import WarmupCosineSchedule
@@ -23,6 +22,7 @@ from ctfm_engine.errors import CTFMError
 from ctfm_engine.models.checkpoint import load_state_strict
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import Preprocessing, preprocess, read_labels_on
+from ctfm_engine.tasks.segment import predict_model_space
 from ctfm_engine.training.data import ManifestEntry, pad_to_patch
 from ctfm_engine.volume import read_volume
 
@@ -106,14 +106,9 @@ class SegmentationFinetuning(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
         return loss
 
-    @torch.no_grad()
     def predict_labels(self, image: np.ndarray) -> np.ndarray:
         """Argmax label map of a whole model-space image (Gaussian-blended sliding window)."""
-        self.network.eval()
-        volume = torch.from_numpy(image)[None, None].to(self.device)
-        logits = sliding_window_inference(volume, self.hparams.roi_size_zyx, 2, self.network,
-                                          overlap=self.hparams.overlap, mode="gaussian")
-        return logits.argmax(dim=1)[0].cpu().numpy()
+        return predict_model_space(self.network, image, self.hparams.roi_size_zyx, self.hparams.overlap, self.device)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate,
