@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from monai.networks.nets.segresnet_ds import SegResEncoder
+from torch import nn
 
 from ctfm_engine.errors import ModelError
 from ctfm_engine.io import atomic_folder
@@ -155,3 +156,10 @@ def pull_weights(repo_id: str, revision: str | None = None) -> Path:
             f"to {target} here, or pass it with --weights"
         ) from None
     return target
+
+
+def load_encoder_into(encoder: nn.Module, weights: str | Path) -> str:
+    """Copy a CT-FM encoder checkpoint strictly into ``encoder`` (e.g. a SegResNetDS's); the checkpoint's sha256."""
+    source, checkpoint = load_encoder(weights)
+    load_state_strict(encoder, source.state_dict(), str(checkpoint.folder))
+    return checkpoint.sha256

@@ -19,8 +19,7 @@ from monai.optimizers import WarmupCosineSchedule
 from torch.utils.data import Dataset
 
 from ctfm_engine.errors import CTFMError
-from ctfm_engine.models.checkpoint import load_state_strict
-from ctfm_engine.models.registry import load_encoder
+from ctfm_engine.models.registry import load_encoder_into
 from ctfm_engine.preprocess import Preprocessing, preprocess, read_labels_on
 from ctfm_engine.tasks.segment import predict_model_space
 from ctfm_engine.training.data import ManifestEntry, pad_to_patch
@@ -90,9 +89,7 @@ class SegmentationFinetuning(L.LightningModule):
         super().__init__()
         self.network = SegResNetDS(**network_config)
         if encoder_weights is not None:
-            encoder, checkpoint = load_encoder(encoder_weights)
-            load_state_strict(self.network.encoder, encoder.state_dict(), str(checkpoint.folder))
-            encoder_sha256 = checkpoint.sha256
+            encoder_sha256 = load_encoder_into(self.network.encoder, encoder_weights)
         self.save_hyperparameters(ignore=["encoder_weights"])
         self.hparams["encoder_sha256"] = encoder_sha256
         base = DiceCELoss(softmax=True, to_onehot_y=True, include_background=True, squared_pred=True,

@@ -28,9 +28,8 @@ from torchmetrics.functional.classification import binary_auroc
 from ctfm_engine.errors import CTFMError, InputError
 from ctfm_engine.head_ct import HEAD_CT_PREPROCESSING, HeadCTPreprocessing, head_ct_hu, window_stack
 from ctfm_engine.io import atomic_output
-from ctfm_engine.models.checkpoint import load_state_strict
 from ctfm_engine.models.encoder import ENCODER_ARGUMENTS, build_encoder, embedding_size, encoder_config
-from ctfm_engine.models.registry import load_encoder
+from ctfm_engine.models.registry import load_encoder_into
 from ctfm_engine.training.data import ManifestEntry, read_manifest
 from ctfm_engine.volume import read_volume
 
@@ -233,9 +232,7 @@ class TriageFinetuning(L.LightningModule):
         super().__init__()
         self.network = TriageClassifier(**network_config)
         if encoder_weights is not None:
-            encoder, checkpoint = load_encoder(encoder_weights)
-            load_state_strict(self.network.encoder, encoder.state_dict(), str(checkpoint.folder))
-            encoder_sha256 = checkpoint.sha256
+            encoder_sha256 = load_encoder_into(self.network.encoder, encoder_weights)
         self.save_hyperparameters(ignore=["encoder_weights"])
         self.hparams["encoder_sha256"] = encoder_sha256
         self.loss = nn.BCEWithLogitsLoss()
