@@ -28,7 +28,7 @@ from ctfm_engine.models.registry import bundled_weights, cache_dir, load_encoder
 from ctfm_engine.preprocess import ModelInput, preprocess
 from ctfm_engine.runtime.device import resolve_device
 from ctfm_engine.tasks.embed import Embedder, PatchWindows, write_embeddings
-from ctfm_engine.tasks.segment import Segmentation, load_segmentation_model, segment, totalsegmentator_names
+from ctfm_engine.tasks.segment import Segmentation, open_segmentation_model, segment
 from ctfm_engine.volume import CTVolume, read_volume
 
 log = logging.getLogger("ctfm")
@@ -80,7 +80,7 @@ def run_demo(out_dir: Path, *, weights: str | None = None, seg_weights: str | No
     encoder, checkpoint, untrained = demo_weights(weights)
     # Both models are read before anything is written: wrong weights leave no partial results behind.
     seg_folder = demo_segmentation_weights(seg_weights)
-    segmenter = None if seg_folder is None else load_segmentation_model(seg_folder)
+    segmenter = None if seg_folder is None else open_segmentation_model(seg_folder)
     if untrained:
         log.warning(
             "NOTE: no CT-FM weights configured; using %s, an UNTRAINED encoder: the pipeline runs, the "
@@ -101,10 +101,11 @@ def run_demo(out_dir: Path, *, weights: str | None = None, seg_weights: str | No
     model_shape = "x".join(map(str, scan.model_shape_zyx))
     segmentation_lines, segmentation_identity = [], None
     if segmenter is not None:
-        network, seg_checkpoint = segmenter
+        seg_checkpoint = segmenter.checkpoint
         segmentation_identity = seg_checkpoint.identity
-        result = segment(volume, network.to(device), device=device)
-        names = totalsegmentator_names()
+        result = segment(volume, segmenter.network, segmenter.preprocessing, segmenter.roi_size_zyx,
+                         segmenter.overlap, device)
+        names = segmenter.names
         structures = result.structures(names)
         label_path = result.write(out_dir / "segmentation.nii.gz")
         table = write_structure_table(structures, out_dir / "structures.csv")

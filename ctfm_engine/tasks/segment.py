@@ -1,45 +1,87 @@
-"""Whole-body segmentation with a SegResNetDS checkpoint: model-space sliding window, labels on the source grid.
+"""Whole-body segmentation with a SegResNetDS checkpoint: sliding window in model space, labels on the source grid.
 
-The core that ``ctfm demo`` uses today and ``ctfm segment`` (issue 4) builds on: the checkpoint is read strictly
-from the Hugging Face layout (``config.json`` holds the SegResNetDS constructor arguments), the CT goes through the
-CT-FM preprocessing, Gaussian-blended sliding-window logits are arg-maxed in model space, and the label map is
-mapped back (nearest neighbour) onto the input's own voxel grid: same size, spacing, origin and direction.
+The checkpoint is read strictly from the Hugging Face layout (``config.json`` holds the SegResNetDS constructor
+arguments, plus an optional ``ctfm_inference`` block saying how the model was trained to see CT: spacing, HU window,
+foreground crop, window size and overlap).  The CT goes through that preprocessing; Gaussian-blended sliding-window
+logits are arg-maxed in model space; the label map is mapped back (nearest neighbour) onto the input's own voxel
+grid: same size, spacing, origin and direction.
+
+Memory stays bounded on large scans: windows are visited slab by slab along z, and a plane is arg-maxed and its
+logits dropped as soon as no later window covers it, so the blended-logit buffer holds one window depth of planes
+(``classes x roi_z x Y x X``), not the whole volume.  The blend is MONAI's (same window positions, same Gaussian
+importance map); only the normalisation by the summed weights is skipped, which cannot change an arg-max.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from importlib import resources
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.inferers import sliding_window_inference
+from monai.data.utils import compute_importance_map
 from monai.networks.nets import SegResNetDS
 
-from ctfm_engine.errors import ModelError
+from ctfm_engine.errors import ModelError, UsageError
 from ctfm_engine.io import atomic_output
+from ctfm_engine.labels import Label, label_table, totalsegmentator_names
 from ctfm_engine.models.checkpoint import Checkpoint, load_state_strict, read_checkpoint
-from ctfm_engine.preprocess import CTFM_PREPROCESSING, Preprocessing, preprocess
+from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess
+from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
+from ctfm_engine.runtime.backends import Backend, TorchBackend
 from ctfm_engine.volume import CTVolume
+
+__all__ = ["totalsegmentator_names", "SegmentationModel", "Segmentation", "segment", "load_segmentation_model",
+           "open_segmentation_model", "sliding_window_labels", "predict_model_space"]
+
+log = logging.getLogger(__name__)
 
 # The window the shipped ctfm-mini-wholebody-seg was trained and validated with (training/finetune_seg_mini_cpu.yaml).
 DEFAULT_ROI_ZYX = (32, 128, 128)
 DEFAULT_OVERLAP = 0.5
+INFERENCE_KEY = "ctfm_inference"  # config.json block read by inference, never passed to SegResNetDS
+
+# project-lighter/whole_body_segmentation (facts §2, §4.1): TotalSegmentator "processed" data at 1.5 mm isotropic,
+# SPL, CropForeground on the scaled image (> -1024 HU), window -1024..2048, inferred with 96x160x160 windows at 0.625.
+PUBLISHED_WHOLE_BODY = {
+    "spacing_zyx_mm": [1.5, 1.5, 1.5], "hu_window": [-1024.0, 2048.0], "foreground_above_hu": -1024.0,
+    "roi_size_zyx": [96, 160, 160], "overlap": 0.625, "labels": "totalsegmentator_v2",
+}
 
 
-def totalsegmentator_names() -> dict[int, str]:
-    """Channel -> structure name of the 117 TotalSegmentator v2 classes (0 is background)."""
-    path = resources.files("ctfm_engine") / "data" / "totalsegmentator_v2_total.json"
-    return {int(key): name for key, name in json.loads(path.read_text()).items()}
+@dataclass(frozen=True)
+class SegmentationModel:
+    """A loaded segmentation network with everything inference needs to use it as it was trained."""
+
+    network: SegResNetDS
+    checkpoint: Checkpoint
+    preprocessing: Preprocessing
+    roi_size_zyx: tuple[int, int, int]
+    overlap: float
+    names: dict[int, str]
+    settings_source: str  # "checkpoint", "published whole_body_segmentation recipe" or "defaults"
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.checkpoint.config["out_channels"])
+
+    def labels(self) -> dict[int, Label]:
+        return label_table(self.names)
+
+    def describe(self) -> dict[str, Any]:
+        return {"preprocessing": self.preprocessing.describe(), "roi_size_zyx": list(self.roi_size_zyx),
+                "overlap": self.overlap, "out_channels": self.out_channels, "settings": self.settings_source}
 
 
 def load_segmentation_model(weights: str | Path) -> tuple[SegResNetDS, Checkpoint]:
     """A SegResNetDS in eval mode with every weight of ``weights`` loaded (ModelError naming what is wrong)."""
     checkpoint = read_checkpoint(weights)
-    config = dict(checkpoint.config)
+    config = {key: value for key, value in checkpoint.config.items() if key != INFERENCE_KEY}
     if "out_channels" not in config or not any(key.startswith("up_layers.") for key in checkpoint.state_dict):
         raise ModelError(f"{checkpoint.folder}: not a segmentation checkpoint (no decoder in model.safetensors; "
                          "an encoder checkpoint embeds, it does not segment)")
@@ -51,23 +93,137 @@ def load_segmentation_model(weights: str | Path) -> tuple[SegResNetDS, Checkpoin
     return network.eval(), checkpoint
 
 
-@torch.no_grad()
+def open_segmentation_model(weights: str | Path, expect_channels: int | None = None) -> SegmentationModel:
+    """Load a segmentation checkpoint and the settings it was trained with (config block, published recipe, defaults).
+
+    ``expect_channels`` (e.g. 118 for whole-body) refuses a checkpoint with another number of classes.
+    """
+    network, checkpoint = load_segmentation_model(weights)
+    config = checkpoint.config
+    channels = int(config["out_channels"])
+    if expect_channels is not None and channels != expect_channels:
+        raise ModelError(f"{checkpoint.folder}: the checkpoint has {channels} output classes, not the "
+                         f"{expect_channels} of the whole-body model (background + 117 TotalSegmentator v2 structures)")
+    settings = config.get(INFERENCE_KEY)
+    source = "checkpoint"
+    if settings is None and channels == 118 and int(config.get("init_filters", 32)) == 32:
+        settings, source = PUBLISHED_WHOLE_BODY, "published whole_body_segmentation recipe"
+    elif settings is None:
+        settings, source = {}, "defaults"
+        log.warning("%s: config.json does not say how the model was trained to see CT; using CT-FM preprocessing "
+                    "and %s windows", checkpoint.name, "x".join(map(str, DEFAULT_ROI_ZYX)))
+    try:
+        preprocessing = Preprocessing(
+            spacing_zyx_mm=tuple(float(v) for v in settings.get("spacing_zyx_mm", CTFM_PREPROCESSING.spacing_zyx_mm)),
+            hu_window=tuple(float(v) for v in settings.get("hu_window", CTFM_PREPROCESSING.hu_window)),
+            foreground_above_hu=settings.get("foreground_above_hu", CTFM_PREPROCESSING.foreground_above_hu),
+        )
+        roi = tuple(int(v) for v in settings.get("roi_size_zyx", DEFAULT_ROI_ZYX))
+        overlap = float(settings.get("overlap", DEFAULT_OVERLAP))
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{checkpoint.folder}/config.json: unreadable {INFERENCE_KEY} block ({error})") from None
+    labels = settings.get("labels", "totalsegmentator_v2" if channels == 118 else None)
+    if isinstance(labels, dict):
+        names = {int(key): str(name) for key, name in labels.items()}
+    elif labels == "totalsegmentator_v2":
+        names = totalsegmentator_names()
+    else:
+        names = {value: f"label_{value}" for value in range(1, channels)}
+    return SegmentationModel(network, checkpoint, preprocessing, roi, overlap, names, source)  # type: ignore[arg-type]
+
+
+def check_window(roi_size_zyx, overlap: float) -> tuple[tuple[int, int, int], float]:
+    roi = tuple(int(v) for v in roi_size_zyx)
+    if len(roi) != 3 or any(v < 16 or v % 16 for v in roi):
+        raise UsageError(f"--roi {' '.join(map(str, roi))}: each window size must be a multiple of 16, at least 16 "
+                         "(the network halves the grid four times)")
+    if not 0.0 <= overlap < 1.0:
+        raise UsageError(f"--overlap {overlap}: must be at least 0 and below 1")
+    return roi, float(overlap)  # type: ignore[return-value]
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window starts along one axis as MONAI's sliding_window_inference places them (the last flush with the end)."""
+    if roi >= size:
+        return [0]
+    interval = max(int(roi * (1 - overlap)), 1)
+    count = next(n for n in range(math.ceil(size / interval)) if n * interval + roi >= size) + 1
+    return [min(n * interval, size - roi) for n in range(count)]
+
+
+def sliding_window_labels(
+    image: np.ndarray,
+    backend: Backend,
+    roi_size_zyx,
+    overlap: float,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Arg-max labels of a model-space image (z, y, x) from Gaussian-blended windows, streamed slab by slab along z.
+
+    Windows smaller images are padded with 0 (air after scaling) to the window size, as MONAI does, and cropped back.
+    """
+    roi, overlap = check_window(roi_size_zyx, overlap)
+    size = tuple(int(n) for n in image.shape)
+    padded = tuple(max(n, r) for n, r in zip(size, roi, strict=True))
+    before = tuple((p - n) // 2 for n, p in zip(size, padded, strict=True))
+    volume = np.zeros(padded, dtype=np.float32)
+    volume[tuple(slice(b, b + n) for b, n in zip(before, size, strict=True))] = image
+    starts = [window_starts(n, r, overlap) for n, r in zip(padded, roi, strict=True)]
+    total = math.prod(len(s) for s in starts)
+    device = backend.output_device
+    weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
+    labels = np.zeros(padded, dtype=np.int16)
+    blended: torch.Tensor | None = None  # (classes, roi_z, Y, X): planes [base, base + roi_z)
+    base, done = 0, 0
+
+    def flush(upto: int) -> None:
+        nonlocal base
+        if blended is None or upto <= base:
+            return
+        count = upto - base
+        labels[base:upto] = blended[:, :count].argmax(dim=0).cpu().numpy()
+        if count < roi[0]:
+            blended[:, :roi[0] - count] = blended[:, count:].clone()
+        blended[:, roi[0] - count:] = 0
+        base = upto
+
+    positions = [(y, x) for y in starts[1] for x in starts[2]]
+    for z in starts[0]:
+        flush(z)
+        for first in range(0, len(positions), batch_size):
+            check_cancelled(cancel)
+            chunk = positions[first:first + batch_size]
+            batch = np.stack([volume[z:z + roi[0], y:y + roi[1], x:x + roi[2]] for y, x in chunk])[:, None]
+            logits = backend(torch.from_numpy(batch))
+            if blended is None:
+                blended = torch.zeros((logits.shape[1], roi[0], padded[1], padded[2]), dtype=torch.float32,
+                                      device=device)
+            for (y, x), window in zip(chunk, logits, strict=True):
+                blended[:, :, y:y + roi[1], x:x + roi[2]] += window * weight
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    flush(padded[0])
+    crop = tuple(slice(b, b + n) for b, n in zip(before, size, strict=True))
+    channels = 0 if blended is None else blended.shape[0]
+    return labels[crop].astype(np.uint8 if channels <= 256 else np.int16)
+
+
 def predict_model_space(
     network: torch.nn.Module, image: np.ndarray, roi_size_zyx=DEFAULT_ROI_ZYX, overlap: float = DEFAULT_OVERLAP,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Arg-max labels (uint8 for <= 255 classes) of a preprocessed model-space image, Gaussian-blended windows."""
-    network.eval()
-    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
-    logits = sliding_window_inference(volume, tuple(roi_size_zyx), 2, network, overlap=overlap, mode="gaussian")
-    labels = logits.argmax(dim=1)[0].cpu().numpy()
-    return labels.astype(np.uint8 if logits.shape[1] <= 256 else np.int16)
+    """Arg-max labels (uint8 for <= 256 classes) of a preprocessed model-space image, PyTorch eager."""
+    return sliding_window_labels(image, TorchBackend(network, device), roi_size_zyx, overlap)
 
 
 @dataclass(frozen=True)
 class Segmentation:
     labels: np.ndarray  # on the source grid, (z, y, x)
     volume: CTVolume
+    removed_voxels: dict[int, int] = field(default_factory=dict)  # by --largest-component, per label
 
     def structures(self, names: dict[int, str]) -> list[dict]:
         """Present structures, largest first: label, name, voxels and volume in mL."""
@@ -78,7 +234,7 @@ class Segmentation:
         return sorted(rows, key=lambda row: -row["voxels"])
 
     def write(self, path: str | Path) -> Path:
-        """The label map as NIfTI/NRRD on the input's grid, written atomically."""
+        """The label map as NIfTI/NRRD/MHA on the input's grid, written atomically."""
         path = Path(path)
         image = sitk.GetImageFromArray(self.labels)
         image.CopyInformation(self.volume.to_sitk())
@@ -90,15 +246,77 @@ class Segmentation:
         return path
 
 
+def keep_largest_components(labels: np.ndarray) -> dict[int, int]:
+    """Keep only the largest 26-connected component of each label, in place; removed voxels per label."""
+    from scipy import ndimage
+
+    removed = {}
+    structure = np.ones((3, 3, 3), dtype=bool)
+    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False))
+    for index, box in enumerate(boxes):
+        value = index + 1
+        if box is None:
+            continue
+        mask = labels[box] == value
+        components, count = ndimage.label(mask, structure=structure)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        drop = mask & (components != int(sizes.argmax()))
+        labels[box][drop] = 0
+        removed[value] = int(drop.sum())
+    return removed
+
+
 def segment(
     volume: CTVolume,
-    network: torch.nn.Module,
+    network: torch.nn.Module | None = None,
     preprocessing: Preprocessing = CTFM_PREPROCESSING,
     roi_size_zyx=DEFAULT_ROI_ZYX,
     overlap: float = DEFAULT_OVERLAP,
     device: torch.device | str = "cpu",
+    *,
+    backend: Backend | None = None,
+    batch_size: int = 1,
+    largest_component: bool = False,
+    progress: Progress | None = None,
+    cancel: CancelCheck | None = None,
 ) -> Segmentation:
+    """Preprocess, sliding window (``backend``, else PyTorch eager on ``network``), labels back on the source grid."""
+    if backend is None:
+        if network is None:
+            raise ValueError("segment() needs a network or a backend")
+        backend = TorchBackend(network, device)
     model_input = preprocess(volume, preprocessing)
-    labels = predict_model_space(network, model_input.image, roi_size_zyx, overlap, device)
-    on_source = model_input.to_source(labels.astype(np.float32), interpolation="nearest", fill=0.0)
-    return Segmentation(np.rint(on_source).astype(labels.dtype), volume)
+    check_cancelled(cancel)
+    labels = sliding_window_labels(model_input.image, backend, roi_size_zyx, overlap, batch_size, progress, cancel)
+    return to_source(model_input, labels, volume, largest_component)
+
+
+def to_source(model_input: ModelInput, labels: np.ndarray, volume: CTVolume,
+              largest_component: bool = False) -> Segmentation:
+    """Model-space labels onto the source grid (nearest), then the optional largest-component clean-up."""
+    on_source = model_input.to_source(labels, interpolation="nearest", fill=0)
+    removed = keep_largest_components(on_source) if largest_component else {}
+    return Segmentation(on_source, volume, removed)
+
+
+def write_volume_table(rows: list[dict], labels: dict[int, Label], path: str | Path) -> Path:
+    """The per-structure table (value, name, voxels, mL, laterality, SNOMED type and colour) as CSV, atomically."""
+    path = Path(path)
+    with atomic_output(path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["value", "name", "voxels", "volume_ml", "laterality", "snomed_type_code",
+                         "snomed_type_meaning", "snomed_modifier_code", "color_rgb"])
+        for row in rows:
+            label = labels.get(row["label"])
+            type_code = None if label is None else label.type
+            modifier = None if label is None else label.type_modifier or label.region_modifier
+            writer.writerow([row["label"], row["name"], row["voxels"], f"{row['volume_ml']:.2f}",
+                             "" if label is None else label.laterality or "",
+                             "" if type_code is None else type_code.value,
+                             "" if type_code is None else type_code.meaning,
+                             "" if modifier is None else modifier.value,
+                             "" if label is None else " ".join(map(str, label.color_rgb))])
+    return path
