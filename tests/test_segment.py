@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_CT, randomise_batchnorm, run_cli
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, randomise_batchnorm, run_cli
 from monai.networks.nets import SegResNetDS
 from test_preprocess import stored_differently
 
@@ -69,3 +72,141 @@ def test_an_encoder_checkpoint_is_refused_as_a_segmentation_model(narrow_weights
 def test_names_follow_the_totalsegmentator_v2_channel_order():
     names = totalsegmentator_names()
     assert len(names) == 117 and names[1] == "spleen" and names[5] == "liver" and names[117] == "costal_cartilages"
+
+
+# ---- ctfm segment with the shipped, trained whole-body model (ctfm-mini-wholebody-seg, 118 classes) ----
+
+SHIPPED_SEG = Path(__file__).resolve().parents[1] / "ctfm_engine" / "weights" / "ctfm-mini-wholebody-seg"
+FAST = ["--overlap", "0.25"]  # 12 windows of 32x128x128 on the sample instead of 20
+
+
+@pytest.fixture(scope="module")
+def shipped_run(tmp_path_factory):
+    """``ctfm segment`` of the sample CT with the shipped model: its JSON document and the label map as read back."""
+    folder = tmp_path_factory.mktemp("segment")
+    result = run_cli("segment", SAMPLE_CT, "--out", folder / "labels.nii.gz", "--volumes", folder / "volumes.csv",
+                     "--json", "-q", *FAST)
+    assert result.code == 0, result.stderr
+    return result.document, sitk.ReadImage(str(folder / "labels.nii.gz")), folder
+
+
+def test_segment_writes_labels_on_the_source_grid_and_finds_the_liver(shipped_run):
+    document, written, _ = shipped_run
+    reference = sitk.ReadImage(str(SAMPLE_CT))
+    assert written.GetSize() == reference.GetSize() and written.GetSpacing() == reference.GetSpacing()
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+    labels = sitk.GetArrayFromImage(written)
+    silver = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABELS)))
+    liver, expected = labels == 5, silver == 5
+    dice = 2 * np.sum(liver & expected) / (np.sum(liver) + np.sum(expected))
+    assert dice > 0.5  # a weak demonstration model, but it has learnt where the liver is (on the source grid)
+    assert document["weights"]["sha256"].startswith("39087ead")
+    assert document["model"]["settings"] == "checkpoint" and document["model"]["roi_size_zyx"] == [32, 128, 128]
+    rows = {row["value"]: row for row in document["labels"]}
+    assert rows[5]["name"] == "liver" and rows[5]["voxels"] == int(liver.sum())
+    assert rows[5]["volume_ml"] == pytest.approx(liver.sum() * 27 / 1000, abs=0.01)
+    assert rows[5]["snomed"]["type"] == {"scheme": "SCT", "value": "10200004", "meaning": "Liver"}
+
+
+def test_volume_table_lists_every_structure_with_codes_and_colour(shipped_run):
+    document, written, folder = shipped_run
+    import csv
+
+    with (folder / "volumes.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["value"]) for row in rows] == [row["value"] for row in document["labels"]]
+    counts = np.bincount(sitk.GetArrayFromImage(written).ravel())
+    for row in rows:
+        assert int(row["voxels"]) == counts[int(row["value"])]
+        assert len(row["color_rgb"].split()) == 3 and row["snomed_type_code"].isdigit()
+
+
+def test_a_reoriented_copy_segments_to_the_same_physical_voxels(shipped_run, tmp_path):
+    _, written, _ = shipped_run
+    original = sitk.GetArrayFromImage(written)
+    # The same scan stored RAS-vs-LPS flipped and with x/y transposed in the array: another file, same anatomy.
+    copy = sitk.PermuteAxes(sitk.Flip(sitk.ReadImage(str(SAMPLE_CT)), [True, False, True]), [1, 0, 2])
+    sitk.WriteImage(copy, str(tmp_path / "restored.nii.gz"))
+    result = run_cli("segment", tmp_path / "restored.nii.gz", "--out", tmp_path / "labels.nrrd", "-q", *FAST)
+    assert result.code == 0, result.stderr
+    again = sitk.ReadImage(str(tmp_path / "labels.nrrd"))
+    assert again.GetSize() == copy.GetSize() and again.GetDirection() == pytest.approx(copy.GetDirection())
+    back = sitk.GetArrayFromImage(again).transpose(0, 2, 1)[::-1, :, ::-1]  # undo: (z, x, y) -> (z, y, x), flips
+    assert back.shape == original.shape
+    assert np.mean(back == original) >= 0.999
+    assert np.sum((back == 5) & (original == 5)) >= 0.999 * np.sum(original == 5)
+
+
+def test_streamed_windows_equal_monai_sliding_window_inference():
+    from monai.inferers import sliding_window_inference
+
+    from ctfm_engine.preprocess import preprocess
+    from ctfm_engine.runtime.backends import TorchBackend
+    from ctfm_engine.tasks.segment import sliding_window_labels
+
+    network, _ = load_segmentation_model(SHIPPED_SEG)
+    image = preprocess(read_volume(SAMPLE_CT)).image[:, 60:200, 80:260]  # 30x140x180 model voxels, real CT
+    roi, overlap = (32, 64, 96), 0.5  # z padded (30 < 32), several windows in y and x
+    with torch.no_grad():
+        reference = sliding_window_inference(torch.from_numpy(image)[None, None], roi, 2, network,
+                                             overlap=overlap, mode="gaussian").argmax(1)[0].numpy()
+    ours = sliding_window_labels(image, TorchBackend(network), roi, overlap, batch_size=3)
+    assert ours.shape == image.shape and len(np.unique(ours)) >= 2
+    assert np.mean(ours == reference) >= 0.9999
+
+
+def test_progress_is_reported_and_cancel_stops_the_run_without_output(tmp_path):
+    import threading
+
+    from ctfm_engine.progress import Cancelled
+    from ctfm_engine.tasks.segment import open_segmentation_model
+
+    model = open_segmentation_model(SHIPPED_SEG)
+    volume = read_volume(SAMPLE_CT)
+    cancel, seen = threading.Event(), []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done >= 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        segment(volume, model.network, model.preprocessing, model.roi_size_zyx, 0.25, progress=progress, cancel=cancel)
+    assert seen == [(1, 12), (2, 12)]  # stopped at the next window, 10 windows early
+
+
+def test_largest_component_keeps_one_piece_per_structure():
+    from scipy import ndimage
+
+    from ctfm_engine.tasks.segment import keep_largest_components
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABELS))).copy()
+    labels[0:2, 0:2, 0:2] = 5  # a stray liver island far from the liver
+    before = np.bincount(labels.ravel(), minlength=118)
+    removed = keep_largest_components(labels)
+    assert removed[5] >= 8
+    for value in np.unique(labels)[1:]:
+        assert ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1] == 1
+        assert before[value] - np.sum(labels == value) == removed.get(int(value), 0)
+
+
+def test_wrong_class_count_and_non_ct_inputs_are_refused(narrow_segmenter, tmp_path):
+    # config.json says 118 classes, the weights hold 6: refused naming the folder, nothing written.
+    folder, config = narrow_segmenter
+    liar = tmp_path / "liar"
+    liar.mkdir()
+    (liar / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (liar / "config.json").write_text(json.dumps({**config, "out_channels": 118}))
+    result = run_cli("segment", SAMPLE_CT, "--out", tmp_path / "a.nii.gz", "--model", liar, "--json")
+    assert result.code == 4 and "liar" in result.document["error"]["message"]
+    assert "mis-shaped" in result.document["error"]["message"] and not (tmp_path / "a.nii.gz").exists()
+    # An MR scan is refused as input (exit 3) before any model is read -- even a missing one.
+    mr = SHARED / "negative-controls" / "example_mr_sm.nii.gz"
+    result = run_cli("segment", mr, "--out", tmp_path / "b.nii.gz", "--model", tmp_path / "nowhere", "--json")
+    assert result.code == 3 and "example_mr_sm" in result.document["error"]["message"]
+    assert not (tmp_path / "b.nii.gz").exists()
+    result = run_cli("segment", SAMPLE_CT, "--out", tmp_path / "c.png")
+    assert result.code == 2 and "--out" in result.stderr
+    result = run_cli("segment", SAMPLE_CT, "--out", tmp_path / "d.nii.gz", "--roi", "30", "128", "128")
+    assert result.code == 2 and "multiple of 16" in result.stderr
