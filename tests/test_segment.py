@@ -210,3 +210,20 @@ def test_wrong_class_count_and_non_ct_inputs_are_refused(narrow_segmenter, tmp_p
     assert result.code == 2 and "--out" in result.stderr
     result = run_cli("segment", SAMPLE_CT, "--out", tmp_path / "d.nii.gz", "--roi", "30", "128", "128")
     assert result.code == 2 and "multiple of 16" in result.stderr
+
+
+def test_the_published_whole_body_layout_gets_its_training_recipe(tmp_path):
+    lighter_zoo = pytest.importorskip("lighter_zoo", reason="lighter-zoo (test-only dependency) is not installed")
+    from ctfm_engine.tasks.segment import open_segmentation_model
+
+    # project-lighter/whole_body_segmentation as lighter-zoo writes it: SegResNetDS arguments only in config.json.
+    network = lighter_zoo.SegResNet(spatial_dims=3, in_channels=1, out_channels=118, init_filters=32,
+                                    blocks_down=[1, 2, 2, 4, 4], dsdepth=4)
+    network.save_pretrained(tmp_path / "whole_body_segmentation")
+    model = open_segmentation_model(tmp_path / "whole_body_segmentation", expect_channels=118)
+    assert model.settings_source.startswith("published")
+    assert model.preprocessing.spacing_zyx_mm == (1.5, 1.5, 1.5) and model.preprocessing.foreground_above_hu == -1024
+    assert model.roi_size_zyx == (96, 160, 160) and model.overlap == 0.625
+    assert model.names[90] == "brain" and model.labels()[9].laterality == "left"
+    with pytest.raises(ModelError, match="118 output classes, not the 6"):
+        open_segmentation_model(tmp_path / "whole_body_segmentation", expect_channels=6)

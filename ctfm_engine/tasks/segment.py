@@ -103,7 +103,7 @@ def open_segmentation_model(weights: str | Path, expect_channels: int | None = N
     channels = int(config["out_channels"])
     if expect_channels is not None and channels != expect_channels:
         raise ModelError(f"{checkpoint.folder}: the checkpoint has {channels} output classes, not the "
-                         f"{expect_channels} of the whole-body model (background + 117 TotalSegmentator v2 structures)")
+                         f"{expect_channels} this task needs (whole body: background + 117 TotalSegmentator v2)")
     settings = config.get(INFERENCE_KEY)
     source = "checkpoint"
     if settings is None and channels == 118 and int(config.get("init_filters", 32)) == 32:
