@@ -7,9 +7,12 @@ logits are arg-maxed in model space; the label map is mapped back (nearest neigh
 grid: same size, spacing, origin and direction.
 
 Memory stays bounded on large scans: windows are visited slab by slab along z, and a plane is arg-maxed and its
-logits dropped as soon as no later window covers it, so the blended-logit buffer holds one window depth of planes
-(``classes x roi_z x Y x X``), not the whole volume.  The blend is MONAI's (same window positions, same Gaussian
-importance map); only the normalisation by the summed weights is skipped, which cannot change an arg-max.
+buffer dropped as soon as no later window covers it, so the blend buffer holds one window depth of planes, not the
+whole volume.  And it blends features, not logits: SegResNetDS's output head is a 1x1x1 convolution (per-voxel
+linear), so the windows' ``init_filters``-channel decoder features are blended and the head is applied once per
+voxel, instead of computing and blending 118 logits per voxel in every window that covers it.  The blend is
+MONAI's (same window positions, same Gaussian importance map), so the labels equal MONAI
+``sliding_window_inference`` + arg-max up to float rounding (tested on real CT).
 """
 
 from __future__ import annotations
@@ -93,6 +96,44 @@ def load_segmentation_model(weights: str | Path) -> tuple[SegResNetDS, Checkpoin
     return network.eval(), checkpoint
 
 
+class SegmentationTrunk(torch.nn.Module):
+    """A SegResNetDS without its output heads: the full-resolution decoder features (``init_filters`` channels).
+
+    In eval mode SegResNetDS still computes every deep-supervision head and returns the finest; the trunk computes
+    none.  The finest head is a 1x1x1 convolution, i.e. per-voxel linear, so blending windows' features and applying
+    the head once per voxel gives the same logits as blending the windows' logits, with ``init_filters`` instead of
+    ``out_channels`` values per voxel to blend (8 or 32 instead of 118).
+    """
+
+    def __init__(self, network: SegResNetDS) -> None:
+        super().__init__()
+        self.encoder = network.encoder
+        self.up_layers = network.up_layers
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        skips = self.encoder(image)[::-1]
+        features = skips[0]
+        for level, skip in zip(self.up_layers, skips[1:], strict=True):
+            features = level["blocks"](level["upsample"](features) + skip)
+        return features
+
+
+def feature_head(network: SegResNetDS) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The finest head as (weight (classes, channels), bias (classes,)) when it is a 1x1x1 convolution, else None."""
+    head = network.up_layers[-1]["head"] if "head" in network.up_layers[-1] else None
+    if not isinstance(head, torch.nn.Conv3d) or tuple(head.kernel_size) != (1, 1, 1) or head.groups != 1:
+        return None
+    weight = head.weight.detach().reshape(head.out_channels, head.in_channels).float()
+    bias = torch.zeros(head.out_channels) if head.bias is None else head.bias.detach().float()
+    return weight, bias
+
+
+def inference_network(network: SegResNetDS) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor] | None]:
+    """What the backend should run and the head to apply after blending: (trunk, head), or (network, None)."""
+    head = feature_head(network)
+    return (SegmentationTrunk(network).eval(), head) if head is not None else (network, None)
+
+
 def open_segmentation_model(weights: str | Path, expect_channels: int | None = None) -> SegmentationModel:
     """Load a segmentation checkpoint and the settings it was trained with (config block, published recipe, defaults).
 
@@ -159,10 +200,13 @@ def sliding_window_labels(
     batch_size: int = 1,
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Arg-max labels of a model-space image (z, y, x) from Gaussian-blended windows, streamed slab by slab along z.
 
-    Windows smaller images are padded with 0 (air after scaling) to the window size, as MONAI does, and cropped back.
+    The backend returns logits, or with ``head`` = (weight, bias) of a 1x1x1 output convolution, features that are
+    blended and turned into logits once per voxel.  Images smaller than a window are padded with 0 (air after
+    scaling) to the window size, as MONAI does, and cropped back.
     """
     roi, overlap = check_window(roi_size_zyx, overlap)
     size = tuple(int(n) for n in image.shape)
@@ -174,19 +218,35 @@ def sliding_window_labels(
     total = math.prod(len(s) for s in starts)
     device = backend.output_device
     weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
+    if head is not None:
+        head = (head[0].to(device), head[1].to(device))
     labels = np.zeros(padded, dtype=np.int16)
-    blended: torch.Tensor | None = None  # (classes, roi_z, Y, X): planes [base, base + roi_z)
-    base, done = 0, 0
+    # planes [base, base + roi_z) of the blended output (channels, roi_z, Y, X) and, with a head, of the weights
+    blended: torch.Tensor | None = None
+    weights = torch.zeros((roi[0], padded[1], padded[2]), device=device) if head is not None else None
+    base, done, classes = 0, 0, 0
+
+    def arg_max(first: int, count: int) -> np.ndarray:
+        if head is None:
+            return blended[:, first:first + count].argmax(dim=0).cpu().numpy()
+        out = np.empty((count, padded[1], padded[2]), dtype=np.int16)
+        for plane in range(first, first + count):  # one plane of logits at a time: classes x Y x X
+            logits = torch.einsum("kc,cyx->kyx", head[0], blended[:, plane]) + head[1][:, None, None] * weights[plane]
+            out[plane - first] = logits.argmax(dim=0).cpu().numpy()
+        return out
 
     def flush(upto: int) -> None:
         nonlocal base
         if blended is None or upto <= base:
             return
         count = upto - base
-        labels[base:upto] = blended[:, :count].argmax(dim=0).cpu().numpy()
-        if count < roi[0]:
-            blended[:, :roi[0] - count] = blended[:, count:].clone()
-        blended[:, roi[0] - count:] = 0
+        labels[base:upto] = arg_max(0, count)
+        for buffer in (blended, weights):
+            if buffer is None:
+                continue
+            if count < roi[0]:
+                buffer[..., :roi[0] - count, :, :] = buffer[..., count:, :, :].clone()
+            buffer[..., roi[0] - count:, :, :] = 0
         base = upto
 
     positions = [(y, x) for y in starts[1] for x in starts[2]]
@@ -196,19 +256,21 @@ def sliding_window_labels(
             check_cancelled(cancel)
             chunk = positions[first:first + batch_size]
             batch = np.stack([volume[z:z + roi[0], y:y + roi[1], x:x + roi[2]] for y, x in chunk])[:, None]
-            logits = backend(torch.from_numpy(batch))
+            outputs = backend(torch.from_numpy(batch))
             if blended is None:
-                blended = torch.zeros((logits.shape[1], roi[0], padded[1], padded[2]), dtype=torch.float32,
+                blended = torch.zeros((outputs.shape[1], roi[0], padded[1], padded[2]), dtype=torch.float32,
                                       device=device)
-            for (y, x), window in zip(chunk, logits, strict=True):
-                blended[:, :, y:y + roi[1], x:x + roi[2]] += window * weight
+                classes = outputs.shape[1] if head is None else head[0].shape[0]
+            for (y, x), window in zip(chunk, outputs, strict=True):
+                blended[:, :, y:y + roi[1], x:x + roi[2]].addcmul_(window, weight)
+                if weights is not None:
+                    weights[:, y:y + roi[1], x:x + roi[2]] += weight
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
     flush(padded[0])
     crop = tuple(slice(b, b + n) for b, n in zip(before, size, strict=True))
-    channels = 0 if blended is None else blended.shape[0]
-    return labels[crop].astype(np.uint8 if channels <= 256 else np.int16)
+    return labels[crop].astype(np.uint8 if classes <= 256 else np.int16)
 
 
 def predict_model_space(
@@ -216,7 +278,8 @@ def predict_model_space(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Arg-max labels (uint8 for <= 256 classes) of a preprocessed model-space image, PyTorch eager."""
-    return sliding_window_labels(image, TorchBackend(network, device), roi_size_zyx, overlap)
+    module, head = inference_network(network)
+    return sliding_window_labels(image, TorchBackend(module, device), roi_size_zyx, overlap, head=head)
 
 
 @dataclass(frozen=True)
@@ -282,15 +345,22 @@ def segment(
     largest_component: bool = False,
     progress: Progress | None = None,
     cancel: CancelCheck | None = None,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Segmentation:
-    """Preprocess, sliding window (``backend``, else PyTorch eager on ``network``), labels back on the source grid."""
+    """Preprocess, sliding window, labels back on the source grid.
+
+    With ``network`` (and no ``backend``) PyTorch eager runs its trunk and the head is applied after blending; a
+    ``backend`` returns logits, or features when ``head`` is given.
+    """
     if backend is None:
         if network is None:
             raise ValueError("segment() needs a network or a backend")
-        backend = TorchBackend(network, device)
+        module, head = inference_network(network)
+        backend = TorchBackend(module, device)
     model_input = preprocess(volume, preprocessing)
     check_cancelled(cancel)
-    labels = sliding_window_labels(model_input.image, backend, roi_size_zyx, overlap, batch_size, progress, cancel)
+    labels = sliding_window_labels(model_input.image, backend, roi_size_zyx, overlap, batch_size, progress, cancel,
+                                   head)
     return to_source(model_input, labels, volume, largest_component)
 
 
