@@ -88,6 +88,52 @@ def build_parser() -> argparse.ArgumentParser:
                            help="override a recipe key, e.g. --set trainer.max_epochs=2 (repeatable)")
         train.add_argument("--resume", metavar="CKPT", help="continue from a Lightning checkpoint (e.g. last.ckpt)")
 
+    segment = commands.add_parser("segment", parents=[common, inputs],
+                                  help="whole-body segmentation: a label map on the input's own grid")
+    segment.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    segment.add_argument("--out", required=True, type=Path, metavar="LABELMAP",
+                         help="label map to write (.nii.gz, .nii, .nrrd or .mha), on the input's grid")
+    segment.add_argument("--model", help="segmentation checkpoint folder, e.g. a local copy of "
+                         "project-lighter/whole_body_segmentation (default: the shipped ctfm-mini-wholebody-seg)")
+    segment.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="PyTorch eager (default) "
+                         "or onnxruntime (CUDA/TensorRT providers when present, else CPU)")
+    segment.add_argument("--onnx", type=Path, metavar="FILE.onnx",
+                         help="with --backend onnx: the file `ctfm export` wrote (default: export to the cache)")
+    segment.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                         help="sliding-window size in model voxels (default: the checkpoint's)")
+    segment.add_argument("--overlap", type=float,
+                         help="window overlap fraction, 0 <= f < 1 (default: the checkpoint's)")
+    segment.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    segment.add_argument("--largest-component", action="store_true",
+                         help="keep only the largest connected component of each structure")
+    segment.add_argument("--volumes", type=Path, metavar="FILE.csv", help="write the per-structure volume table (mL)")
+    segment.add_argument("--fp16", action="store_true", help="half precision on a GPU (ignored on CPU)")
+
+    triage = commands.add_parser("triage", parents=[common, inputs],
+                                 help="head-CT triage: probability of an abnormal finding, and a decision")
+    triage.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder of a head CT")
+    triage.add_argument("--model", help="triage checkpoint folder (default: CTFM_TRIAGE_WEIGHTS)")
+    triage.add_argument("--threshold", type=float, help="abnormal when probability >= this (default: the model's)")
+    triage.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="PyTorch or onnxruntime")
+    triage.add_argument("--onnx", type=Path, metavar="FILE.onnx", help="with --backend onnx: the exported model")
+
+    export = commands.add_parser("export", parents=[common, inputs],
+                                 help="export a checkpoint to ONNX, validated against PyTorch on a real CT patch")
+    export.add_argument("--model", required=True, help="checkpoint folder (encoder, segmentation or triage)")
+    export.add_argument("--out", type=Path, metavar="FILE.onnx", help="where to write (default: the ONNX cache, "
+                        "where `ctfm segment --backend onnx` looks)")
+    export.add_argument("--task", choices=("auto", "segmentation", "segmentation-trunk", "triage", "encoder"),
+                        default="auto", help="what to export (auto: segmentation when the weights hold a decoder, "
+                        "triage when they hold a classifier head, else the encoder's last feature map; "
+                        "segmentation-trunk: decoder features, the output head applied after blending)")
+    export.add_argument("--check-input", metavar="CT", help="real CT the export is validated on: NIfTI/NRRD/MHA file "
+                        "or DICOM series folder (default: the bundled sample CT; a head CT suits triage best)")
+    export.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        help="validation window in model voxels, multiples of 16 (default: the segmentation "
+                        "checkpoint's window, 32 128 128 for an encoder); triage uses its fixed input size")
+    export.add_argument("--tolerance", type=float, metavar="T", help="largest accepted |PyTorch - onnxruntime| on any "
+                        "output value (default 1e-3); a larger difference writes nothing and exits with code 4")
+
     demo = commands.add_parser("demo", parents=[common], help="the main job end to end on the bundled sample CT")
     demo.add_argument("--out-dir", type=Path, default=Path("ctfm-demo"), help="where results go (ctfm-demo)")
     demo.add_argument("--weights", help="checkpoint folder or hub repo id (default: as for embed)")
@@ -170,6 +216,203 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def run_segment(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from ctfm_engine.models.registry import bundled_weights
+    from ctfm_engine.runtime.device import resolve_device
+    from ctfm_engine.tasks.segment import check_window, open_segmentation_model, segment, write_volume_table
+
+    if not str(args.out).lower().endswith(LABEL_MAP_SUFFIXES):
+        raise UsageError(f"--out {args.out}: write the label map as one of {', '.join(LABEL_MAP_SUFFIXES)}")
+    if args.volumes is not None and args.volumes.suffix.lower() != ".csv":
+        raise UsageError(f"--volumes {args.volumes}: the volume table is written as .csv")
+    if args.onnx is not None and args.backend != "onnx":
+        raise UsageError("--onnx FILE goes with --backend onnx")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.roi is not None or args.overlap is not None:
+        check_window(args.roi or (16, 16, 16), 0.0 if args.overlap is None else args.overlap)
+    (volume,) = read_inputs([args.input], args)
+    volume = volume or read_volume(args.input, series_uid=args.series, hu_offset=args.hu_offset)
+    device = resolve_device(args.device or "cpu")
+    weights = args.model or bundled_weights("ctfm-mini-wholebody-seg")
+    if weights is None:
+        from ctfm_engine.errors import ModelError
+
+        raise ModelError("no segmentation model: pass --model with a checkpoint folder (e.g. a local copy of "
+                         "project-lighter/whole_body_segmentation)")
+    model = open_segmentation_model(weights)
+    roi = tuple(args.roi) if args.roi is not None else model.roi_size_zyx
+    overlap = model.overlap if args.overlap is None else args.overlap
+    backend, head = _segmentation_backend(args, model, volume, device, roi)
+    log.info("segmentation model %s (sha256 %s), %s, windows %s overlap %.3g", model.checkpoint.name,
+             model.checkpoint.sha256[:12], backend.name, "x".join(map(str, roi)), overlap)
+    bar = _progress_bar(args, "segmenting", "window")
+    started = time.perf_counter()
+    try:
+        result = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=roi, overlap=overlap,
+                         backend=backend, head=head, batch_size=args.batch_size,
+                         largest_component=args.largest_component,
+                         progress=None if bar is None else _tqdm_progress(bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    structures = result.structures(model.names)
+    table = model.labels()
+    written: list[Path] = []
+    try:
+        if args.volumes is not None:
+            written.append(write_volume_table(structures, table, args.volumes))
+        written.append(result.write(args.out))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    labels = []
+    for row in structures:
+        described = table[row["label"]].as_dict() if row["label"] in table else {"value": row["label"]}
+        labels.append({**described, "name": row["name"], "voxels": row["voxels"], "volume_ml": row["volume_ml"],
+                       "removed_voxels": result.removed_voxels.get(row["label"], 0)})
+    return {
+        "command": "segment",
+        "input": str(args.input),
+        "output": str(args.out),
+        "volumes": None if args.volumes is None else str(args.volumes),
+        "weights": model.checkpoint.identity,
+        "backend": backend.name,
+        "device": str(device),
+        "model": {**model.describe(), "roi_size_zyx": list(roi), "overlap": overlap},
+        "largest_component": args.largest_component,
+        "grid": {"size_xyz": list(volume.shape_zyx[::-1]), "spacing_xyz_mm": list(volume.spacing_xyz_mm)},
+        "seconds": round(seconds, 2),
+        "labels": labels,
+    }
+
+
+def _segmentation_backend(args: argparse.Namespace, model: Any, volume: CTVolume, device: Any, roi: Any) -> Any:
+    """(backend, head): the backend runs the network's trunk and the 1x1x1 head is applied after blending, unless
+    an ``--onnx`` file exported with full logits (task ``segmentation``) is given."""
+    from ctfm_engine.runtime.backends import OnnxBackend, TorchBackend
+    from ctfm_engine.tasks.segment import feature_head, inference_network
+
+    module, head = inference_network(model.network)
+    if args.backend == "torch":
+        return TorchBackend(module, device, fp16=args.fp16), head
+    from ctfm_engine.runtime.onnx_backend import TASK_KEY, read_export_metadata
+    from ctfm_engine.runtime.onnx_export import onnx_for, validation_sample
+
+    task = "segmentation-trunk" if head is not None else "segmentation"
+    if args.onnx is not None:
+        task = read_export_metadata(args.onnx).get(TASK_KEY, "segmentation")
+        head = feature_head(model.network) if task == "segmentation-trunk" else None
+        path = args.onnx
+    else:
+        path = onnx_for(model.checkpoint, task, module, validation_sample(volume, task, model.preprocessing, roi))
+    channels = int(model.checkpoint.config.get("in_channels", 1))
+    backend = OnnxBackend.open(path, model.checkpoint, task, device, fp16=args.fp16,
+                               batch_shape=(args.batch_size, channels, *roi))
+    return backend, head
+
+
+def run_triage(args: argparse.Namespace) -> dict[str, Any]:
+    raise NotImplementedError("ctfm triage")
+
+
+BUNDLED_SAMPLE_CT = Path(__file__).resolve().parent / "data" / "sample_ct.nii.gz"
+ENCODER_CHECK_WINDOW = (32, 128, 128)
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    import math
+
+    from ctfm_engine.models.checkpoint import read_checkpoint
+    from ctfm_engine.models.registry import resolve_weights
+    from ctfm_engine.runtime.onnx_backend import onnx_modules
+    from ctfm_engine.runtime.onnx_export import (
+        DEFAULT_TOLERANCE,
+        OPSET,
+        cached_onnx_path,
+        checkpoint_task,
+        export_onnx,
+        validation_sample,
+    )
+    from ctfm_engine.tasks.segment import check_window
+
+    onnx_modules()
+    if args.out is not None and args.out.suffix.lower() != ".onnx":
+        raise UsageError(f"--out {args.out}: an ONNX export is written as .onnx")
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if not (tolerance > 0 and math.isfinite(tolerance)):
+        raise UsageError(f"--tolerance {args.tolerance}: must be a positive number (default {DEFAULT_TOLERANCE:g})")
+    if args.roi is not None:
+        if args.task == "triage":
+            raise UsageError("--roi: a triage model is validated on its own fixed input size; leave --roi out")
+        check_window(args.roi, 0.0)
+    check_input = args.check_input or BUNDLED_SAMPLE_CT
+    volume = read_volume(check_input, series_uid=args.series, hu_offset=args.hu_offset)
+    if args.device not in (None, "cpu"):
+        log.info("the export and its validation run on the CPU; the ONNX file then runs on any device")
+    checkpoint = read_checkpoint(resolve_weights(args.model))
+    task = checkpoint_task(checkpoint) if args.task == "auto" else args.task
+    if task == "triage" and args.roi is not None:
+        raise UsageError(f"--roi: {checkpoint.name} is a triage model, validated on its own fixed input size; "
+                         "leave --roi out")
+    network, checkpoint, preprocessing, roi = _network_to_export(checkpoint, task)
+    sample = validation_sample(volume, task, preprocessing, None if task == "triage" else tuple(args.roi or roi))
+    out = args.out or cached_onnx_path(checkpoint, task)
+    report = export_onnx(network, checkpoint, task, out, sample, tolerance)
+    return {
+        "command": "export",
+        "weights": checkpoint.identity,
+        "output": str(out),
+        "task": task,
+        "max_abs_difference": report.max_abs_difference,
+        "label_agreement": report.label_agreement,
+        "tolerance": tolerance,
+        "check_input": str(check_input),
+        "sample_shape": list(report.sample_shape),
+        "out_channels": report.out_channels,
+        "opset": OPSET,
+        "bytes": out.stat().st_size,
+        "seconds": {"export": report.export_seconds, "torch": report.torch_seconds,
+                    "onnxruntime": report.onnxruntime_seconds},
+    }
+
+
+def _network_to_export(checkpoint: Any, task: str) -> tuple[Any, Any, Any, tuple[int, int, int] | None]:
+    """The network of ``checkpoint`` for ``task``, the checkpoint, its preprocessing and validation window."""
+    from ctfm_engine.errors import ModelError
+    from ctfm_engine.models.checkpoint import CONFIG_FILE, load_state_strict
+
+    if task in ("segmentation", "segmentation-trunk"):
+        from ctfm_engine.tasks.segment import open_segmentation_model
+
+        model = open_segmentation_model(checkpoint.folder)
+        return model.network, model.checkpoint, model.preprocessing, model.roi_size_zyx
+    if task == "encoder":
+        from ctfm_engine.models.registry import load_encoder
+        from ctfm_engine.preprocess import CTFM_PREPROCESSING
+
+        encoder, checkpoint = load_encoder(checkpoint.folder)
+        return encoder, checkpoint, CTFM_PREPROCESSING, ENCODER_CHECK_WINDOW
+    try:
+        from ctfm_engine.training.triage import TriageClassifier
+    except ImportError as error:
+        raise UsageError(f"exporting a triage model needs the [train] extra ({error.name} is not installed)") from None
+    try:
+        network = TriageClassifier(**checkpoint.config)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{checkpoint.folder / CONFIG_FILE}: not a triage classifier configuration "
+                         f"({error})") from None
+    load_state_strict(network, checkpoint.state_dict, str(checkpoint.folder))
+    return network.eval(), checkpoint, network.preprocessing, None
+
+
 def _tqdm_progress(bar: Any) -> Callable[[int, int], None]:
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -217,6 +460,21 @@ def _print_human(document: dict[str, Any]) -> None:
             print(f"wrote {document['output']}")
     elif command == "weights list":
         print("\n".join(document["folders"]) or f"no checkpoints in {document['cache']}")
+    elif command == "segment":
+        for row in document["labels"][:15]:
+            side = f" ({row['laterality']})" if row.get("laterality") else ""
+            print(f"{row['value']:>4}  {row['name']:<34}{side:<9} {row['volume_ml']:>10.1f} mL")
+        if len(document["labels"]) > 15:
+            print(f"      ... and {len(document['labels']) - 15} more" + (
+                f" (all in {document['volumes']})" if document["volumes"] else " (--volumes FILE.csv lists all)"))
+        print(f"{len(document['labels'])} structures; label map on the input's grid -> {document['output']} "
+              f"({document['backend']}, {document['seconds']:.1f} s)")
+    elif command == "export":
+        agreement = document["label_agreement"]
+        print(f"{document['task']} network -> {document['output']} ({document['bytes'] / 1e6:.1f} MB): "
+              f"max |PyTorch - onnxruntime| {document['max_abs_difference']:.2g} (tolerance "
+              f"{document['tolerance']:g})" + ("" if agreement is None else
+                                                 f", labels agree on {100 * agreement:.3f} % of voxels"))
     elif command == "demo":
         print("\n".join(document["summary"]))
     else:
@@ -235,6 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             document = run_embed(args)
         elif args.command == "weights":
             document = run_weights(args)
+        elif args.command == "segment":
+            document = run_segment(args)
+        elif args.command == "triage":
+            document = run_triage(args)
+        elif args.command == "export":
+            document = run_export(args)
         elif args.command in ("pretrain", "finetune"):
             from ctfm_engine.training.recipe import run_recipe
 

@@ -1,1 +1,1 @@
-"""Where models run: torch devices now; onnxruntime backends and export arrive with the segmentation issue."""
+"""Where models run: torch devices, backends (PyTorch eager, onnxruntime CPU/CUDA/TensorRT) and the ONNX export."""

@@ -3,7 +3,9 @@
 A backend maps a float32 batch ``(B, C, Z, Y, X)`` to the network's float32 output ``(B, K, Z', Y', X')``
 (segmentation logits, or ``(B, 1)`` triage logits).  Tasks (sliding-window segmentation, triage) call backends and
 never care whether PyTorch or onnxruntime does the work.  ``output_device`` says where the returned tensor lives, so
-blending can stay on the GPU when the backend runs there.
+blending can stay on the GPU when the backend runs there.  :class:`OnnxBackend` (onnxruntime: CPU, CUDA, TensorRT)
+lives in :mod:`ctfm_engine.runtime.onnx_backend` and is re-exported here; onnxruntime is imported only when one is
+made.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+
+from ctfm_engine.runtime.onnx_backend import OnnxBackend
+
+__all__ = ["Backend", "TorchBackend", "OnnxBackend"]
 
 
 class Backend(Protocol):
