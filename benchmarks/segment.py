@@ -1,7 +1,7 @@
 """Sliding-window segmentation speed and peak memory: PyTorch eager (MONAI reference) vs ours, side by side.
 
-Every method segments the same CT, in this one process, one after the other (freed memory is returned to the OS
-before each), and its label map is compared voxel by voxel with the reference's:
+Every method segments the same CT, one after the other, each in a child process of this one run (so memory one
+method freed does not count against the next), and its label map is compared voxel by voxel with the reference's:
 
 - ``reference``: PyTorch eager through MONAI ``sliding_window_inference`` (Gaussian blend, the whole-volume fp32
   logit buffer), arg-max, labels back on the source grid -- what the CT-FM recipe does;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
 from ctfm_engine.tasks.segment import (  # noqa: E402
     PUBLISHED_WHOLE_BODY,
     SegmentationModel,
+    inference_network,
     open_segmentation_model,
     segment,
     to_source,
@@ -55,6 +57,7 @@ from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 SHIPPED = ROOT / "ctfm_engine" / "weights" / "ctfm-mini-wholebody-seg"
 GiB = 1 << 30
+METHODS = ("reference", "torch-streamed", "onnx-streamed", "onnx-int8")
 
 
 def published_width_model(folder: Path) -> SegmentationModel:
@@ -85,21 +88,60 @@ def reference_labels(volume: CTVolume, model: SegmentationModel, device: torch.d
 
 
 def onnx_backend(model: SegmentationModel, volume: CTVolume, device: torch.device, int8: bool = False):
-    """The onnxruntime backend for this model (exported and validated into the cache first), or None with why."""
+    """(backend, head, None) for onnxruntime on the model's trunk (exported and validated into the cache first),
+    or (None, None, why)."""
     try:
         from ctfm_engine.runtime import onnx_export
         from ctfm_engine.runtime.backends import OnnxBackend
     except ImportError as error:
-        return None, f"onnxruntime backend not available ({error})"
-    path = onnx_export.onnx_for(model.checkpoint, "segmentation", model.network,
-                                onnx_export.validation_sample(volume, "segmentation", model.preprocessing,
-                                                              model.roi_size_zyx))
+        return None, None, f"onnxruntime backend not available ({error})"
+    module, head = inference_network(model.network)
+    task = "segmentation-trunk" if head is not None else "segmentation"
+    path = onnx_export.onnx_for(model.checkpoint, task, module,
+                                onnx_export.validation_sample(volume, task, model.preprocessing, model.roi_size_zyx))
     if int8:
         quantise = getattr(onnx_export, "quantise_int8", None)
         if quantise is None:
-            return None, "no INT8 path in ctfm_engine.runtime.onnx_export"
+            return None, None, "no INT8 path in ctfm_engine.runtime.onnx_export (measured: slower and not identical)"
         path = quantise(path)
-    return OnnxBackend.open(path, model.checkpoint, "segmentation", device=device), None
+    return OnnxBackend.open(path, model.checkpoint, task, device=device), head, None
+
+
+def run_method(args: argparse.Namespace) -> None:
+    """One method in this (child) process: time, peak memory and the label map (saved for the parent to compare)."""
+    device = torch.device(args.device)
+    torch.set_grad_enabled(False)
+    model, volume, overlap = setup(args)
+    backend, head = None, None
+    if args.child == "torch-streamed":
+        module, head = inference_network(model.network)
+        backend = TorchBackend(module, device)
+    elif args.child.startswith("onnx"):
+        backend, head, why = onnx_backend(model, volume, device, int8=args.child == "onnx-int8")
+        if backend is None:
+            print(json.dumps({"method": args.child, "skipped": why}))
+            return
+    with PeakMemory(torch.device("cpu")) as memory:
+        start = time.perf_counter()
+        if args.child == "reference":
+            labels = reference_labels(volume, model, device, overlap)
+        else:
+            labels = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=model.roi_size_zyx,
+                             overlap=overlap, backend=backend, head=head).labels
+        seconds = time.perf_counter() - start
+    np.save(args.labels_out, labels)
+    print(json.dumps({"method": args.child, "backend": getattr(backend, "name", f"torch:{device} (MONAI)"),
+                      "seconds": round(seconds, 2), "peak_rss_gib": round(memory.peak / GiB, 3),
+                      "peak_increase_gib": round((memory.peak - memory.baseline) / GiB, 3)}))
+
+
+def setup(args: argparse.Namespace) -> tuple[SegmentationModel, CTVolume, float]:
+    scratch = Path(tempfile.mkdtemp(prefix="ctfm-bench-"))
+    model = published_width_model(scratch / "published") if args.model == "published" else \
+        open_segmentation_model(SHIPPED)
+    overlap = model.overlap if args.overlap is None else args.overlap
+    volume = large_ct() if args.scan == "large" else read_volume(SHARED / "totalsegmentator" / "example_ct_sm.nii.gz")
+    return model, volume, overlap
 
 
 def main() -> None:
@@ -110,50 +152,49 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, help="window overlap (default: the model's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", nargs="+", default=["reference", "torch-streamed", "onnx-streamed"],
-                        choices=("reference", "torch-streamed", "onnx-streamed", "onnx-int8"))
+                        choices=METHODS)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--labels-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_grad_enabled(False)
-    scratch = Path(tempfile.mkdtemp(prefix="ctfm-bench-"))
-    model = published_width_model(scratch / "published") if args.model == "published" else \
-        open_segmentation_model(SHIPPED)
-    overlap = model.overlap if args.overlap is None else args.overlap
-    volume = large_ct() if args.scan == "large" else read_volume(SHARED / "totalsegmentator" / "example_ct_sm.nii.gz")
+    if args.child:
+        run_method(args)
+        return
+    model, volume, overlap = setup(args)
     model_shape = preprocess(volume, model.preprocessing).image.shape
-    print(f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
+    print(f"device: {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
     print(f"model: {model.checkpoint.name} ({args.model}), windows {'x'.join(map(str, model.roi_size_zyx))}, "
           f"overlap {overlap}, spacing {model.preprocessing.spacing_zyx_mm} mm (z,y,x)")
     print(f"scan: {volume.source}, {'x'.join(map(str, volume.shape_zyx[::-1]))} voxels (x,y,z); "
-          f"model space {'x'.join(map(str, model_shape))} (z,y,x)\n")
-
+          f"model space {'x'.join(map(str, model_shape))} (z,y,x)")
+    print("each method runs in its own process, one after the other (so freed memory of one does not count "
+          "against the next); peak = that process's RSS\n", flush=True)
+    scan_name = volume.source
+    del model, volume
+    scratch = Path(tempfile.mkdtemp(prefix="ctfm-bench-labels-"))
     results, reference = [], None
+    passed = [arg for arg in sys.argv[1:]]
     for method in args.methods:
-        backend, why = None, None
-        if method == "torch-streamed":
-            backend = TorchBackend(model.network, device)
-        elif method.startswith("onnx"):
-            backend, why = onnx_backend(model, volume, device, int8=method == "onnx-int8")
-            if backend is None:
-                print(f"{method}: skipped -- {why}")
-                continue
-        with PeakMemory(torch.device("cpu")) as memory:
-            start = time.perf_counter()
-            if method == "reference":
-                labels = reference_labels(volume, model, device, overlap)
-            else:
-                labels = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=model.roi_size_zyx,
-                                 overlap=overlap, backend=backend).labels
-            seconds = time.perf_counter() - start
+        labels_out = scratch / f"{method}.npy"
+        child = subprocess.run([sys.executable, __file__, *passed, "--child", method, "--labels-out", str(labels_out)],
+                               capture_output=True, text=True)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+        if child.returncode != 0 or not lines:
+            print(f"{method}: failed (exit {child.returncode})\n{child.stderr[-2000:]}")
+            continue
+        row = json.loads(lines[-1])
+        if "skipped" in row:
+            print(f"{method}: skipped -- {row['skipped']}")
+            continue
+        labels = np.load(labels_out)
         if method == "reference":
             reference = labels
-        agreement = None if reference is None else float(np.mean(labels == reference))
-        results.append({"method": method, "backend": getattr(backend, "name", f"torch:{device} (MONAI)"),
-                        "seconds": round(seconds, 2), "peak_rss_gib": round(memory.peak / GiB, 3),
-                        "peak_increase_gib": round((memory.peak - memory.baseline) / GiB, 3),
-                        "agreement_with_reference": agreement, "structures": int(len(np.unique(labels)) - 1)})
-        print(f"{method}: {seconds:.1f} s, peak RSS {memory.peak / GiB:.2f} GiB "
-              f"(+{(memory.peak - memory.baseline) / GiB:.2f} GiB during the run)"
+        row["agreement_with_reference"] = None if reference is None else float(np.mean(labels == reference))
+        row["structures"] = int(len(np.unique(labels)) - 1)
+        results.append(row)
+        agreement = row["agreement_with_reference"]
+        print(f"{method}: {row['seconds']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB "
+              f"(+{row['peak_increase_gib']:.2f} GiB during the run)"
               + ("" if agreement is None else f", voxels equal to the reference {agreement:.6f}"), flush=True)
 
     print()
@@ -166,10 +207,10 @@ def main() -> None:
         agreement = "-" if row["agreement_with_reference"] is None else f"{row['agreement_with_reference']:.6f}"
         print(f"{row['method']:<16} {row['backend']:<34} {row['seconds']:>8.1f} "
               f"{base['seconds'] / row['seconds']:>8.2f}x {row['peak_rss_gib']:>9.2f} "
-              f"{row['peak_increase_gib']:>9.2f} {row['peak_increase_gib'] / base['peak_increase_gib']:>9.2f} "
+              f"{row['peak_increase_gib']:>9.2f} {row['peak_rss_gib'] / base['peak_rss_gib']:>9.2f} "
               f"{agreement:>10}")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "scan": volume.source, "overlap": overlap,
+        args.json.write_text(json.dumps({"model": args.model, "scan": scan_name, "overlap": overlap,
                                          "model_shape_zyx": list(model_shape), "results": results}, indent=2))
 
 
