@@ -95,9 +95,9 @@ def onnx_backend(model: SegmentationModel, volume: CTVolume, device: torch.devic
         from ctfm_engine.runtime.backends import OnnxBackend
     except ImportError as error:
         return None, None, f"onnxruntime backend not available ({error})"
-    module, head = inference_network(model.network)
+    _, head = inference_network(model.network)
     task = "segmentation-trunk" if head is not None else "segmentation"
-    path = onnx_export.onnx_for(model.checkpoint, task, module,
+    path = onnx_export.onnx_for(model.checkpoint, task, model.network,
                                 onnx_export.validation_sample(volume, task, model.preprocessing, model.roi_size_zyx))
     if int8:
         quantise = getattr(onnx_export, "quantise_int8", None)

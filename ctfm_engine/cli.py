@@ -312,7 +312,8 @@ def _segmentation_backend(args: argparse.Namespace, model: Any, volume: CTVolume
         head = feature_head(model.network) if task == "segmentation-trunk" else None
         path = args.onnx
     else:
-        path = onnx_for(model.checkpoint, task, module, validation_sample(volume, task, model.preprocessing, roi))
+        sample = validation_sample(volume, task, model.preprocessing, roi)
+        path = onnx_for(model.checkpoint, task, model.network, sample)  # the trunk is cut out by the exporter
     channels = int(model.checkpoint.config.get("in_channels", 1))
     backend = OnnxBackend.open(path, model.checkpoint, task, device, fp16=args.fp16,
                                batch_shape=(args.batch_size, channels, *roi))
