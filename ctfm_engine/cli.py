@@ -112,10 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     triage = commands.add_parser("triage", parents=[common, inputs],
                                  help="head-CT triage: probability of an abnormal finding, and a decision")
     triage.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder of a head CT")
-    triage.add_argument("--model", help="triage checkpoint folder (default: CTFM_TRIAGE_WEIGHTS)")
-    triage.add_argument("--threshold", type=float, help="abnormal when probability >= this (default: the model's)")
-    triage.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="PyTorch or onnxruntime")
-    triage.add_argument("--onnx", type=Path, metavar="FILE.onnx", help="with --backend onnx: the exported model")
+    triage.add_argument("--model", help="triage checkpoint folder exported by `ctfm finetune` (default: "
+                        "CTFM_TRIAGE_WEIGHTS, then <cache>/models/triage; none ships with ctfm)")
+    triage.add_argument("--threshold", type=float, help="abnormal when probability >= this (default: the one "
+                        "the checkpoint records, else 0.5)")
+    triage.add_argument("--accept-partial", action="store_true", help="judge a head CT that covers less than a "
+                        "whole head along S (refused by default: a normal call would not cover the missing part)")
+    triage.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="PyTorch eager (default) "
+                        "or onnxruntime (CUDA/TensorRT providers when present, else CPU)")
+    triage.add_argument("--onnx", type=Path, metavar="FILE.onnx",
+                        help="with --backend onnx: the file `ctfm export` wrote (default: export to the cache)")
 
     export = commands.add_parser("export", parents=[common, inputs],
                                  help="export a checkpoint to ONNX, validated against PyTorch on a real CT patch")
@@ -321,7 +327,71 @@ def _segmentation_backend(args: argparse.Namespace, model: Any, volume: CTVolume
 
 
 def run_triage(args: argparse.Namespace) -> dict[str, Any]:
-    raise NotImplementedError("ctfm triage")
+    import time
+
+    from ctfm_engine.runtime.device import resolve_device
+    from ctfm_engine.tasks.triage import (
+        check_threshold,
+        decision_threshold,
+        load_triage_model,
+        require_head_ct,
+        resolve_triage_weights,
+        triage,
+        triage_input,
+    )
+
+    if args.onnx is not None and args.backend != "onnx":
+        raise UsageError("--onnx FILE goes with --backend onnx")
+    if args.threshold is not None:
+        try:
+            check_threshold(args.threshold)
+        except ValueError:
+            raise UsageError(f"--threshold {args.threshold}: give a probability between 0 and 1") from None
+    (volume,) = read_inputs([args.input], args)
+    volume = volume or read_volume(args.input, series_uid=args.series, hu_offset=args.hu_offset)
+    screened = require_head_ct(volume, accept_partial=args.accept_partial)
+    device = resolve_device(args.device or "cpu")
+    network, checkpoint = load_triage_model(resolve_triage_weights(args.model))
+    threshold, threshold_source = decision_threshold(network, args.threshold)
+    started = time.perf_counter()
+    model_input = triage_input(volume, network.preprocessing, screened=screened)
+    for note in model_input.checks.notes:
+        log.warning("%s: %s", args.input, note)
+    backend = _triage_backend(args, network, checkpoint, model_input, device)
+    log.info("triage model %s (sha256 %s), %s", checkpoint.name, checkpoint.sha256[:12], backend.name)
+    result = triage(volume, backend, network.preprocessing, threshold, model_input=model_input,
+                    accept_partial=args.accept_partial)
+    return {
+        "command": "triage",
+        "input": str(args.input),
+        "series_instance_uid": result.series_instance_uid,
+        "probability": result.probability,
+        "logit": result.logit,
+        "decision": result.decision,
+        "threshold": result.threshold,
+        "threshold_source": threshold_source,
+        "checks": result.checks,
+        "weights": checkpoint.identity,
+        "backend": backend.name,
+        "device": str(device),
+        "preprocessing": network.preprocessing.describe(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _triage_backend(args: argparse.Namespace, network: Any, checkpoint: Any, model_input: Any, device: Any) -> Any:
+    """PyTorch, or onnxruntime on ``--onnx FILE`` or on the cached export (made and validated on this scan)."""
+    import torch
+
+    from ctfm_engine.runtime.backends import OnnxBackend, TorchBackend
+
+    if args.backend == "torch":
+        return TorchBackend(network, device)
+    from ctfm_engine.runtime.onnx_export import onnx_for
+
+    sample = torch.from_numpy(model_input.image)[None, None]
+    path = args.onnx or onnx_for(checkpoint, "triage", network, sample)
+    return OnnxBackend.open(path, checkpoint, "triage", device, batch_shape=tuple(sample.shape))
 
 
 BUNDLED_SAMPLE_CT = Path(__file__).resolve().parent / "data" / "sample_ct.nii.gz"
@@ -402,7 +472,7 @@ def _network_to_export(checkpoint: Any, task: str) -> tuple[Any, Any, Any, tuple
         encoder, checkpoint = load_encoder(checkpoint.folder)
         return encoder, checkpoint, CTFM_PREPROCESSING, ENCODER_CHECK_WINDOW
     try:
-        from ctfm_engine.training.triage import TriageClassifier
+        from ctfm_engine.models.triage import TriageClassifier
     except ImportError as error:
         raise UsageError(f"exporting a triage model needs the [train] extra ({error.name} is not installed)") from None
     try:
@@ -470,6 +540,16 @@ def _print_human(document: dict[str, Any]) -> None:
                 f" (all in {document['volumes']})" if document["volumes"] else " (--volumes FILE.csv lists all)"))
         print(f"{len(document['labels'])} structures; label map on the input's grid -> {document['output']} "
               f"({document['backend']}, {document['seconds']:.1f} s)")
+    elif command == "triage":
+        checks = document["checks"]
+        print(f"{document['input']}: {document['decision'].upper()}, probability of an abnormal finding "
+              f"{document['probability']:.3f} (threshold {document['threshold']:g}, {document['threshold_source']}; "
+              f"{document['backend']})")
+        print("head check: cranium over {:.0f} mm along S, {:.0f} mm wide inside; scan covers {:.0f} x {:.0f} x "
+              "{:.0f} mm (S, P, L)".format(checks["skull_extent_mm"], checks["cranial_width_mm"],
+                                           *checks["coverage_mm"]))
+        for note in checks["notes"]:
+            print(f"note: {note}")
     elif command == "export":
         agreement = document["label_agreement"]
         print(f"{document['task']} network -> {document['output']} ({document['bytes'] / 1e6:.1f} MB): "

@@ -3,7 +3,7 @@
 Tasks: ``segmentation`` (SegResNetDS in eval mode: logits (B, K, Z, Y, X)); ``segmentation-trunk`` (the same
 network without its 1x1x1 output head: decoder features (B, init_filters, Z, Y, X), which the sliding window blends
 before applying the head once per voxel, see :class:`~ctfm_engine.tasks.segment.SegmentationTrunk`); ``triage``
-(:class:`~ctfm_engine.training.triage.TriageClassifier`: logits (B,)); ``encoder`` (SegResEncoder: its last,
+(:class:`~ctfm_engine.models.triage.TriageClassifier`: logits (B,)); ``encoder`` (SegResEncoder: its last,
 stride-16 feature map).  The TorchScript exporter writes opset 17 with the batch and the three spatial axes
 dynamic, so one file serves every window size the network accepts (multiples of 16 for the segmentation net).
 Exports are cached per checkpoint and task under ``<ctfm cache>/onnx/`` (:func:`onnx_for`).

@@ -1,4 +1,4 @@
-"""Head-CT triage fine-tuning (facts §4.3): CT-FM encoder + average-pool MLP head, one logit for "abnormal".
+"""Head-CT triage fine-tuning (facts §4.3) of :class:`~ctfm_engine.models.triage.TriageClassifier` (re-exported here).
 
 The input is the head-CT preprocessing of :mod:`ctfm_engine.head_ct` (four HU windows stacked along z).  A scan's
 randomness (the train-time RandAffine) is seeded by (seed, epoch, index), so a resumed run sees what the
@@ -28,8 +28,9 @@ from torchmetrics.functional.classification import binary_auroc
 from ctfm_engine.errors import CTFMError, InputError
 from ctfm_engine.head_ct import HEAD_CT_PREPROCESSING, HeadCTPreprocessing, head_ct_hu, window_stack
 from ctfm_engine.io import atomic_output
-from ctfm_engine.models.encoder import ENCODER_ARGUMENTS, build_encoder, embedding_size, encoder_config
 from ctfm_engine.models.registry import load_encoder_into
+from ctfm_engine.models.triage import TriageClassifier
+from ctfm_engine.models.triage import triage_config as triage_config  # re-exported: recipes and tests import it here
 from ctfm_engine.training.data import ManifestEntry, read_manifest
 from ctfm_engine.volume import read_volume
 
@@ -37,43 +38,6 @@ log = logging.getLogger(__name__)
 
 LABELS = {"0": 0.0, "1": 1.0}  # 0 normal, 1 abnormal
 CACHES = ("memory", "disk", "none")
-
-
-def triage_config(init_filters: int = 32, preprocessing: HeadCTPreprocessing = HEAD_CT_PREPROCESSING) -> dict[str, Any]:
-    """The classifier's ``config.json``: encoder arguments, head width, and the input grid it was trained on."""
-    width = init_filters * 16  # channels of the encoder's last level (512 for CT-FM)
-    return {**encoder_config(init_filters), "hidden_features": width // 2, "out_features": 1,
-            "spacing_zyx_mm": list(preprocessing.spacing_zyx_mm),
-            "spatial_size_zyx": list(preprocessing.spatial_size_zyx)}
-
-
-class TriageClassifier(nn.Module):
-    """SegResEncoder -> last feature map -> AdaptiveAvgPool3d(1) -> Flatten -> Linear(E, E/2) -> ReLU -> Linear(E/2, 1).
-
-    The final CT-FM config (``evaluation/sinoct.yaml`` on main).  State-dict keys are ``encoder.*`` and ``head.*``,
-    so :func:`ctfm_engine.models.registry.load_encoder` reads the fine-tuned encoder from an exported checkpoint.
-    ``spacing_zyx_mm`` and ``spatial_size_zyx`` record the head-CT grid the model expects; they build nothing.
-    """
-
-    def __init__(self, hidden_features: int | None = None, out_features: int = 1,
-                 spacing_zyx_mm: Sequence[float] = HEAD_CT_PREPROCESSING.spacing_zyx_mm,
-                 spatial_size_zyx: Sequence[int] = HEAD_CT_PREPROCESSING.spatial_size_zyx,
-                 **encoder_arguments: Any) -> None:
-        super().__init__()
-        unknown = set(encoder_arguments) - ENCODER_ARGUMENTS
-        if unknown:
-            raise ValueError(f"unknown triage classifier arguments {sorted(unknown)}")
-        self.encoder = build_encoder(encoder_arguments)
-        width = embedding_size(self.encoder)
-        hidden = int(hidden_features or width // 2)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(width, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, int(out_features)))
-        self.preprocessing = HeadCTPreprocessing(spacing_zyx_mm=tuple(spacing_zyx_mm),  # type: ignore[arg-type]
-                                                 spatial_size_zyx=tuple(spatial_size_zyx))  # type: ignore[arg-type]
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 4*z, y, x) -> logits (B,) of "abnormal"."""
-        return self.head(self.encoder(image)[-1]).flatten()
 
 
 @dataclass(frozen=True)
