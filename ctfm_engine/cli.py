@@ -1,4 +1,4 @@
-"""The ``ctfm`` command: ``embed``, ``weights``, ``pretrain``, ``finetune``, ``demo`` (others arrive with issues).
+"""The ``ctfm`` command: ``embed``, ``segment``, ``triage``, ``export``, ``weights``, ``pretrain``, ``finetune``, ``demo``.
 
 Exit codes: 0 success, 2 usage error, 3 unacceptable input data, 4 model or weights problem, 1 anything else.
 With ``--json`` one JSON document goes to stdout (also on failure: ``{"error": {...}}``); logs and progress
@@ -471,10 +471,8 @@ def _network_to_export(checkpoint: Any, task: str) -> tuple[Any, Any, Any, tuple
 
         encoder, checkpoint = load_encoder(checkpoint.folder)
         return encoder, checkpoint, CTFM_PREPROCESSING, ENCODER_CHECK_WINDOW
-    try:
-        from ctfm_engine.models.triage import TriageClassifier
-    except ImportError as error:
-        raise UsageError(f"exporting a triage model needs the [train] extra ({error.name} is not installed)") from None
+    from ctfm_engine.models.triage import TriageClassifier
+
     try:
         network = TriageClassifier(**checkpoint.config)
     except (TypeError, ValueError) as error:
