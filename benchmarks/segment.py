@@ -51,6 +51,7 @@ from ctfm_engine.tasks.segment import (  # noqa: E402
     open_segmentation_model,
     segment,
     to_source,
+    write_inference_settings,
 )
 from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
 
@@ -70,7 +71,8 @@ def published_width_model(folder: Path) -> SegmentationModel:
         if isinstance(module, torch.nn.BatchNorm3d):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
-    save_checkpoint(network, folder, {**config, "ctfm_inference": PUBLISHED_WHOLE_BODY})
+    save_checkpoint(network, folder, config)
+    write_inference_settings(folder, PUBLISHED_WHOLE_BODY)
     return open_segmentation_model(folder)
 
 

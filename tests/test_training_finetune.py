@@ -60,6 +60,12 @@ def test_cpu_fine_tuning_from_an_encoder_checkpoint_exports_a_published_layout_m
     lighter_zoo = pytest.importorskip("lighter_zoo")
     network = lighter_zoo.SegResNet.from_pretrained(str(tmp_path / "model")).eval()
     assert network.up_layers[-1].head.out_channels == 118
+    # ...and ctfm segment reads how it was trained to see CT from the file beside config.json.
+    from ctfm_engine.tasks.segment import open_segmentation_model
+
+    model = open_segmentation_model(tmp_path / "model")
+    assert model.settings_source == "checkpoint" and model.names[5] == "liver" and model.roi_size_zyx == (16, 64, 64)
+    assert model.preprocessing.spacing_zyx_mm == (3.0, 1.0, 1.0)  # the recipe's data.spacing_zyx_mm
     card = (tmp_path / "model" / "README.md").read_text()
     assert "not for clinical use" in card and document["weights"]["sha256"] in card
 

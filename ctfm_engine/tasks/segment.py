@@ -1,10 +1,10 @@
 """Whole-body segmentation with a SegResNetDS checkpoint: sliding window in model space, labels on the source grid.
 
-The checkpoint is read strictly from the Hugging Face layout (``config.json`` holds the SegResNetDS constructor
-arguments, plus an optional ``ctfm_inference`` block saying how the model was trained to see CT: spacing, HU window,
-foreground crop, window size and overlap).  The CT goes through that preprocessing; Gaussian-blended sliding-window
-logits are arg-maxed in model space; the label map is mapped back (nearest neighbour) onto the input's own voxel
-grid: same size, spacing, origin and direction.
+The checkpoint is read strictly from the Hugging Face layout (``config.json`` holds only the SegResNetDS constructor
+arguments, so lighter-zoo loads it too; an optional ``ctfm_inference.json`` beside it says how the model was trained
+to see CT: spacing, HU window, foreground crop, window size, overlap and label names).  The CT goes through that
+preprocessing; Gaussian-blended sliding-window logits are arg-maxed in model space; the label map is mapped back
+(nearest neighbour) onto the input's own voxel grid: same size, spacing, origin and direction.
 
 Memory stays bounded on large scans: windows are visited slab by slab along z, and a plane is arg-maxed and its
 buffer dropped as soon as no later window covers it, so the blend buffer holds one window depth of planes, not the
@@ -18,6 +18,7 @@ MONAI's (same window positions, same Gaussian importance map), so the labels equ
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 # The window the shipped ctfm-mini-wholebody-seg was trained and validated with (training/finetune_seg_mini_cpu.yaml).
 DEFAULT_ROI_ZYX = (32, 128, 128)
 DEFAULT_OVERLAP = 0.5
-INFERENCE_KEY = "ctfm_inference"  # config.json block read by inference, never passed to SegResNetDS
+INFERENCE_FILE = "ctfm_inference.json"  # beside config.json: how the model sees CT (never passed to SegResNetDS)
 
 # project-lighter/whole_body_segmentation (facts §2, §4.1): TotalSegmentator "processed" data at 1.5 mm isotropic,
 # SPL, CropForeground on the scaled image (> -1024 HU), window -1024..2048, inferred with 96x160x160 windows at 0.625.
@@ -84,7 +85,7 @@ class SegmentationModel:
 def load_segmentation_model(weights: str | Path) -> tuple[SegResNetDS, Checkpoint]:
     """A SegResNetDS in eval mode with every weight of ``weights`` loaded (ModelError naming what is wrong)."""
     checkpoint = read_checkpoint(weights)
-    config = {key: value for key, value in checkpoint.config.items() if key != INFERENCE_KEY}
+    config = dict(checkpoint.config)
     if "out_channels" not in config or not any(key.startswith("up_layers.") for key in checkpoint.state_dict):
         raise ModelError(f"{checkpoint.folder}: not a segmentation checkpoint (no decoder in model.safetensors; "
                          "an encoder checkpoint embeds, it does not segment)")
@@ -134,6 +135,28 @@ def inference_network(network: SegResNetDS) -> tuple[torch.nn.Module, tuple[torc
     return (SegmentationTrunk(network).eval(), head) if head is not None else (network, None)
 
 
+def read_inference_settings(folder: Path) -> dict | None:
+    """The ``ctfm_inference.json`` of a checkpoint folder, or None when it has none."""
+    path = Path(folder) / INFERENCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ModelError(f"{path}: expected a JSON object of inference settings")
+    return settings
+
+
+def write_inference_settings(folder: Path, settings: dict) -> Path:
+    """Write ``ctfm_inference.json`` into a checkpoint folder, atomically."""
+    path = Path(folder) / INFERENCE_FILE
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(settings, indent=2) + "\n")
+    return path
+
+
 def open_segmentation_model(weights: str | Path, expect_channels: int | None = None) -> SegmentationModel:
     """Load a segmentation checkpoint and the settings it was trained with (config block, published recipe, defaults).
 
@@ -145,7 +168,7 @@ def open_segmentation_model(weights: str | Path, expect_channels: int | None = N
     if expect_channels is not None and channels != expect_channels:
         raise ModelError(f"{checkpoint.folder}: the checkpoint has {channels} output classes, not the "
                          f"{expect_channels} this task needs (whole body: background + 117 TotalSegmentator v2)")
-    settings = config.get(INFERENCE_KEY)
+    settings = read_inference_settings(checkpoint.folder)
     source = "checkpoint"
     if settings is None and channels == 118 and int(config.get("init_filters", 32)) == 32:
         settings, source = PUBLISHED_WHOLE_BODY, "published whole_body_segmentation recipe"
@@ -162,7 +185,7 @@ def open_segmentation_model(weights: str | Path, expect_channels: int | None = N
         roi = tuple(int(v) for v in settings.get("roi_size_zyx", DEFAULT_ROI_ZYX))
         overlap = float(settings.get("overlap", DEFAULT_OVERLAP))
     except (TypeError, ValueError) as error:
-        raise ModelError(f"{checkpoint.folder}/config.json: unreadable {INFERENCE_KEY} block ({error})") from None
+        raise ModelError(f"{checkpoint.folder}/{INFERENCE_FILE}: unreadable settings ({error})") from None
     labels = settings.get("labels", "totalsegmentator_v2" if channels == 118 else None)
     if isinstance(labels, dict):
         names = {int(key): str(name) for key, name in labels.items()}

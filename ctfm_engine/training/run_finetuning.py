@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ctfm_engine.errors import InputError
 from ctfm_engine.preprocess import Preprocessing
-from ctfm_engine.tasks.segment import INFERENCE_KEY
+from ctfm_engine.tasks.segment import write_inference_settings
 from ctfm_engine.training.data import EpochSampler, read_manifest
 from ctfm_engine.training.model_card import export_model
 from ctfm_engine.training.recipe import (
@@ -78,13 +78,13 @@ def run_finetuning(
         "checkpoint": str(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"),
     }
     if section(recipe, "output").get("export") and trainer.is_global_zero:
-        # config.json also says how the model sees CT, so inference (ctfm segment) uses it as it was trained.
+        document.update(export_model(module.network, config, recipe, train_entries, document, kind="segmentation"))
+        # ctfm_inference.json says how the model sees CT, so ctfm segment uses it as it was trained.
         inference = {**preprocessing.describe(), "roi_size_zyx": list(module.hparams.roi_size_zyx),
                      "overlap": module.hparams.overlap, "labels": "totalsegmentator_v2"
                      if config["out_channels"] == 118 else None}
         inference.pop("orientation")
-        exported = {**config, INFERENCE_KEY: inference}
-        document.update(export_model(module.network, exported, recipe, train_entries, document, kind="segmentation"))
+        write_inference_settings(Path(document["export"]), inference)
     return document
 
 
