@@ -23,6 +23,9 @@ if not (SHARED / "README.md").is_file():
 SAMPLE_CT = SHARED / "totalsegmentator" / "example_ct_sm.nii.gz"
 SAMPLE_LABELS = SHARED / "totalsegmentator" / "example_seg.nii.gz"
 TS_DICOM = SHARED / "dicom" / "ts_abdomen_20slices_j2k"
+# The shipped, trained demonstration checkpoints.
+WEIGHTS = Path(__file__).resolve().parents[1] / "ctfm_engine" / "weights"
+SHIPPED_SEG = WEIGHTS / "ctfm-mini-wholebody-seg"
 
 
 @dataclass

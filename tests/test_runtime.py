@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, randomise_batchnorm, run_cli
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_SEG, randomise_batchnorm, run_cli
 
 from ctfm_engine.errors import ModelError, UsageError
 from ctfm_engine.models.checkpoint import read_checkpoint, save_checkpoint
@@ -31,8 +31,6 @@ from ctfm_engine.volume import read_volume
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "ctfm_engine" / "weights"
-SHIPPED_SEG = WEIGHTS / "ctfm-mini-wholebody-seg"
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"
 WINDOW = ("32", "64", "64")  # model voxels at 3x1x1 mm: small enough for 2 busy CPU cores
 

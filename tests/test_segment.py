@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, randomise_batchnorm, run_cli
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_SEG, randomise_batchnorm, run_cli
 from monai.networks.nets import SegResNetDS
 from test_preprocess import stored_differently
 
@@ -76,7 +75,6 @@ def test_names_follow_the_totalsegmentator_v2_channel_order():
 
 # ---- ctfm segment with the shipped, trained whole-body model (ctfm-mini-wholebody-seg, 118 classes) ----
 
-SHIPPED_SEG = Path(__file__).resolve().parents[1] / "ctfm_engine" / "weights" / "ctfm-mini-wholebody-seg"
 FAST = ["--overlap", "0.25"]  # 12 windows of 32x128x128 on the sample instead of 20
 
 
