@@ -560,6 +560,36 @@ def _print_human(document: dict[str, Any]) -> None:
         print(json.dumps({k: v for k, v in document.items() if k != "command"}, indent=2))
 
 
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.training.recipe import run_recipe
+
+    accelerator = None if args.device is None else {"cpu": "cpu", "auto": "auto"}.get(args.device, "gpu")
+    # Lightning draws progress and summaries on stdout, which belongs to the --json document.
+    with contextlib.redirect_stdout(sys.stderr):
+        return run_recipe(args.command, args.config, args.set, resume=args.resume,
+                          accelerator=accelerator, quiet=args.quiet)
+
+
+def run_demo_command(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.demo import run_demo
+
+    return run_demo(args.out_dir, weights=args.weights, seg_weights=args.seg_weights,
+                    device_name=args.device or "cpu", quiet=args.quiet)
+
+
+# Subcommand -> the function that runs it and returns the --json document.
+RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "embed": run_embed,
+    "weights": run_weights,
+    "segment": run_segment,
+    "triage": run_triage,
+    "export": run_export,
+    "pretrain": run_training,
+    "finetune": run_training,
+    "demo": run_demo_command,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -568,29 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        if args.command == "embed":
-            document = run_embed(args)
-        elif args.command == "weights":
-            document = run_weights(args)
-        elif args.command == "segment":
-            document = run_segment(args)
-        elif args.command == "triage":
-            document = run_triage(args)
-        elif args.command == "export":
-            document = run_export(args)
-        elif args.command in ("pretrain", "finetune"):
-            from ctfm_engine.training.recipe import run_recipe
-
-            accelerator = None if args.device is None else {"cpu": "cpu", "auto": "auto"}.get(args.device, "gpu")
-            # Lightning draws progress and summaries on stdout, which belongs to the --json document.
-            with contextlib.redirect_stdout(sys.stderr):
-                document = run_recipe(args.command, args.config, args.set, resume=args.resume,
-                                      accelerator=accelerator, quiet=args.quiet)
-        else:
-            from ctfm_engine.demo import run_demo
-
-            document = run_demo(args.out_dir, weights=args.weights, seg_weights=args.seg_weights,
-                                device_name=args.device or "cpu", quiet=args.quiet)
+        document = RUNNERS[args.command](args)
     except CTFMError as error:
         return _fail(args, error.exit_code, str(error))
     except KeyboardInterrupt:
