@@ -8,6 +8,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 def default_mode(mode: int) -> int:
@@ -48,3 +52,19 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_image(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
+    """Write a SimpleITK image (NIfTI, NRRD, MHA: chosen by the suffix) atomically."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        # SimpleITK picks the format from the file name, so write under a name with the real suffix.
+        named = temporary.with_name(temporary.name + "".join(path.suffixes))
+        try:
+            sitk.WriteImage(image, str(named), useCompression=compress)
+            named.replace(temporary)
+        finally:
+            named.unlink(missing_ok=True)
+    return path

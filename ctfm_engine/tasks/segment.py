@@ -32,7 +32,7 @@ from monai.data.utils import compute_importance_map
 from monai.networks.nets import SegResNetDS
 
 from ctfm_engine.errors import ModelError, UsageError
-from ctfm_engine.io import atomic_output
+from ctfm_engine.io import atomic_output, write_image
 from ctfm_engine.labels import Label, label_table, totalsegmentator_names
 from ctfm_engine.models.checkpoint import Checkpoint, load_state_strict, read_checkpoint
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess
@@ -324,12 +324,7 @@ class Segmentation:
         path = Path(path)
         image = sitk.GetImageFromArray(self.labels)
         image.CopyInformation(self.volume.to_sitk())
-        with atomic_output(path) as temporary:
-            # SimpleITK picks the format from the file name, so write under a name with the real suffix.
-            named = temporary.with_name(temporary.name + "".join(path.suffixes))
-            sitk.WriteImage(image, str(named), useCompression=True)
-            named.replace(temporary)
-        return path
+        return write_image(image, path)
 
 
 def keep_largest_components(labels: np.ndarray) -> dict[int, int]:
