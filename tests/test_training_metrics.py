@@ -18,7 +18,7 @@ import torch
 from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, CLIResult
 from monai.metrics import compute_dice, compute_roc_auc
 
-from ctfm_engine.training import metrics
+from ctfm_engine.training import metrics, paper_evaluation
 from ctfm_engine.training.evaluation import LabelledScan, SearchResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,4 +434,39 @@ def test_medmnist_retrieval_runner_on_real_adrenal_volumes(tmp_path, narrow_weig
     assert summary["hr@3"] <= summary["hr@5"] <= summary["hr@10"]
     rows = list(csv.DictReader(open(output.with_suffix(".cases.csv"))))
     assert len(rows) == 24 and {row["split"] for row in rows} == {"val", "test"}
+    for row in rows:
+        for k in (3, 5, 10):
+            ap, hr, f1 = (float(row[f"{name}@{k}"]) for name in ("ap_paper", "hr", "f1_paper"))
+            assert min(ap, hr) - 1e-12 <= f1 <= max(ap, hr) + 1e-12  # a harmonic mean lies between its terms
     assert "ap_paper" in result.stdout
+
+
+def test_medmnist_retrieval_by_hand_on_a_tiny_case():
+    # Cosine ranking of 4 corpus items for 2 queries (angles in degrees from each query in the comments).
+    corpus = (np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.2]]), np.array([0, 1, 0, 1]))
+    val = (np.array([[1.0, 0.05]]), np.array([0]))  # c0 2.9, c3 8.4, c2 42.1, c1 87.1 -> relevant 1, 0, 1, 0
+    test = (np.array([[0.0, 1.0]]), np.array([0]))  # c1 0, c2 45, c3 78.7, c0 90 -> relevant 0, 1, 0, 1
+    summary, rows = paper_evaluation.medmnist_retrieval(corpus, {"val": val, "test": test}, [1, 3])
+    ap_val, ap_test = (1 / 1 + 2 / 3) / 2, (1 / 2) / 1  # precision at each hit / hits in the top 3
+    f1_val, f1_test = 2 * ap_val / (ap_val + 1), 2 * ap_test / (ap_test + 1)
+    assert [(row["split"], row["ap_paper@3"], row["f1_paper@3"]) for row in rows] == [
+        ("val", pytest.approx(ap_val), pytest.approx(f1_val)), ("test", pytest.approx(ap_test), pytest.approx(f1_test))]
+    assert summary["ap_paper@3"] == pytest.approx((ap_val + ap_test) / 2)
+    assert summary["hr@3"] == 1.0 and summary["hr@1"] == 0.5 and summary["ap_paper@1"] == 0.5
+    assert summary["f1_paper@3"] == pytest.approx((f1_val + f1_test) / 2)
+    assert summary["ap@3"] == pytest.approx(((1 + 2 / 3) / 2 + (1 / 2) / 2) / 2)  # standard AP: / min(k, R=2)
+
+
+def test_medmnist_volumes_are_fed_with_spatial_axes_reversed_as_the_notebook_did():
+    from ctfm_engine.models.encoder import patch_embeddings
+    from ctfm_engine.models.registry import load_encoder
+
+    encoder, _ = load_encoder(Path(__file__).resolve().parents[1] / "ctfm_engine" / "weights" / "ctfm-mini")
+    images = paper_evaluation.read_medmnist(ADRENAL_64, 1)["train"][0]
+    vectors = paper_evaluation.medmnist_embeddings(encoder, images, torch.device("cpu"))
+    scaled = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    with torch.inference_mode():
+        reversed_axes = patch_embeddings(encoder, scaled.permute(0, 1, 4, 3, 2).contiguous()).numpy()
+        as_stored = patch_embeddings(encoder, scaled).numpy()
+    np.testing.assert_allclose(vectors, reversed_axes, rtol=1e-5, atol=1e-6)  # (0, 3, 2, 1) of each (1, D, H, W)
+    assert np.abs(vectors - as_stored).max() > 1e-3
