@@ -71,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--overlap", type=float, default=0.625, help="patch overlap fraction (default 0.625)")
     embed.add_argument("--batch-size", type=int, default=4, help="patches per forward pass (default 4)")
 
+    search = commands.add_parser(
+        "search", parents=[common, inputs],
+        help="semantic search: find the anatomy at a point of one scan in other scans",
+    )
+    search.add_argument("--source", required=True, metavar="SRC", help="the scan holding the query point")
+    search.add_argument("--point", required=True, type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="the query point in patient LPS millimetres (Slicer shows RAS: negate X and Y)")
+    search.add_argument("--target", required=True, nargs="+", metavar="TGT", help="scans to search in")
+    search.add_argument("--method", choices=("fast", "exact"), default="fast",
+                        help="fast: cached dense feature maps (default); exact: embed every window (reference app)")
+    search.add_argument("--top-k", type=int, default=5, metavar="K", help="distinct matches per target (5)")
+    search.add_argument("--patch-mm", type=float, nargs=3, default=(48.0, 64.0, 64.0), metavar=("S", "P", "L"),
+                        help="query patch in mm along S, P, L (default 48 64 64: the app's 16x64x64 voxels)")
+    search.add_argument("--overlap", type=float, default=0.625, help="exact method: window overlap (0.625)")
+    search.add_argument("--heatmap-dir", type=Path, metavar="DIR",
+                        help="write each target's similarity heatmap (NIfTI, on the target's grid) and a PNG here")
+    search.add_argument("--weights", help="encoder checkpoint folder or hub repo id (default: as for embed)")
+    search.add_argument("--no-cache", action="store_true",
+                        help="fast method: do not read or write feature maps in the cache folder")
+    search.add_argument("--batch-size", type=int, default=8, help="exact method: windows per forward pass (8)")
+
     weights = commands.add_parser("weights", help="find, inspect and download CT-FM checkpoints")
     weight_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     pull = weight_commands.add_parser("pull", parents=[common], help="download a hub repo into the cache")
@@ -79,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     weight_commands.add_parser("list", parents=[common], help="checkpoints in the cache")
     info = weight_commands.add_parser("info", parents=[common], help="config, size and sha256 of a checkpoint")
     info.add_argument("weights", nargs="?", help="folder or hub repo id (default: the one `embed` would use)")
+
+    _add_index_parser(commands, common, inputs)
 
     for name, text in (("pretrain", "self-supervised pre-training of the encoder from a recipe"),
                        ("finetune", "fine-tune a task model (segmentation, head-CT triage) from a recipe")):
@@ -140,12 +163,95 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, metavar="T", help="largest accepted |PyTorch - onnxruntime| on any "
                         "output value (default 1e-3); a larger difference writes nothing and exits with code 4")
 
+    saliency = commands.add_parser("saliency", parents=[common, inputs],
+                                   help="occlusion saliency (OFD): where the CT-FM embedding of a CT comes from")
+    saliency.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    saliency.add_argument("--out-dir", required=True, type=Path, metavar="DIR",
+                          help="writes <input>_saliency.nii.gz (on the input's grid) and <input>_saliency.png")
+    saliency.add_argument("--weights", help="checkpoint folder or hub repo id (default: as for embed)")
+    saliency.add_argument("--mask-size", type=int, default=10, metavar="N",
+                          help="occlusion cube edge in voxels at 3 mm (default 10 = 30 mm, the paper's script)")
+    saliency.add_argument("--overlap", type=float, default=0.25, help="occlusion overlap fraction (default 0.25)")
+    saliency.add_argument("--batch-size", type=int, default=12, help="occluded volumes per forward pass (12)")
+    saliency.add_argument("--smooth-mm", type=float, default=12.0, metavar="MM",
+                          help="3-D Gaussian sigma applied to the map (default 12 mm; 0: none)")
+    saliency.add_argument("--occlusion", choices=("gaussian", "zero"), default="gaussian",
+                          help="gaussian: darken the box towards its centre (MONAI's, the paper's); zero: fill the "
+                          "box with air (-1024 HU)")
+
+    concept = commands.add_parser("concept-map", parents=[common, inputs],
+                                  help="PCA concept map: CT-FM features of one or more CTs as colours (one joint PCA)")
+    concept.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    concept.add_argument("--out-dir", required=True, type=Path, metavar="DIR",
+                         help="writes <input>_concept_map.nrrd (RGB on the input's grid) and .png per input")
+    concept.add_argument("--weights", help="checkpoint folder or hub repo id (default: as for embed)")
+
     demo = commands.add_parser("demo", parents=[common], help="the main job end to end on the bundled sample CT")
     demo.add_argument("--out-dir", type=Path, default=Path("ctfm-demo"), help="where results go (ctfm-demo)")
     demo.add_argument("--weights", help="checkpoint folder or hub repo id (default: as for embed)")
     demo.add_argument("--seg-weights", help="segmentation checkpoint folder, e.g. a local copy of "
                       "project-lighter/whole_body_segmentation (default: the shipped ctfm-mini-wholebody-seg)")
     return parser
+
+
+def _add_index_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.ArgumentParser) -> None:
+    index = commands.add_parser("index", help="scan retrieval: an index of CT-FM scan embeddings searched by cosine "
+                                "similarity (exact, or FAISS HNSW/IVF for large archives)")
+    actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    kinds = ("exact", "hnsw", "ivf")
+    embedding = argparse.ArgumentParser(add_help=False)
+    embedding.add_argument("index", type=Path, metavar="INDEX", help="index folder (created by the first batch)")
+    embedding.add_argument("--weights", help="checkpoint folder or hub repo id (default: CTFM_WEIGHTS, then the "
+                           "weights that built the index, then the cache)")
+    embedding.add_argument("--kind", choices=kinds, help="how queries search: exact (default for a new index), or "
+                           "FAISS hnsw / ivf, built and stored beside the vectors")
+    embedding.add_argument("--level", choices=("scan", "patch"), help="scan (default for a new index) or sliding "
+                           "patches aggregated per scan; an existing index keeps its own")
+    embedding.add_argument("--aggregation", choices=("min", "mean", "max"), help="patch level: how patches combine "
+                           "(default min, the 3D-MIR recipe)")
+    embedding.add_argument("--batch-size", type=int, default=8, metavar="N",
+                           help="scans per committed batch (and per Ray task); an interrupted run loses at most one")
+
+    build = actions.add_parser("build", parents=[common, embedding], help="embed the scans of a manifest into "
+                               "INDEX, resuming where an interrupted run stopped")
+    build.add_argument("--manifest", required=True, type=Path, metavar="FILE.csv|txt", help="one NIfTI/NRRD/MHA "
+                       "file or DICOM series folder a line, or a CSV with a 'path' column (optional 'id', "
+                       "'series_instance_uid'); relative paths are relative to the manifest")
+    build.add_argument("--hu-offset", type=float, metavar="HU", help="add this to every voxel of every scan (as for "
+                       "`ctfm embed`)")
+    build.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: here, one scan after another; ray: Ray Data actors "
+                       "(pip install 'ctfm-engine[ray]')")
+    build.add_argument("--ray-address", default="", metavar="ADDR", help="with --engine ray: empty starts a Ray "
+                       "cluster on this machine; 'auto' or ray://HOST:10001 joins a running one")
+    build.add_argument("--workers", type=int, metavar="N", help="with --engine ray: embedding actors (default: as "
+                       "many as the cluster's CPUs, or GPUs with --device cuda, hold)")
+    build.add_argument("--cpus-per-worker", type=int, default=1, metavar="N",
+                       help="with --engine ray: CPU threads per actor (default 1); --device cuda gives each one GPU")
+
+    add = actions.add_parser("add", parents=[common, inputs, embedding], help="embed scans into INDEX")
+    add.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA file or DICOM series folder "
+                     "(its id in the index: the path as given)")
+
+    remove = actions.add_parser("remove", parents=[common], help="remove entries from INDEX by id")
+    remove.add_argument("index", type=Path, metavar="INDEX", help="index folder")
+    remove.add_argument("ids", nargs="+", metavar="ID", help="ids of the entries to remove")
+
+    query = actions.add_parser("query", parents=[common, inputs], help="the scans of INDEX most similar to a scan")
+    query.add_argument("index", type=Path, metavar="INDEX", help="index folder")
+    what = query.add_mutually_exclusive_group(required=True)
+    what.add_argument("--scan", metavar="INPUT", help="a CT (NIfTI/NRRD/MHA file or DICOM series folder), embedded "
+                      "with the index's weights and recipe")
+    what.add_argument("--id", help="an entry of the index (itself left out of the matches)")
+    what.add_argument("--embedding", type=Path, metavar="FILE.npz", help="an embedding from `ctfm embed --out`")
+    query.add_argument("--row", type=int, default=0, help="with --embedding: which row of the file (default 0)")
+    query.add_argument("--top-k", type=int, default=10, metavar="K", help="matches to return (default 10)")
+    query.add_argument("--kind", choices=kinds, help="search method (default: the index's)")
+    query.add_argument("--weights", help="with --scan: checkpoint folder (default: CTFM_WEIGHTS, then the weights "
+                       "that built the index, then the cache)")
+
+    info = actions.add_parser("info", parents=[common], help="size, provenance and search structures of INDEX")
+    info.add_argument("index", type=Path, metavar="INDEX", help="index folder")
 
 
 def _progress_bar(args: argparse.Namespace, description: str, unit: str, total: int | None = None) -> Any:
@@ -219,6 +325,77 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
             }
             for item in results
         ],
+    }
+
+
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.models.registry import cache_dir, load_encoder
+    from ctfm_engine.runtime.device import resolve_device
+    from ctfm_engine.tasks.search import (
+        FeatureCache,
+        SearchSettings,
+        SemanticSearch,
+        check_point_inside,
+        heatmap_stem,
+        write_heatmap,
+        write_search_figure,
+    )
+
+    settings = SearchSettings(tuple(args.patch_mm), args.overlap, args.top_k, batch_size=args.batch_size)
+    if args.heatmap_dir is not None and args.heatmap_dir.exists() and not args.heatmap_dir.is_dir():
+        raise UsageError(f"--heatmap-dir {args.heatmap_dir}: exists and is not a folder")
+    source = read_volume(args.source, series_uid=args.series, hu_offset=args.hu_offset)
+    check_point_inside(source, args.point)
+    targets = read_inputs(args.target, args)
+    device = resolve_device(args.device or "cpu")
+    encoder, checkpoint = load_encoder(args.weights)
+    log.info("weights %s (sha256 %s) on %s, method %s", checkpoint.name, checkpoint.sha256[:12], device, args.method)
+    cache = FeatureCache(None if args.no_cache else cache_dir() / "features")
+    searcher = SemanticSearch(encoder, checkpoint.sha256, device=device, settings=settings, cache=cache)
+    targets = [volume or read_volume(path, series_uid=args.series, hu_offset=args.hu_offset)
+               for path, volume in zip(args.target, targets, strict=True)]
+    bar = _progress_bar(args, "searching", "step", total=len(targets) + 1)
+    try:
+        result = searcher.search(source, args.point, targets, method=args.method,
+                                 heatmaps=args.heatmap_dir is not None,
+                                 progress=None if bar is None else _tqdm_progress(bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in result.notes:
+        log.warning("%s", note)
+    written: list[tuple[str | None, str | None]] = []
+    for index, target in enumerate(result.targets):
+        if args.heatmap_dir is None:
+            written.append((None, None))
+            continue
+        stem = heatmap_stem(index, target.input)
+        heatmap = write_heatmap(target, args.heatmap_dir / f"{stem}_similarity.nii.gz")
+        figure = write_search_figure(source, result, index, targets[index], args.heatmap_dir / f"{stem}_search.png",
+                                     weights_name=checkpoint.name)
+        written.append((str(heatmap), str(figure)))
+    return {
+        "command": "search",
+        "weights": checkpoint.identity,
+        "device": str(device),
+        "method": result.method,
+        "settings": settings.describe(),
+        "query": {"source": result.source, "point_lps": list(result.point_lps)},
+        "targets": [
+            {
+                "input": target.input,
+                "matches": [{"point_lps": list(match.point_lps), "similarity": match.similarity}
+                            for match in target.matches],
+                "heatmap": heatmap,
+                "figure": figure,
+                "flat": target.flat,
+                "cached": target.cached,
+                "windows": target.windows,
+                "seconds": round(target.seconds, 3),
+            }
+            for target, (heatmap, figure) in zip(result.targets, written, strict=True)
+        ],
+        "notes": result.notes,
     }
 
 
@@ -527,6 +704,18 @@ def _print_human(document: dict[str, Any]) -> None:
                   + (f", {item['patches']} patches" if item["patches"] else ""))
         if document["output"]:
             print(f"wrote {document['output']}")
+    elif command == "search":
+        query = document["query"]
+        print("query: ({:.1f}, {:.1f}, {:.1f}) LPS mm in {} ({} method)".format(*query["point_lps"], query["source"],
+                                                                          document["method"]))
+        for target in document["targets"]:
+            state = "cached features" if target["cached"] else f"{target['windows']} windows"
+            print(f"{target['input']}: {state}, {target['seconds']:.2f} s" + (" (flat map)" if target["flat"] else ""))
+            for rank, match in enumerate(target["matches"], 1):
+                print("  {}. ({:.1f}, {:.1f}, {:.1f}) LPS mm  similarity {:.3f}".format(
+                    rank, *match["point_lps"], match["similarity"]))
+            if target["heatmap"]:
+                print(f"  heatmap {target['heatmap']}; figure {target['figure']}")
     elif command == "weights list":
         print("\n".join(document["folders"]) or f"no checkpoints in {document['cache']}")
     elif command == "segment":
@@ -554,10 +743,262 @@ def _print_human(document: dict[str, Any]) -> None:
               f"max |PyTorch - onnxruntime| {document['max_abs_difference']:.2g} (tolerance "
               f"{document['tolerance']:g})" + ("" if agreement is None else
                                                  f", labels agree on {100 * agreement:.3f} % of voxels"))
+    elif command == "saliency":
+        x, y, z = document["most_salient_lps"]
+        print(f"{document['input']}: saliency from {document['occlusions']} occlusions ({document['occlusion']}) of "
+              f"{'x'.join(map(str, document['mask_size_zyx']))} voxels (overlap {document['overlap']:g}); max "
+              f"{document['max_saliency']:.3g} at LPS ({x:.1f}, {y:.1f}, {z:.1f}) mm; {document['seconds']:.1f} s")
+        print(f"saliency volume (input's grid) -> {document['volume']}\npicture -> {document['png']}")
+    elif command == "concept-map":
+        ratios = ", ".join(f"{100 * r:.1f}%" for r in document["pca"]["explained_variance_ratio"])
+        print(f"joint PCA over {document['pca']['samples']} feature cells of {len(document['results'])} scan(s); "
+              f"explained variance {ratios}")
+        for item in document["results"]:
+            print(f"{item['input']}: concept map (RGB, input's grid) -> {item['volume']}; picture -> {item['png']}")
     elif command == "demo":
         print("\n".join(document["summary"]))
+    elif command in ("index build", "index add"):
+        for item in document["skipped"]:
+            print(f"skipped {item['id']}: {item['reason']}")
+        print(f"{document['index']}: {document['added']} added, {document['already_indexed']} already indexed, "
+              f"{len(document['skipped'])} skipped; {document['entries']} entries, {document['kind']} search "
+              f"({document['seconds']:.1f} s)")
+    elif command == "index query":
+        for rank, match in enumerate(document["matches"], start=1):
+            print(f"{rank:>3}  similarity {match['similarity']:.4f}  {match['id']}  ({match['source']})")
+        if not document["matches"]:
+            print(f"no matches: {document['index']} holds no other entries")
+    elif command == "index remove":
+        print(f"removed {len(document['removed'])} from {document['index']}; {document['entries']} entries left")
+    elif command == "index info":
+        provenance = document["provenance"]
+        print(f"{document['index']}: {document['entries']} entries, {document['dimension']}-d {provenance['level']}-"
+              f"level embeddings" + (f" ({provenance['aggregation']} of patches)" if provenance["aggregation"] else "")
+              + f", {document['kind']} search, {document['segments']} segments, {document['tombstones']} tombstones,"
+              f" {document['bytes'] / 1e6:.1f} MB")
     else:
         print(json.dumps({k: v for k, v in document.items() if k != "command"}, indent=2))
+
+
+def output_stem(path: str | Path) -> str:
+    """A result's name prefix: the input file's name without its image suffix, or the DICOM folder's name."""
+    from ctfm_engine.volume import FILE_SUFFIXES
+
+    name = Path(path).resolve().name
+    suffix = next((suffix for suffix in FILE_SUFFIXES if name.lower().endswith(suffix)), "")
+    return name[: len(name) - len(suffix)] or "input"
+
+
+def _write_together(writers: Sequence[tuple[Callable[[Path], Path], Path]]) -> list[Path]:
+    """Run each (writer, path); if one fails, remove the files the others wrote, so a run leaves all or nothing."""
+    written: list[Path] = []
+    try:
+        for write, path in writers:
+            written.append(write(path))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def run_saliency(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.models.registry import load_encoder
+    from ctfm_engine.runtime.device import resolve_device
+    from ctfm_engine.tasks.saliency import check_settings, saliency
+
+    try:
+        check_settings(args.mask_size, args.overlap, args.batch_size)
+    except ValueError as error:
+        raise UsageError(f"--mask-size/--overlap/--batch-size: {error}") from None
+    if not args.smooth_mm >= 0:
+        raise UsageError(f"--smooth-mm {args.smooth_mm}: give 0 (no smoothing) or a positive sigma in mm")
+    (volume,) = read_inputs([args.input], args)
+    volume = volume or read_volume(args.input, series_uid=args.series, hu_offset=args.hu_offset)
+    device = resolve_device(args.device or "cpu")
+    encoder, checkpoint = load_encoder(args.weights)
+    log.info("saliency of %s with %s (sha256 %s) on %s", Path(args.input).name, checkpoint.name,
+             checkpoint.sha256[:12], device)
+    bar = _progress_bar(args, "occlusions", "volume")
+    try:
+        result = saliency(volume, encoder, mask_size=args.mask_size, overlap=args.overlap,
+                          occlusion="gaussian" if args.occlusion == "gaussian" else 0.0,
+                          batch_size=args.batch_size, smooth_mm=args.smooth_mm, device=device,
+                          progress=None if bar is None else _tqdm_progress(bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    stem = output_stem(args.input)
+    volume_path, png_path = (args.out_dir / f"{stem}_saliency.nii.gz", args.out_dir / f"{stem}_saliency.png")
+    _write_together([(result.write, volume_path), (lambda path: result.draw(path, checkpoint.name), png_path)])
+    return {
+        "command": "saliency",
+        "input": str(args.input),
+        "weights": checkpoint.identity,
+        "device": str(device),
+        "volume": str(volume_path),
+        "png": str(png_path),
+        "method": "occlusion feature deviation: 1 - cos(base embedding, weighted mean of occluded embeddings)",
+        "occlusion": result.occlusion,
+        "occlusions": result.occlusions,
+        "mask_size_zyx": list(result.mask_size_zyx),
+        "mask_mm_zyx": result.settings["mask_mm_zyx"],
+        "overlap": result.overlap,
+        "smooth_mm": result.smooth_mm,
+        "max_saliency": float(result.values.max()),
+        "most_salient_lps": [float(v) for v in result.most_salient_lps],
+        "model_shape_zyx": list(result.model_input.grid.shape_zyx),
+        "preprocessing": result.settings["preprocessing"],
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def run_concept_map(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from ctfm_engine.models.registry import load_encoder
+    from ctfm_engine.runtime.device import resolve_device
+    from ctfm_engine.tasks.concept_map import DEFAULT_SEED, concept_maps
+
+    volumes = read_inputs(args.inputs, args)
+    device = resolve_device(args.device or "cpu")
+    encoder, checkpoint = load_encoder(args.weights)
+    log.info("concept map of %d scan(s) with %s (sha256 %s) on %s", len(args.inputs), checkpoint.name,
+             checkpoint.sha256[:12], device)
+    volumes = [volume or read_volume(path, series_uid=args.series, hu_offset=args.hu_offset)
+               for path, volume in zip(args.inputs, volumes, strict=True)]
+    bar = _progress_bar(args, "features", "scan", total=len(volumes)) if len(volumes) > 1 else None
+    started = time.perf_counter()
+    try:
+        maps, fit = concept_maps(volumes, encoder, device=device, progress=None if bar is None else
+                                 _tqdm_progress(bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    stems: list[str] = []
+    for path in args.inputs:
+        stem = output_stem(path)
+        stems.append(stem if stem not in stems else f"{stem}_{len(stems) + 1}")
+    writers: list[tuple[Callable[[Path], Path], Path]] = []
+    results = []
+    for path, stem, concept in zip(args.inputs, stems, maps, strict=True):
+        volume_path, png_path = args.out_dir / f"{stem}_concept_map.nrrd", args.out_dir / f"{stem}_concept_map.png"
+        writers += [(concept.write, volume_path),
+                    (lambda target, concept=concept: concept.draw(target, checkpoint.name), png_path)]
+        results.append({"input": str(path), "volume": str(volume_path), "png": str(png_path),
+                        "body_voxels": int(concept.body.sum())})
+    _write_together(writers)
+    return {
+        "command": "concept-map",
+        "weights": checkpoint.identity,
+        "device": str(device),
+        "results": results,
+        "pca": {"components": 3, "samples": fit.samples, "fitted_on": fit.fitted_on, "seed": DEFAULT_SEED,
+                "explained_variance_ratio": [float(r) for r in fit.explained_variance_ratio]},
+        "colour": "L = 100 PC0, a = 255 PC1 - 128, b = 255 PC2 - 128 (joint min-max), CIELAB -> sRGB D65",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def run_index(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.tasks.retrieval import ScanIndex
+
+    command = f"index {args.index_command}"
+    if args.index_command in ("build", "add"):
+        return {"command": command, **_index_scans(args)}
+    if args.index_command == "query":
+        return {"command": command, **_query_index(args)}
+    if args.index_command == "info":
+        with ScanIndex.open(args.index) as index:
+            return {"command": command, **index.info()}
+    with ScanIndex.open(args.index, writable=True) as index:
+        index.remove(args.ids)
+        return {"command": command, "index": str(args.index), "weights": index.weights, "removed": args.ids,
+                "entries": len(index)}
+
+
+def _index_scans(args: argparse.Namespace) -> dict[str, Any]:
+    """``index build`` (rows from a manifest) and ``index add`` (rows from the command line)."""
+    import time
+
+    from ctfm_engine.tasks.archive import EmbeddingRecipe, RayOptions, index_scans, read_manifest, rows_from_inputs
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    engine = getattr(args, "engine", "local")
+    if engine == "ray" and args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be at least 1")
+    if engine == "ray" and args.cpus_per_worker < 1:
+        raise UsageError(f"--cpus-per-worker {args.cpus_per_worker}: must be at least 1")
+    if args.index_command == "build":
+        rows = read_manifest(args.manifest)
+    else:
+        rows = rows_from_inputs(args.inputs, args.series)
+    recipe = None
+    if args.level is not None or args.aggregation is not None:
+        recipe = EmbeddingRecipe(args.level or "scan", args.aggregation or "min")
+    device = args.device or "cpu"
+    ray_options = None
+    if engine == "ray":
+        ray_options = RayOptions(address=args.ray_address or None, workers=args.workers,
+                                 cpus_per_worker=args.cpus_per_worker,
+                                 gpus_per_worker=1.0 if device.startswith("cuda") else 0.0)
+    bar = _progress_bar(args, "indexing", "scan")
+    started = time.perf_counter()
+    try:
+        # Ray may print on stdout, which belongs to the --json document.
+        with contextlib.redirect_stdout(sys.stderr) if engine == "ray" else contextlib.nullcontext():
+            report = index_scans(args.index, rows, weights=args.weights, recipe=recipe, hu_offset=args.hu_offset,
+                                 kind=args.kind, engine=engine, device=device, batch_size=args.batch_size,
+                                 ray_options=ray_options, progress=None if bar is None else _tqdm_progress(bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "index": str(args.index),
+        "engine": engine,
+        "weights": report.weights,
+        "kind": report.kind,
+        "rows": len(rows),
+        "added": report.added,
+        "already_indexed": report.already_indexed,
+        "skipped": [item.as_dict() for item in report.skipped],
+        "entries": report.entries,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _query_index(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.tasks.archive import embed_for_index, read_embedding_file
+    from ctfm_engine.tasks.retrieval import ScanIndex
+
+    if args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k}: must be at least 1")
+    with ScanIndex.open(args.index) as index:
+        kind = args.kind or index.kind
+        weights = index.weights
+        if args.id is not None:
+            query: dict[str, Any] = {"id": args.id}
+            matches = index.neighbours(args.id, args.top_k, kind=kind)
+        elif args.embedding is not None:
+            query = {"embedding": str(args.embedding), "row": args.row}
+            matches = index.query(read_embedding_file(args.embedding, args.row, index), args.top_k, kind=kind)
+        else:
+            volume = read_volume(args.scan, series_uid=args.series, hu_offset=args.hu_offset)
+            vector, checkpoint = embed_for_index(index, volume, weights=args.weights, device=args.device or "cpu")
+            query = {"scan": str(args.scan), "series_instance_uid": volume.series_instance_uid}
+            matches = index.query(vector, args.top_k, kind=kind)
+            weights = checkpoint.identity
+        if kind != "exact":
+            index.save_structure_if_free(kind)  # a structure the query had to bring up to date, for the next one
+        return {
+            "index": str(args.index),
+            "weights": weights,
+            "kind": kind,
+            "top_k": args.top_k,
+            "query": query,
+            "matches": [match.as_dict() for match in matches],
+        }
 
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
@@ -580,13 +1021,17 @@ def run_demo_command(args: argparse.Namespace) -> dict[str, Any]:
 # Subcommand -> the function that runs it and returns the --json document.
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "embed": run_embed,
+    "search": run_search,
     "weights": run_weights,
     "segment": run_segment,
     "triage": run_triage,
     "export": run_export,
+    "saliency": run_saliency,
+    "concept-map": run_concept_map,
     "pretrain": run_training,
     "finetune": run_training,
     "demo": run_demo_command,
+    "index": run_index,
 }
 
 
