@@ -92,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fast method: do not read or write feature maps in the cache folder")
     search.add_argument("--batch-size", type=int, default=8, help="exact method: windows per forward pass (8)")
 
+    ocd = commands.add_parser(
+        "ocd", parents=[common, inputs],
+        help="organ centroid distance: search each labelled structure of one scan in another, score by labels",
+    )
+    ocd.add_argument("--source", required=True, metavar="SRC", help="the scan whose structure centroids are queried")
+    ocd.add_argument("--source-labels", required=True, type=Path, metavar="LABELS", help="label map of SRC")
+    ocd.add_argument("--target", required=True, metavar="TGT", help="the scan searched")
+    ocd.add_argument("--target-labels", required=True, type=Path, metavar="LABELS",
+                     help="label map of TGT (the same label numbers)")
+    ocd.add_argument("--method", choices=("fast", "exact"), default="fast", help="search method (fast)")
+    ocd.add_argument("--organs", type=int, nargs="+", metavar="LABEL", help="only these label numbers")
+    ocd.add_argument("--min-voxels", type=int, default=50,
+                     help="structures need at least this many voxels in both scans (50)")
+    ocd.add_argument("--patch-mm", type=float, nargs=3, default=(48.0, 64.0, 64.0), metavar=("S", "P", "L"),
+                     help="query patch in mm along S, P, L (default 48 64 64, the app's)")
+    ocd.add_argument("--overlap", type=float, default=0.625, help="exact method: window overlap (0.625)")
+    ocd.add_argument("--figure", type=Path, metavar="PNG", help="write the per-structure bar chart here")
+    ocd.add_argument("--weights", help="encoder checkpoint folder or hub repo id (default: as for embed)")
+
     weights = commands.add_parser("weights", help="find, inspect and download CT-FM checkpoints")
     weight_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     pull = weight_commands.add_parser("pull", parents=[common], help="download a hub repo into the cache")
@@ -396,6 +415,54 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
             for target, (heatmap, figure) in zip(result.targets, written, strict=True)
         ],
         "notes": result.notes,
+    }
+
+
+def run_ocd(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.labels import totalsegmentator_names
+    from ctfm_engine.models.registry import load_encoder
+    from ctfm_engine.runtime.device import resolve_device
+    from ctfm_engine.tasks.ocd import organ_centroid_distances, read_label_map, write_ocd_figure
+    from ctfm_engine.tasks.search import FeatureCache, SearchSettings, SemanticSearch
+    from ctfm_engine.training.metrics import ocd_summary
+
+    settings = SearchSettings(tuple(args.patch_mm), args.overlap, top_k=1)
+    if args.figure is not None and args.figure.suffix.lower() != ".png":
+        raise UsageError(f"--figure {args.figure}: the figure is written as PNG")
+    source = read_volume(args.source, series_uid=args.series, hu_offset=args.hu_offset)
+    target = read_volume(args.target, series_uid=args.series, hu_offset=args.hu_offset)
+    source_labels = read_label_map(args.source_labels, source)
+    target_labels = read_label_map(args.target_labels, target)
+    device = resolve_device(args.device or "cpu")
+    encoder, checkpoint = load_encoder(args.weights)
+    searcher = SemanticSearch(encoder, checkpoint.sha256, device=device, settings=settings, cache=FeatureCache())
+    bar = _progress_bar(args, "structures", "structure")
+    try:
+        results = organ_centroid_distances(
+            searcher, source, source_labels, target, target_labels, names=totalsegmentator_names(),
+            organs=args.organs, minimum_voxels=args.min_voxels, method=args.method,
+            progress=None if bar is None else _tqdm_progress(bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = ocd_summary(results)
+    figure = None
+    if args.figure is not None:
+        title = (f"{output_stem(args.source)} -> {output_stem(args.target)}, {args.method} search "
+                 f"[{checkpoint.name}; not for clinical use]")
+        figure = str(write_ocd_figure(results, summary, args.figure, title))
+    return {
+        "command": "ocd",
+        "weights": checkpoint.identity,
+        "device": str(device),
+        "method": args.method,
+        "settings": settings.describe(),
+        "source": args.source,
+        "target": args.target,
+        "structures": [vars(result) | {"query_lps": list(result.query_lps), "match_lps": list(result.match_lps),
+                                       "centroid_lps": list(result.centroid_lps)} for result in results],
+        "summary": summary,
+        "figure": figure,
     }
 
 
@@ -716,6 +783,16 @@ def _print_human(document: dict[str, Any]) -> None:
                     rank, *match["point_lps"], match["similarity"]))
             if target["heatmap"]:
                 print(f"  heatmap {target['heatmap']}; figure {target['figure']}")
+    elif command == "ocd":
+        print(f"{document['source']} -> {document['target']} ({document['method']} method)")
+        for row in sorted(document["structures"], key=lambda row: row["distance_mm"]):
+            print(f"  {row['name']:<32} {row['distance_mm']:7.1f} mm  {'inside' if row['hit'] else 'elsewhere':<9}"
+                  f"  similarity {row['similarity']:.3f}")
+        summary = document["summary"]
+        distance = summary["distance_mm"]
+        print(f"OCD mean {distance['value']:.1f} mm (95% CI {distance['low']:.1f}-{distance['high']:.1f}), median "
+              f"{summary['distance_median_mm']:.1f} mm; inside the structure {summary['inside_organ_count']}/"
+              f"{summary['pairs']}" + (f"; figure {document['figure']}" if document["figure"] else ""))
     elif command == "weights list":
         print("\n".join(document["folders"]) or f"no checkpoints in {document['cache']}")
     elif command == "segment":
@@ -1022,6 +1099,7 @@ def run_demo_command(args: argparse.Namespace) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "embed": run_embed,
     "search": run_search,
+    "ocd": run_ocd,
     "weights": run_weights,
     "segment": run_segment,
     "triage": run_triage,

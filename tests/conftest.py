@@ -25,6 +25,7 @@ SAMPLE_LABELS = SHARED / "totalsegmentator" / "example_seg.nii.gz"
 TS_DICOM = SHARED / "dicom" / "ts_abdomen_20slices_j2k"
 # The shipped, trained demonstration checkpoints.
 WEIGHTS = Path(__file__).resolve().parents[1] / "ctfm_engine" / "weights"
+SHIPPED_ENCODER = WEIGHTS / "ctfm-mini"
 SHIPPED_SEG = WEIGHTS / "ctfm-mini-wholebody-seg"
 
 

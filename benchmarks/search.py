@@ -1,0 +1,151 @@
+"""Semantic search speed and peak memory: `exact` (the reference app's per-window method) vs `fast` (dense, cached).
+
+The query is a point in the real TotalSegmentator sample CT (liver centroid, then spleen centroid for the repeated
+query); the targets are real scans.  Each method runs in its own child process of this one run (so memory one
+method freed does not count against the next), answering the same two queries on the same target:
+
+- first query: nothing cached -- preprocess, embed, compare, top-k matches and the heatmap on the target's grid;
+- repeated query: a second point on the same target.  `fast` answers it from its feature cache; `exact` has no
+  cache (the reference app embeds every window again for each query), so its repeated query costs the same.
+
+    .venv/bin/python benchmarks/search.py                    # a 300x300x100-voxel target (model space), real scans
+    .venv/bin/python benchmarks/search.py --targets large    # only the 300x300x100 target
+    .venv/bin/python benchmarks/search.py --device cuda      # on a GPU
+
+The 300x300x100 target is real CT (TotalSegmentator_0009, lumbar spine and pelvis) resampled to 300x300x100
+voxels at 1x1x3 mm -- exactly the CT-FM model grid (3x1x1 mm), so the model sees 100x300x300 voxels -- stretched
+so the body fills the field of view as in a clinical scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from embed import PeakMemory  # noqa: E402
+
+from ctfm_engine.models.registry import load_encoder  # noqa: E402
+from ctfm_engine.preprocess import preprocess  # noqa: E402
+from ctfm_engine.tasks.search import FeatureCache, SearchSettings, SemanticSearch  # noqa: E402
+from ctfm_engine.training.evaluation import LabelledScan  # noqa: E402
+from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+WEIGHTS = ROOT / "ctfm_engine" / "weights" / "ctfm-mini"
+GiB = 1 << 30
+TARGETS = {
+    "large": None,
+    "0009": SHARED / "ct-nifti" / "TotalSegmentator_0009_0000.nii.gz",
+    "0003": SHARED / "ct-nifti" / "TotalSegmentator_0003_0000.nii.gz",
+    "s0335": SHARED / "ct-nifti" / "s0335.nii.gz",
+}
+LIVER, SPLEEN = 5, 1
+
+
+def large_target() -> CTVolume:
+    """Real CT resampled to 300x300x100 voxels at 1x1x3 mm (the CT-FM model grid), body filling the view."""
+    image = sitk.ReadImage(str(TARGETS["0009"]), sitk.sitkFloat32)
+    size, spacing = (300, 300, 100), (1.0, 1.0, 3.0)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(size)
+    resampler.SetOutputSpacing(tuple(s * o / n for s, o, n in zip(image.GetSpacing(), image.GetSize(), size,
+                                                                  strict=True)))
+    resampler.SetOutputOrigin(image.GetOrigin())
+    resampler.SetOutputDirection(image.GetDirection())
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(-1024)
+    stretched = resampler.Execute(image)
+    stretched.SetSpacing(spacing)
+    return CTVolume.from_sitk(stretched, source="300x300x100 CT (TotalSegmentator_0009 resampled)")
+
+
+def target_volume(name: str) -> CTVolume:
+    return large_target() if name == "large" else read_volume(TARGETS[name])
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """One method on one target in this process: two queries, their times and the peak memory."""
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    encoder, checkpoint = load_encoder(WEIGHTS)
+    source = LabelledScan.read(SHARED / "totalsegmentator" / "example_ct_sm.nii.gz",
+                               SHARED / "totalsegmentator" / "example_seg.nii.gz")
+    target = target_volume(args.target)
+    searcher = SemanticSearch(encoder, checkpoint.sha256, device=device, settings=SearchSettings(overlap=args.overlap),
+                              cache=FeatureCache())
+    seconds, best = [], []
+    with PeakMemory(device) as memory:
+        for organ in (LIVER, SPLEEN):
+            started = time.perf_counter()
+            result = searcher.search(source.volume, source.centroid_lps(organ), [target], method=args.child)
+            seconds.append(time.perf_counter() - started)
+            best.append(list(result.targets[0].matches[0].point_lps))
+    print(json.dumps({"method": args.child, "target": args.target, "first_s": round(seconds[0], 3),
+                      "repeated_s": round(seconds[1], 3), "windows": result.targets[0].windows,
+                      "peak_rss_gib": round(memory.peak / GiB, 3),
+                      "peak_increase_gib": round((memory.peak - memory.baseline) / GiB, 3), "best": best}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=list(TARGETS))
+    parser.add_argument("--overlap", type=float, default=0.625, help="exact method's window overlap")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", choices=("exact", "fast"), help=argparse.SUPPRESS)
+    parser.add_argument("--target", choices=tuple(TARGETS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args)
+        return
+    settings = SearchSettings(overlap=args.overlap)
+    print(f"device: {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; weights "
+          f"{WEIGHTS.name}; patch {settings.patch_voxels_zyx} voxels (z,y,x) at "
+          f"{settings.preprocessing.spacing_zyx_mm} mm, exact overlap {args.overlap}")
+    print("each method on each target runs in its own process; times include preprocessing, the query embedding, "
+          "top-k matches and the heatmap on the target's grid\n", flush=True)
+    print(f"{'target':<44} {'model z,y,x':>14} {'method':>6} {'windows':>7} {'first':>9} {'repeated':>9} "
+          f"{'peak RSS':>9}")
+    rows = []
+    for name in args.targets:
+        volume = target_volume(name)
+        shape = preprocess(volume, settings.preprocessing).image.shape
+        pair = {}
+        for method in ("exact", "fast"):
+            command = [sys.executable, __file__, "--child", method, "--target", name, "--overlap", str(args.overlap),
+                       "--device", args.device]
+            child = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+            if child.returncode != 0 or not lines:
+                print(f"{name} {method}: failed (exit {child.returncode})\n{child.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(lines[-1]) | {"source": volume.source, "model_shape_zyx": list(shape)}
+            pair[method] = row
+            rows.append(row)
+            print(f"{volume.source[-44:]:<44} {','.join(map(str, shape)):>14} {method:>6} {row['windows']:>7} "
+                  f"{row['first_s']:>7.2f} s {row['repeated_s']:>7.3f} s {row['peak_rss_gib']:>6.2f} GiB", flush=True)
+        if len(pair) == 2:
+            exact, fast = pair["exact"], pair["fast"]
+            offset = np.abs(volume.lps_to_zyx_index(np.array(exact["best"]))
+                            - volume.lps_to_zyx_index(np.array(fast["best"]))).max(axis=1)
+            print(f"{'':<44} {'':>14} {'ratio':>6} {'':>7} {exact['first_s'] / fast['first_s']:>7.1f} x "
+                  f"{exact['repeated_s'] / fast['repeated_s']:>7.0f} x   (best matches {offset.round(0).tolist()} "
+                  f"source voxels apart)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
