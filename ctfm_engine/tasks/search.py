@@ -53,6 +53,7 @@ from ctfm_engine.models.encoder import DEFAULT_MEMORY_BUDGET_BYTES, last_feature
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess, resample
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.tasks.embed import PatchWindows
+from ctfm_engine.tasks.views import save_figure
 from ctfm_engine.volume import CTVolume, Grid
 
 log = logging.getLogger(__name__)
@@ -319,6 +320,10 @@ class SemanticSearch:
     ) -> None:
         self.device = torch.device(device)
         self.encoder = encoder.eval().to(self.device)
+        if self.device.type == "cpu":
+            # oneDNN runs 3-D convolutions ~18 % faster on channels-last weights (measured at CT-FM's width on a
+            # 100x299x299 scan, same features to 3e-6 relative); both methods use the converted encoder.
+            self.encoder = self.encoder.to(memory_format=torch.channels_last_3d)
         self.weights_sha256 = weights_sha256
         self.settings = settings
         self.cache = cache if cache is not None else FeatureCache()
@@ -398,6 +403,8 @@ class SemanticSearch:
         padding = [(0, (-n) % FEATURE_STRIDE) for n in image.shape]
         padded = np.pad(image, padding) if any(p for _, p in padding) else image
         tensor = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(self.device)
+        if self.device.type == "cpu":
+            tensor = tensor.contiguous(memory_format=torch.channels_last_3d)
         features = last_feature_map(self.encoder, tensor, memory_budget_bytes=self.memory_budget_bytes)
         return features[0].float().cpu().numpy()
 
@@ -594,8 +601,4 @@ def write_search_figure(
         f"[{result.method}{', ' + weights_name if weights_name else ''}; not for clinical use]",
         color="white", fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
-        figure.savefig(stream, format="png", dpi=90, facecolor="black")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=90)
