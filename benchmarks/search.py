@@ -10,7 +10,12 @@ method freed does not count against the next), answering the same two queries on
 
     .venv/bin/python benchmarks/search.py                    # a 300x300x100-voxel target (model space), real scans
     .venv/bin/python benchmarks/search.py --targets large    # only the 300x300x100 target
+    .venv/bin/python benchmarks/search.py --model published  # CT-FM's full width (random weights, timing only)
     .venv/bin/python benchmarks/search.py --device cuda      # on a GPU
+
+``--model shipped`` is the trained ctfm-mini (init_filters 8, 128-d); ``--model published`` builds the published
+CT-FM encoder's architecture (init_filters 32, 512-d) with random weights and randomised BatchNorm statistics:
+its timings and memory are those of the published model, its matches mean nothing.
 
 The 300x300x100 target is real CT (TotalSegmentator_0009, lumbar spine and pelvis) resampled to 300x300x100
 voxels at 1x1x3 mm -- exactly the CT-FM model grid (3x1x1 mm), so the model sees 100x300x300 voxels -- stretched
@@ -23,6 +28,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +42,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from embed import PeakMemory  # noqa: E402
 
+from ctfm_engine.models.checkpoint import save_checkpoint  # noqa: E402
+from ctfm_engine.models.encoder import build_encoder, encoder_config  # noqa: E402
 from ctfm_engine.models.registry import load_encoder  # noqa: E402
 from ctfm_engine.preprocess import preprocess  # noqa: E402
 from ctfm_engine.tasks.search import FeatureCache, SearchSettings, SemanticSearch  # noqa: E402
@@ -68,7 +76,21 @@ def large_target() -> CTVolume:
     resampler.SetDefaultPixelValue(-1024)
     stretched = resampler.Execute(image)
     stretched.SetSpacing(spacing)
-    return CTVolume.from_sitk(stretched, source="300x300x100 CT (TotalSegmentator_0009 resampled)")
+    return CTVolume.from_sitk(stretched, source="300x300x100 CT (0009 resampled)")
+
+
+def published_width_weights() -> Path:
+    """The published CT-FM encoder architecture (init_filters 32) with random weights, as a checkpoint folder."""
+    folder = Path(tempfile.mkdtemp(prefix="ctfm-bench-")) / "ctfm-published-width-random"
+    torch.manual_seed(0)
+    config = encoder_config(init_filters=32)
+    encoder = build_encoder(config)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(encoder, folder, config)
+    return folder
 
 
 def target_volume(name: str) -> CTVolume:
@@ -79,7 +101,7 @@ def run_child(args: argparse.Namespace) -> None:
     """One method on one target in this process: two queries, their times and the peak memory."""
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
-    encoder, checkpoint = load_encoder(WEIGHTS)
+    encoder, checkpoint = load_encoder(WEIGHTS if args.model == "shipped" else published_width_weights())
     source = LabelledScan.read(SHARED / "totalsegmentator" / "example_ct_sm.nii.gz",
                                SHARED / "totalsegmentator" / "example_seg.nii.gz")
     target = target_volume(args.target)
@@ -102,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=list(TARGETS))
     parser.add_argument("--overlap", type=float, default=0.625, help="exact method's window overlap")
+    parser.add_argument("--model", choices=("shipped", "published"), default="shipped")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", choices=("exact", "fast"), help=argparse.SUPPRESS)
@@ -111,8 +134,9 @@ def main() -> None:
         run_child(args)
         return
     settings = SearchSettings(overlap=args.overlap)
+    model_name = WEIGHTS.name if args.model == "shipped" else "published CT-FM width (init_filters 32), random"
     print(f"device: {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; weights "
-          f"{WEIGHTS.name}; patch {settings.patch_voxels_zyx} voxels (z,y,x) at "
+          f"{model_name}; patch {settings.patch_voxels_zyx} voxels (z,y,x) at "
           f"{settings.preprocessing.spacing_zyx_mm} mm, exact overlap {args.overlap}")
     print("each method on each target runs in its own process; times include preprocessing, the query embedding, "
           "top-k matches and the heatmap on the target's grid\n", flush=True)
@@ -125,7 +149,7 @@ def main() -> None:
         pair = {}
         for method in ("exact", "fast"):
             command = [sys.executable, __file__, "--child", method, "--target", name, "--overlap", str(args.overlap),
-                       "--device", args.device]
+                       "--device", args.device, "--model", args.model]
             child = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
             if child.returncode != 0 or not lines:
