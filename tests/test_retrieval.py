@@ -95,6 +95,25 @@ def test_a_scan_queried_against_the_index_finds_itself_first(built):
     assert similarities == sorted(similarities, reverse=True)
 
 
+def test_the_same_scan_in_another_orientation_and_spacing_finds_its_original(built, tmp_path):
+    """The pelvis flipped, axis-permuted and resampled to 2 mm (another direction, spacing and size) is still the
+    pelvis: CT-FM's preprocessing puts every scan on one SPL 3x1x1 mm grid first."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(PELVIS))
+    moved = sitk.PermuteAxes(sitk.Flip(image, [True, False, False]), [1, 0, 2])
+    size = [int(round(n * s / 2.0)) for n, s in zip(moved.GetSize(), moved.GetSpacing(), strict=True)]
+    moved = sitk.Resample(moved, size, sitk.Transform(), sitk.sitkLinear, moved.GetOrigin(), (2.0, 2.0, 2.0),
+                          moved.GetDirection(), -1024.0, sitk.sitkInt16)
+    copy = tmp_path / "pelvis_moved.nrrd"
+    sitk.WriteImage(moved, str(copy))
+    result = run_cli("index", "query", built[0], "--scan", copy, "--top-k", 3, "--json")
+    assert result.code == 0, result.stderr
+    matches = result.document["matches"]
+    assert matches[0]["id"] == "pelvis", matches
+    assert matches[0]["similarity"] > 0.99 and matches[0]["similarity"] - matches[1]["similarity"] > 0.01
+
+
 def test_query_by_id_leaves_the_entry_out_and_by_embedding_file_finds_its_scan(built, tmp_path):
     by_id = run_cli("index", "query", built[0], "--id", "head", "--json")
     assert by_id.code == 0, by_id.stderr
