@@ -1,4 +1,5 @@
-"""The ``ctfm`` command: embed, segment, triage, export, weights, pretrain, finetune, demo.
+"""The ``ctfm`` command: embed, segment, triage, export, search, ocd, index, saliency, concept-map, weights, pretrain,
+finetune, demo.
 
 Exit codes: 0 success, 2 usage error, 3 unacceptable input data, 4 model or weights problem, 1 anything else.
 With ``--json`` one JSON document goes to stdout (also on failure: ``{"error": {...}}``); logs and progress
