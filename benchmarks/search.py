@@ -139,9 +139,10 @@ def main() -> None:
           f"{model_name}; patch {settings.patch_voxels_zyx} voxels (z,y,x) at "
           f"{settings.preprocessing.spacing_zyx_mm} mm, exact overlap {args.overlap}")
     print("each method on each target runs in its own process; times include preprocessing, the query embedding, "
-          "top-k matches and the heatmap on the target's grid\n", flush=True)
+          "top-k matches and the heatmap on the target's grid; peak mem is the process's peak resident memory on CPU, "
+          "the peak CUDA allocation on a GPU\n", flush=True)
     print(f"{'target':<44} {'model z,y,x':>14} {'method':>6} {'windows':>7} {'first':>9} {'repeated':>9} "
-          f"{'peak RSS':>9}")
+          f"{'peak mem':>9}")
     rows = []
     for name in args.targets:
         volume = target_volume(name)
