@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from ctfm_engine.dicom.series import read_dicom_series
 from ctfm_engine.errors import InputError
@@ -101,8 +101,9 @@ def test_jpeg2000_series_reads_in_hu_with_header_geometry(ts_volume: CTVolume) -
     assert float(ts_volume.voxels.max()) == pytest.approx(1839, abs=1)
     assert ts_volume.series_instance_uid is None  # blank in the files; not invented here
     info = ts_volume.dicom
-    assert info["series_instance_uid"] == info["study_instance_uid"] == ""
-    assert info["sop_instance_uids"] == [""] * 20
+    # Blank in the files: derived deterministically (Study, Series) or taken from the file meta (SOP instances).
+    assert info["derived_uids"] == ["StudyInstanceUID", "SeriesInstanceUID"]
+    assert all(UID(uid).is_valid for uid in info["sop_instance_uids"]) and len(set(info["sop_instance_uids"])) == 20
     assert info["frame_of_reference_uid"].startswith("1.3.12.2.1107.5.1.4.60064")
     assert info["transfer_syntax_uid"] == "1.2.840.10008.1.2.4.90"
     assert info["modality"] == "CT"

@@ -1,1 +1,2 @@
-"""DICOM input: reading one CT series; DICOM-SEG/SR writing and PACS arrive with the MONAI Deploy issue."""
+"""DICOM: series selection and reading (compressed syntaxes, tilt, missing UIDs), DICOM-SEG and SR writing on
+highdicom, validation with dciodvfy, and PACS clients (DICOMweb, DIMSE) with an outbox."""

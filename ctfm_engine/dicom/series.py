@@ -1,14 +1,20 @@
 """Read one CT series from a folder of DICOM files into a CTVolume.
 
 Headers are read with pydicom and the geometry is computed from them (ImagePositionPatient along the slice normal,
-ImageOrientationPatient); SimpleITK/GDCM only decodes the pixels (so JPEG 2000 and other compressed transfer
-syntaxes work) and applies the rescale.  SimpleITK's own geometry is not trusted: it treats a gantry tilt as a
-rotation and averages uneven slice steps, silently misplacing slices.
+ImageOrientationPatient); SimpleITK/GDCM only decodes the pixels and applies the rescale.  GDCM decodes the
+compressed transfer syntaxes archives use (JPEG 2000, JPEG-LS, RLE; lossless and lossy) as well as deflated and
+uncompressed ones.  SimpleITK's own geometry is not trusted: it treats a gantry tilt as a rotation and averages
+uneven slice steps, silently misplacing slices.
+
+Series ids: files are grouped by SeriesInstanceUID, or by a ``derived-xxxxxxxx`` key when it is blank (see
+:mod:`ctfm_engine.dicom.uids`).  A series whose slices carry two or more SliceThickness values (e.g. a 4 mm and a
+7 mm block acquired in one series) is split into one block per thickness, with the id
+``f"{series_id}#{thickness:g}mm"``; each block reads as its own volume, the series as a whole does not.
+Blank identifying UIDs are resolved (derived or refused) by the policy of :mod:`ctfm_engine.dicom.uids`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -22,6 +28,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from ctfm_engine.dicom.uids import MissingUIDPolicy, SeriesUIDs, check_policy, resolve_uids, series_key
+from ctfm_engine.dicom.uids import header_text as _text
+from ctfm_engine.dicom.uids import header_values as _values
 from ctfm_engine.errors import InputError
 from ctfm_engine.volume import CTVolume
 
@@ -45,8 +54,6 @@ ESSENTIAL_ATTRIBUTES = {
     "ImagePositionPatient": 3,
     "ImageOrientationPatient": 6,
 }
-# What identifies a series whose SeriesInstanceUID is blank (besides its ImageOrientationPatient).
-SERIES_ATTRIBUTES = ("StudyInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "FrameOfReferenceUID")
 SAME_ATTRIBUTE_TOLERANCE = 1e-4
 DUPLICATE_SLICE_MM = 0.01
 UNEVEN_STEP_MM = 0.02
@@ -56,19 +63,33 @@ MISSING_SLICE_FRACTION = 0.1
 SHEAR_DRIFT_MM = 0.05
 SHEAR_JITTER_MM = 0.02
 HU_PLUS_1024_OFFSET = -1024.0
+# SliceThickness values are compared after rounding to this many decimals (0.001 mm).
+THICKNESS_DECIMALS = 3
+THICKNESS_BLOCK_SEPARATOR = "#"
 
 
 @dataclass(frozen=True)
-class _File:
+class DicomFile:
+    """One DICOM image file and its header, read without pixel data."""
+
     path: Path
     header: Dataset
+
+
+class _SpacingError(InputError):
+    """A slice stack whose spacing is not regular, kept in parts so that a caller can add the cause."""
+
+    def __init__(self, where: Path, problem: str, remedy: str) -> None:
+        super().__init__(f"{where}: {problem}; {remedy}")
+        self.where = where
+        self.problem = problem
 
 
 @dataclass(frozen=True)
 class _Stack:
     """A series' slices sorted along the slice normal, with the geometry the headers give them."""
 
-    files: list[_File]
+    files: list[DicomFile]
     row: np.ndarray
     column: np.ndarray
     normal: np.ndarray
@@ -88,18 +109,54 @@ class _Stack:
         return math.degrees(math.atan2(float(np.linalg.norm(self.shear_rc_mm)), self.spacing_xyz_mm[2]))
 
 
-def read_dicom_series(folder: str | Path, *, series_uid: str | None = None, hu_offset: float | None = None) -> CTVolume:
+def read_dicom_series(
+    folder: str | Path,
+    *,
+    series_uid: str | None = None,
+    hu_offset: float | None = None,
+    missing_uids: MissingUIDPolicy = "derive",
+) -> CTVolume:
     """Read the CT series in ``folder`` (searched recursively) into a CTVolume with HU voxels.
 
-    ``series_uid`` picks one series when the folder holds several (a SeriesInstanceUID, or the ``derived-…`` id
-    listed for series without one).  ``hu_offset`` is added to every voxel instead of the automatic detection of
-    CT stored as HU+1024 (0 keeps the stored values).  A gantry-tilted (sheared) stack is resampled onto a
-    rectangular grid.  Anything that cannot be read as one regular CT volume raises InputError.
+    Parameters
+    ----------
+    folder:
+        Folder holding the DICOM files (any depth; non-DICOM files and non-image objects are ignored).
+    series_uid:
+        Picks one series when the folder holds several: a SeriesInstanceUID, the ``derived-…`` id listed for a
+        series without one, or ``{id}#{thickness}mm`` for one thickness block of a mixed-thickness series.
+    hu_offset:
+        Added to every voxel instead of the automatic detection of CT stored as HU+1024 (0 keeps the stored
+        values).
+    missing_uids:
+        ``"derive"`` (default) or ``"refuse"``: what to do when Study/Series/SOP Instance or Frame of Reference
+        UIDs are blank (:mod:`ctfm_engine.dicom.uids`).
+
+    Returns
+    -------
+    CTVolume
+        Voxels (z, y, x) in HU; a gantry-tilted (sheared) stack is resampled onto a rectangular grid.
+        ``series_instance_uid`` is the file's own SeriesInstanceUID (None when blank; the resolved one is in
+        ``dicom``).  ``dicom`` holds non-identifying references: the resolved (never blank)
+        ``study_instance_uid``, ``series_instance_uid``, ``frame_of_reference_uid``, ``sop_instance_uids`` and
+        ``files`` in slice order, ``derived_uids`` (keywords of the UIDs that were derived), ``series_id`` and
+        acquisition descriptors.
+
+    Raises
+    ------
+    InputError
+        Anything that cannot be read as one regular CT volume; UsageError for an unknown ``missing_uids``.
     """
     folder = Path(folder)
-    files = _choose_series(folder, _group_series(_scan(folder)), series_uid)
+    policy = check_policy(missing_uids)
+    groups = group_series(scan_folder(folder))
+    series_id, files = _choose_series(folder, groups, series_uid)
     _check_kind(folder, files)
+    _check_one_thickness(folder, series_id, files)
     stack = _measure_stack(folder, files)
+    whole_series = groups[whole_series_id(series_id)]
+    uids = resolve_uids(whole_series_id(series_id), [(file.path, file.header) for file in whole_series], policy)
+    _log_resolved_uids(folder, series_id, uids)
     voxels = _read_pixels(folder, stack.files)
     offset = _hu_offset(folder, stack.files, voxels, hu_offset)
     voxels += np.float32(offset)
@@ -121,15 +178,20 @@ def read_dicom_series(folder: str | Path, *, series_uid: str | None = None, hu_o
         direction=np.column_stack([stack.row, stack.column, stack.normal]),
         source=str(folder),
         series_instance_uid=_text(first, "SeriesInstanceUID") or None,
-        dicom=_references(stack, offset),
+        dicom=_references(series_id, stack, whole_series, uids, offset),
     )
 
 
-def _scan(folder: Path) -> list[_File]:
+def scan_folder(folder: Path) -> list[DicomFile]:
+    """Headers of the DICOM images under ``folder`` (recursive; no pixel data is read).
+
+    Files that are not DICOM and DICOM objects that are not images (SEG, SR, RTSTRUCT, ...) are skipped; an
+    empty folder, a folder without images and a damaged DICOM file raise InputError.
+    """
     paths = sorted(path for path in folder.rglob("*") if path.is_file())
     if not paths:
         raise InputError(f"{folder}: is empty; give the folder that holds the DICOM files of one CT series")
-    images: list[_File] = []
+    images: list[DicomFile] = []
     not_dicom = not_image = 0
     for path in paths:
         header = _read_header(path)
@@ -140,7 +202,7 @@ def _scan(folder: Path) -> list[_File]:
             not_image += 1
             log.debug("%s: a DICOM object without an image (e.g. SEG, SR, RTSTRUCT), ignored", path)
         else:
-            images.append(_File(path, header))
+            images.append(DicomFile(path, header))
     if not images:
         raise InputError(
             f"{folder}: holds no DICOM images ({_count(len(paths), 'file')} looked at: {not_dicom} not DICOM, "
@@ -169,7 +231,7 @@ def _read_header(path: Path) -> Dataset | None:
             return None
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         raise _corrupt(path, f"its header cannot be parsed: {reason}") from None
-    if not _sop_class(header) and "Rows" not in header:
+    if not sop_class_uid(header) and "Rows" not in header:
         if not claims_dicom:
             return None
         raise _corrupt(path, "its header names no SOP class: truncated or damaged")
@@ -182,7 +244,8 @@ def _corrupt(path: Path, problem: str) -> InputError:
     return InputError(f"{path}: is a corrupt DICOM file ({problem}); replace it with an intact copy or remove it")
 
 
-def _sop_class(header: Dataset) -> str:
+def sop_class_uid(header: Dataset) -> str:
+    """The SOP Class UID of the file (from its file meta when the dataset's is blank); empty when it has none."""
     # Some exports blank SOPClassUID in the dataset but keep it in the file meta information.
     file_meta = getattr(header, "file_meta", None) or Dataset()
     return _text(header, "SOPClassUID") or _text(file_meta, "MediaStorageSOPClassUID")
@@ -191,58 +254,98 @@ def _sop_class(header: Dataset) -> str:
 def _is_image(header: Dataset) -> bool:
     if _text(header, "Modality") in NON_IMAGE_MODALITIES:
         return False
-    sop_class = _sop_class(header)
+    sop_class = sop_class_uid(header)
     if sop_class and UID(sop_class).name != sop_class:
         return "Image Storage" in UID(sop_class).name
     # A SOP class pydicom does not know (newer or private): judge by the presence of an image matrix.
     return "Rows" in header
 
 
-def _group_series(images: list[_File]) -> dict[str, list[_File]]:
-    groups: dict[str, list[_File]] = {}
+def group_series(images: list[DicomFile]) -> dict[str, list[DicomFile]]:
+    """The images grouped by series id (:func:`ctfm_engine.dicom.uids.series_key`), in scan order."""
+    groups: dict[str, list[DicomFile]] = {}
     for image in images:
-        groups.setdefault(_series_id(image.header), []).append(image)
+        groups.setdefault(series_key(image.header), []).append(image)
     return groups
 
 
-def _series_id(header: Dataset) -> str:
-    uid = _text(header, "SeriesInstanceUID")
-    if uid:
-        return uid
-    # Without a SeriesInstanceUID, the attributes that stay constant within a series identify it.
-    orientation = tuple(f"{round(float(v), 3) + 0.0:.3f}" for v in header.get("ImageOrientationPatient") or ())
-    key = (*(_text(header, keyword) for keyword in SERIES_ATTRIBUTES), orientation)
-    return "derived-" + hashlib.sha1(repr(key).encode()).hexdigest()[:8]
+def slice_thickness_mm(header: Dataset) -> float | None:
+    """The file's SliceThickness in mm rounded to 0.001 mm; None when absent or not a number."""
+    value = header.get("SliceThickness")
+    try:
+        return None if value in (None, "") else round(float(value), THICKNESS_DECIMALS)
+    except (TypeError, ValueError):
+        return None
 
 
-def _choose_series(folder: Path, groups: dict[str, list[_File]], series_uid: str | None) -> list[_File]:
+def thickness_blocks(series_id: str, files: list[DicomFile]) -> dict[str, list[DicomFile]]:
+    """The readable parts of a series: ``{series_id: files}``, or one block per SliceThickness when it mixes them.
+
+    Block ids are ``f"{series_id}#{thickness:g}mm"`` (``#unknown-thickness`` for slices without a thickness),
+    thinnest first; within a block the files keep their order.
+    """
+    by_thickness: dict[float | None, list[DicomFile]] = {}
+    for file in files:
+        by_thickness.setdefault(slice_thickness_mm(file.header), []).append(file)
+    if len(by_thickness) < 2:
+        return {series_id: files}
+    ordered = sorted(by_thickness.items(), key=lambda item: math.inf if item[0] is None else item[0])
+    return {_block_id(series_id, thickness): block for thickness, block in ordered}
+
+
+def whole_series_id(series_id: str) -> str:
+    """The id of the series a thickness block belongs to (the id itself for a whole series)."""
+    return series_id.partition(THICKNESS_BLOCK_SEPARATOR)[0]
+
+
+def _block_id(series_id: str, thickness: float | None) -> str:
+    label = "unknown-thickness" if thickness is None else f"{thickness:g}mm"
+    return f"{series_id}{THICKNESS_BLOCK_SEPARATOR}{label}"
+
+
+def _choose_series(
+    folder: Path, groups: dict[str, list[DicomFile]], series_uid: str | None
+) -> tuple[str, list[DicomFile]]:
+    """(id, files) of the series or thickness block to read."""
     if series_uid is not None:
-        if series_uid in groups:
-            return groups[series_uid]
+        key = whole_series_id(series_uid)
+        if key in groups:
+            blocks = {key: groups[key], **thickness_blocks(key, groups[key])}
+            if series_uid in blocks:
+                return series_uid, blocks[series_uid]
         raise InputError(
             f"{folder}: holds no series {series_uid!r}, only {_listing(groups)}; pick one with --series UID"
         )
     if len(groups) > 1:
         raise InputError(f"{folder}: holds {len(groups)} series: {_listing(groups)}; pick one with --series UID")
-    return next(iter(groups.values()))
+    return next(iter(groups.items()))
 
 
-def _listing(groups: dict[str, list[_File]]) -> str:
+def _listing(groups: dict[str, list[DicomFile]]) -> str:
     entries = []
-    for series_id, files in groups.items():
-        header = files[0].header
-        description = _text(header, "SeriesDescription") or "no description"
-        modality = _text(header, "Modality") or "unknown modality"
-        entries.append(f"'{description}' ({modality}, {_count(len(files), 'file')}, --series {series_id})")
+    for key, files in groups.items():
+        for series_id, block in thickness_blocks(key, files).items():
+            header = block[0].header
+            description = _text(header, "SeriesDescription") or "no description"
+            modality = _text(header, "Modality") or "unknown modality"
+            thickness = "" if series_id == key else f", {_thickness_text(header)}"
+            entries.append(
+                f"'{description}' ({modality}, {_count(len(block), 'file')}{thickness}, --series {series_id})"
+            )
     return "; ".join(entries)
 
 
-def _check_kind(folder: Path, files: list[_File]) -> None:
+def _thickness_text(header: Dataset) -> str:
+    thickness = slice_thickness_mm(header)
+    return "unknown thickness" if thickness is None else f"{thickness:g} mm"
+
+
+def _check_kind(folder: Path, files: list[DicomFile]) -> None:
     modality = _text(files[0].header, "Modality")
     if modality != "CT":
         raise InputError(f"{folder}: series is {modality or 'of unknown modality'}, not CT; give a CT series")
     for file in files:
-        sop_class = _sop_class(file.header)
+        sop_class = sop_class_uid(file.header)
         if sop_class in ENHANCED_CT_CLASSES:
             raise InputError(
                 f"{file.path}: is a multi-frame {ENHANCED_CT_CLASSES[sop_class]} image, and multi-frame enhanced CT "
@@ -255,7 +358,25 @@ def _check_kind(folder: Path, files: list[_File]) -> None:
             )
 
 
-def _measure_stack(folder: Path, files: list[_File]) -> _Stack:
+def _check_one_thickness(folder: Path, series_id: str, files: list[DicomFile]) -> None:
+    """Refuse a whole series that mixes slice thicknesses, naming the block ids to read instead."""
+    blocks = thickness_blocks(series_id, files)
+    if len(blocks) == 1:
+        return
+    mixture = " and ".join(
+        f"{_thickness_text(block[0].header)} ({_count(len(block), 'slice')})" for block in blocks.values()
+    )
+    cause = f"series {series_id} mixes slice thicknesses {mixture}"
+    try:
+        _measure_stack(folder, files)
+        problem = f"{folder}: {cause}"
+    except _SpacingError as error:
+        problem = f"{error.where}: {error.problem}, because {cause}"
+    choices = " or ".join(f"--series {block_id}" for block_id in blocks)
+    raise InputError(f"{problem}; read one thickness at a time with {choices}")
+
+
+def _measure_stack(folder: Path, files: list[DicomFile]) -> _Stack:
     _check_complete(files)
     _check_same_plane_geometry(files)
     row, column, normal = _orientation(files[0])
@@ -283,7 +404,7 @@ def _measure_stack(folder: Path, files: list[_File]) -> _Stack:
     )
 
 
-def _check_complete(files: list[_File]) -> None:
+def _check_complete(files: list[DicomFile]) -> None:
     for file in files:
         for keyword, length in ESSENTIAL_ATTRIBUTES.items():
             value = file.header.get(keyword)
@@ -295,7 +416,7 @@ def _check_complete(files: list[_File]) -> None:
                 )
 
 
-def _check_same_plane_geometry(files: list[_File]) -> None:
+def _check_same_plane_geometry(files: list[DicomFile]) -> None:
     first = files[0]
     for file in files[1:]:
         for keyword in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient"):
@@ -309,7 +430,7 @@ def _check_same_plane_geometry(files: list[_File]) -> None:
                 )
 
 
-def _orientation(file: _File) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _orientation(file: DicomFile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cosines = _floats(file.header, "ImageOrientationPatient")
     row, column = cosines[:3], cosines[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(column) - 1) > 1e-3 or abs(row @ column) > 1e-3:
@@ -324,17 +445,19 @@ def _orientation(file: _File) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return row, column, np.cross(row, column)
 
 
-def _check_duplicates(folder: Path, files: list[_File], heights: np.ndarray, steps: np.ndarray) -> None:
+def _check_duplicates(folder: Path, files: list[DicomFile], heights: np.ndarray, steps: np.ndarray) -> None:
     duplicated = np.flatnonzero(steps < DUPLICATE_SLICE_MM)
     if duplicated.size:
         k = int(duplicated[0])
-        raise InputError(
-            f"{folder}: duplicated slice at {heights[k]:.2f} mm along the slice normal: "
-            f"{_name(folder, files[k])} and {_name(folder, files[k + 1])}; remove one of the two files"
+        raise _SpacingError(
+            folder,
+            f"duplicated slice at {heights[k]:.2f} mm along the slice normal: "
+            f"{_name(folder, files[k])} and {_name(folder, files[k + 1])}",
+            "remove one of the two files",
         )
 
 
-def _check_even_steps(folder: Path, files: list[_File], steps: np.ndarray, step: float) -> None:
+def _check_even_steps(folder: Path, files: list[DicomFile], steps: np.ndarray, step: float) -> None:
     irregular = np.abs(steps - step) > max(UNEVEN_STEP_MM, UNEVEN_STEP_FRACTION * step)
     if not irregular.any():
         return
@@ -343,17 +466,20 @@ def _check_even_steps(folder: Path, files: list[_File], steps: np.ndarray, step:
     k = int(np.argmax(irregular))
     between = f"{_name(folder, files[k])} and {_name(folder, files[k + 1])}"
     if np.array_equal(gaps, irregular):
-        raise InputError(
-            f"{folder}: missing slice(s) between {between} (gap {steps[k]:.2f} mm where slices are {step:.2f} mm "
-            f"apart); add the missing files or give the complete series"
+        raise _SpacingError(
+            folder,
+            f"missing slice(s) between {between} (gap {steps[k]:.2f} mm where slices are {step:.2f} mm apart)",
+            "add the missing files or give the complete series",
         )
-    raise InputError(
-        f"{folder}: uneven slice spacing: steps from {steps.min():.2f} to {steps.max():.2f} mm (first irregular "
-        f"step between {between}); copy the evenly spaced slices to their own folder and read that"
+    raise _SpacingError(
+        folder,
+        f"uneven slice spacing: steps from {steps.min():.2f} to {steps.max():.2f} mm (first irregular step between "
+        f"{between})",
+        "copy the evenly spaced slices to their own folder and read that",
     )
 
 
-def _shear(folder: Path, files: list[_File], steps: np.ndarray, axes: np.ndarray) -> np.ndarray:
+def _shear(folder: Path, files: list[DicomFile], steps: np.ndarray, axes: np.ndarray) -> np.ndarray:
     """The constant in-plane (row, column) displacement per slice step, in mm; zero for an unsheared stack."""
     positions = np.array([_floats(file.header, "ImagePositionPatient") for file in files])
     in_plane = (np.diff(positions, axis=0) @ axes)[:, :2]
@@ -361,17 +487,19 @@ def _shear(folder: Path, files: list[_File], steps: np.ndarray, axes: np.ndarray
     jitter = np.linalg.norm(in_plane - shear, axis=1)
     if jitter.max() > SHEAR_JITTER_MM:
         k = int(np.argmax(jitter))
-        raise InputError(
-            f"{folder}: slice positions move sideways by varying amounts (by {jitter.max():.2f} mm off the average "
-            f"between {_name(folder, files[k])} and {_name(folder, files[k + 1])}), which is not a gantry tilt "
-            f"this reader can undo; resample the series in a DICOM tool first"
+        raise _SpacingError(
+            folder,
+            f"slice positions move sideways by varying amounts (by {jitter.max():.2f} mm off the average between "
+            f"{_name(folder, files[k])} and {_name(folder, files[k + 1])}), which is not a gantry tilt this reader "
+            f"can undo",
+            "resample the series in a DICOM tool first",
         )
     if np.linalg.norm(shear) * len(steps) <= SHEAR_DRIFT_MM:
         return np.zeros(2)
     return shear
 
 
-def _read_pixels(folder: Path, files: list[_File]) -> np.ndarray:
+def _read_pixels(folder: Path, files: list[DicomFile]) -> np.ndarray:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(file.path) for file in files])
     try:
@@ -393,7 +521,7 @@ def _read_pixels(folder: Path, files: list[_File]) -> np.ndarray:
     return voxels
 
 
-def _unreadable_pixels(folder: Path, files: list[_File]) -> InputError:
+def _unreadable_pixels(folder: Path, files: list[DicomFile]) -> InputError:
     for file in files:
         reader = sitk.ImageFileReader()
         reader.SetImageIO("GDCMImageIO")
@@ -411,7 +539,7 @@ def _unreadable_pixels(folder: Path, files: list[_File]) -> InputError:
     )
 
 
-def _hu_offset(folder: Path, files: list[_File], voxels: np.ndarray, requested: float | None) -> float:
+def _hu_offset(folder: Path, files: list[DicomFile], voxels: np.ndarray, requested: float | None) -> float:
     if requested is not None:
         return float(requested)
     intercepts = {float(file.header.get("RescaleIntercept") or 0.0) for file in files}
@@ -465,17 +593,37 @@ def _sample_linear(values: np.ndarray, positions: np.ndarray, axis: int, fill: f
     return below + (np.take(padded, lower + 1, axis=axis) - below) * weight
 
 
-def _references(stack: _Stack, offset: float) -> dict[str, Any]:
-    """Non-identifying provenance of the series: UIDs, acquisition descriptors and what this reader did."""
+def _log_resolved_uids(folder: Path, series_id: str, uids: SeriesUIDs) -> None:
+    recovered = f"{_count(uids.recovered_from_file_meta, 'SOPInstanceUID')} taken from the file meta"
+    if uids.derived:
+        log.warning(
+            "%s: series %s lacks %s in its files: derived deterministically%s; objects made from it reference UIDs "
+            "that its archive does not know",
+            folder,
+            series_id,
+            ", ".join(uids.derived),
+            f" ({recovered})" if uids.recovered_from_file_meta else "",
+        )
+    elif uids.recovered_from_file_meta:
+        log.info("%s: series %s has blank SOPInstanceUIDs: %s", folder, series_id, recovered)
+
+
+def _references(
+    series_id: str, stack: _Stack, whole_series: list[DicomFile], uids: SeriesUIDs, offset: float
+) -> dict[str, Any]:
+    """Non-identifying provenance of the series: resolved UIDs, acquisition descriptors and what this reader did."""
     first = stack.files[0].header
     file_meta = getattr(first, "file_meta", None) or Dataset()
     thickness = first.get("SliceThickness")
+    sop_uid_of = {file.path: uid for file, uid in zip(whole_series, uids.sop_instance_uids, strict=True)}
     return {
-        "study_instance_uid": _text(first, "StudyInstanceUID"),
-        "series_instance_uid": _text(first, "SeriesInstanceUID"),
-        "frame_of_reference_uid": _text(first, "FrameOfReferenceUID"),
-        "sop_instance_uids": [_text(file.header, "SOPInstanceUID") for file in stack.files],
-        "sop_class_uid": _text(first, "SOPClassUID"),
+        "series_id": series_id,
+        "study_instance_uid": uids.study_instance_uid,
+        "series_instance_uid": uids.series_instance_uid,
+        "frame_of_reference_uid": uids.frame_of_reference_uid,
+        "sop_instance_uids": [sop_uid_of[file.path] for file in stack.files],
+        "derived_uids": list(uids.derived),
+        "sop_class_uid": sop_class_uid(first),
         "modality": _text(first, "Modality"),
         "manufacturer": _text(first, "Manufacturer"),
         "slice_thickness_mm": float(thickness) if thickness not in (None, "") else None,
@@ -489,24 +637,12 @@ def _references(stack: _Stack, offset: float) -> dict[str, Any]:
     }
 
 
-def _text(header: Dataset, keyword: str) -> str:
-    value = header.get(keyword)
-    return "" if value is None else str(value).strip()
-
-
-def _values(header: Dataset, keyword: str) -> list[str]:
-    value = header.get(keyword)
-    if value is None or value == "":
-        return []
-    return [str(v).strip() for v in (value if isinstance(value, MultiValue) else [value])]
-
-
 def _floats(header: Dataset, keyword: str) -> np.ndarray:
     value = header.get(keyword)
     return np.array([float(v) for v in (value if isinstance(value, MultiValue) else [value])], dtype=np.float64)
 
 
-def _name(folder: Path, file: _File) -> str:
+def _name(folder: Path, file: DicomFile) -> str:
     return str(file.path.relative_to(folder))
 
 
