@@ -1,5 +1,5 @@
-"""The ``ctfm`` command: embed, segment, triage, export, search, ocd, index, saliency, concept-map, weights, pretrain,
-finetune, demo.
+"""The ``ctfm`` command: embed, segment, triage, export, search, ocd, index, saliency, concept-map, dicom, pacs,
+weights, pretrain, finetune, demo.
 
 Exit codes: 0 success, 2 usage error, 3 unacceptable input data, 4 model or weights problem, 1 anything else.
 With ``--json`` one JSON document goes to stdout (also on failure: ``{"error": {...}}``); logs and progress
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ctfm_engine import __version__
+from ctfm_engine.dicom.pacs_cli import add_pacs_parser, run_pacs
 from ctfm_engine.errors import CTFMError, UsageError
 from ctfm_engine.volume import CTVolume, read_volume
 
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("weights", nargs="?", help="folder or hub repo id (default: the one `embed` would use)")
 
     _add_index_parser(commands, common, inputs)
+    dicom = commands.add_parser("dicom", parents=[common], help="list the series of a DICOM folder (any number of "
+                                "studies) and which one the selection rules pick, with why the others are skipped")
+    dicom.add_argument("folder", metavar="FOLDER", type=Path)
+    dicom.add_argument("--rules", type=Path, metavar="FILE.json", help="selection rules (default: CT, axial, "
+                       "ORIGINAL, no localisers, >= 10 slices; the keys of deploy_app/selection_rules.json)")
+    add_pacs_parser(commands, common)
 
     for name, text in (("pretrain", "self-supervised pre-training of the encoder from a recipe"),
                        ("finetune", "fine-tune a task model (segmentation, head-CT triage) from a recipe")):
@@ -151,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep only the largest connected component of each structure")
     segment.add_argument("--volumes", type=Path, metavar="FILE.csv", help="write the per-structure volume table (mL)")
     segment.add_argument("--fp16", action="store_true", help="half precision on a GPU (ignored on CPU)")
+    segment.add_argument("--dicom-seg", type=Path, metavar="FILE.dcm", help="also write the result as DICOM-SEG "
+                         "referencing the input series (INPUT must be a DICOM series folder)")
+    segment.add_argument("--seg-encoding", default="binary", choices=("binary", "binary-j2k", "labelmap",
+                         "labelmap-rle", "labelmap-jpegls"), help="DICOM-SEG encoding: binary (most compatible, "
+                         "default), binary-j2k (BINARY, lossless JPEG 2000), labelmap (+rle/-jpegls: smallest)")
 
     triage = commands.add_parser("triage", parents=[common, inputs],
                                  help="head-CT triage: probability of an abnormal finding, and a decision")
@@ -487,8 +499,15 @@ def run_segment(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.roi is not None or args.overlap is not None:
         check_window(args.roi or (16, 16, 16), 0.0 if args.overlap is None else args.overlap)
+    if args.dicom_seg is not None and args.dicom_seg.suffix.lower() != ".dcm":
+        raise UsageError(f"--dicom-seg {args.dicom_seg}: write the DICOM-SEG as a .dcm file")
     (volume,) = read_inputs([args.input], args)
     volume = volume or read_volume(args.input, series_uid=args.series, hu_offset=args.hu_offset)
+    if args.dicom_seg is not None and not volume.dicom.get("files"):
+        from ctfm_engine.errors import InputError
+
+        raise InputError(f"{args.input}: --dicom-seg needs the DICOM series it describes, and this input is an image "
+                         f"file; give the series folder")
     device = resolve_device(args.device or "cpu")
     weights = args.model or bundled_weights("ctfm-mini-wholebody-seg")
     if weights is None:
@@ -520,6 +539,17 @@ def run_segment(args: argparse.Namespace) -> dict[str, Any]:
         if args.volumes is not None:
             written.append(write_volume_table(structures, table, args.volumes))
         written.append(result.write(args.out))
+        if args.dicom_seg is not None and result.labels.any():
+            from ctfm_engine.dicom.seg import Algorithm, SegEncoding, write_dicom_seg
+            from ctfm_engine.labels import label_table
+
+            algorithm = Algorithm(name=model.checkpoint.name, version=__version__,
+                                  weights_sha256=model.checkpoint.sha256)
+            seg_info = write_dicom_seg(result.labels, volume, label_table(model.names), args.dicom_seg,
+                                       algorithm=algorithm, encoding=SegEncoding(args.seg_encoding))
+            written.append(args.dicom_seg)
+        elif args.dicom_seg is not None:
+            log.warning("no structure found: no DICOM-SEG written (a DICOM-SEG needs at least one segment)")
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -534,6 +564,10 @@ def run_segment(args: argparse.Namespace) -> dict[str, Any]:
         "input": str(args.input),
         "output": str(args.out),
         "volumes": None if args.volumes is None else str(args.volumes),
+        "dicom_seg": None if args.dicom_seg is None or not result.labels.any() else {
+            "path": str(args.dicom_seg), "encoding": args.seg_encoding, "sop_instance_uid": seg_info.sop_instance_uid,
+            "series_instance_uid": seg_info.series_instance_uid, "frames": seg_info.frames,
+            "bytes": seg_info.bytes},
         "weights": model.checkpoint.identity,
         "backend": backend.name,
         "device": str(device),
@@ -764,7 +798,19 @@ def _print_human(document: dict[str, Any]) -> None:
     command = document["command"]
     if command != "demo" and isinstance(document.get("weights"), dict):
         print(f"weights: {document['weights']['name']} (sha256 {document['weights']['sha256']})")
-    if command == "embed":
+    if command.startswith("pacs "):
+        from ctfm_engine.dicom.pacs_cli import human_lines
+
+        print("\n".join(human_lines(document)))
+    elif command == "dicom":
+        chosen = document.get("chosen")
+        for row in document["series"]:
+            mark = "*" if chosen and row["series_id"] == chosen["series_id"] else " "
+            print(f"{mark} {row['series_id']}  {row['modality']:<3} {row['instances']:>4} images  "
+                  f"{row.get('description') or ''!s:<28} {row.get('reason') or ''}")
+        print("* = the series the MONAI Deploy app would process (other commands: pass its id to --series)"
+              if chosen else "no series meets the rules")
+    elif command == "embed":
         for item in document["results"]:
             vector = np.asarray(item["embedding"])
             print(f"{item['input']}: {vector.size}-d embedding, norm {np.linalg.norm(vector):.3f}, "
@@ -805,6 +851,10 @@ def _print_human(document: dict[str, Any]) -> None:
                 f" (all in {document['volumes']})" if document["volumes"] else " (--volumes FILE.csv lists all)"))
         print(f"{len(document['labels'])} structures; label map on the input's grid -> {document['output']} "
               f"({document['backend']}, {document['seconds']:.1f} s)")
+        if document.get("dicom_seg"):
+            seg = document["dicom_seg"]
+            print(f"DICOM-SEG ({seg['encoding']}, {seg['frames']} frames, {seg['bytes'] / 1e6:.2f} MB) -> "
+                  f"{seg['path']}")
     elif command == "triage":
         checks = document["checks"]
         print(f"{document['input']}: {document['decision'].upper()}, probability of an abnormal finding "
@@ -1079,6 +1129,28 @@ def _query_index(args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
+def run_dicom(args: argparse.Namespace) -> dict[str, Any]:
+    from ctfm_engine.dicom.selection import SelectionRules, list_series, reasons_against, select_candidates
+    from ctfm_engine.errors import InputError
+
+    if not args.folder.is_dir():
+        raise UsageError(f"{args.folder}: not a folder; give the folder that holds the DICOM files")
+    rules = SelectionRules.from_file(args.rules) if args.rules is not None else SelectionRules()
+    candidates = list_series(args.folder)
+    try:
+        selection = select_candidates(candidates, rules, source=str(args.folder))
+        chosen, reasons = selection.chosen, {id(candidate): reason for candidate, reason in selection.skipped}
+    except InputError as error:
+        log.warning("%s", error)
+        chosen = None
+        reasons = {id(candidate): ", ".join(reasons_against(candidate, rules)) for candidate in candidates}
+    rows = [{**{key: value for key, value in candidate.as_dict().items() if key != "files"},
+             "reason": None if candidate is chosen else reasons.get(id(candidate))} for candidate in candidates]
+    return {"command": "dicom", "folder": str(args.folder), "rules": rules.as_dict(), "series": rows,
+            "chosen": None if chosen is None else {key: value for key, value in chosen.as_dict().items()
+                                                   if key != "files"}}
+
+
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     from ctfm_engine.training.recipe import run_recipe
 
@@ -1111,6 +1183,8 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "finetune": run_training,
     "demo": run_demo_command,
     "index": run_index,
+    "pacs": run_pacs,
+    "dicom": run_dicom,
 }
 
 
@@ -1124,7 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         document = RUNNERS[args.command](args)
     except CTFMError as error:
-        return _fail(args, error.exit_code, str(error))
+        return _fail(args, error.exit_code, str(error), getattr(error, "document", None))
     except KeyboardInterrupt:
         return _fail(args, 130, "interrupted; no partial output was left behind")
     except Exception as error:  # a bug, not a user error: say so in one line, the traceback with -v
@@ -1137,10 +1211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+def _fail(args: argparse.Namespace, code: int, message: str, document: dict[str, Any] | None = None) -> int:
     print(f"ctfm: error: {message}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"error": {"exit_code": code, "message": message}}))
+        print(json.dumps({"error": {"exit_code": code, "message": message}, **(document or {})}))
     return code
 
 
