@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU wheel of PyTorch; on a CUDA machine see README ("GPU") for the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-# Debian packages used by tests: dcm2niix (independent DICOM -> NIfTI converter).
-APT_PACKAGES := dcm2niix
+# Debian packages used by tests: dcm2niix (independent DICOM -> NIfTI converter), dicom3tools (dciodvfy, the
+# DICOM validator), orthanc + orthanc-dicomweb (the real PACS the end-to-end tests start in a network namespace).
+APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb
 
 .PHONY: demo test lint apt clean
 
@@ -33,7 +34,7 @@ test: $(VENV)/.installed apt
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check ctfm_engine tests benchmarks
+	$(BIN)/ruff check ctfm_engine tests benchmarks deploy_app
 
 clean:
 	rm -rf $(VENV) ctfm-demo .pytest_cache

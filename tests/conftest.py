@@ -81,3 +81,22 @@ def narrow_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("weights") / "ctfm-narrow-test"
     save_checkpoint(encoder, folder, config)
     return folder
+
+
+# The triage mechanics recipe on a coarse grid (same 240 x 256 x 256 mm field of view), one epoch: about 15 s of CPU.
+TRIAGE_RECIPE = Path(__file__).resolve().parents[1] / "training" / "finetune_triage_mechanics_cpu.yaml"
+TRIAGE_SMALL = ["data.spacing_zyx_mm=[15,8,8]", "data.spatial_size_zyx=[16,32,32]", "data.visits_per_epoch=1",
+                "trainer.max_epochs=1"]
+
+
+@pytest.fixture(scope="session")
+def triage_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny triage checkpoint (init_filters 8, 16x32x32 per window) fitted for one epoch by `ctfm finetune`."""
+    pytest.importorskip("lightning", reason="training the test checkpoint needs the [train] extra (lightning)")
+    run = tmp_path_factory.mktemp("triage-run")
+    overrides = [*TRIAGE_SMALL, f"output.dir={run}", f"output.export={run / 'model'}"]
+    result = run_cli("finetune", "--config", TRIAGE_RECIPE, "--json", "-q",
+                     *[arg for override in overrides for arg in ("--set", override)])
+    assert result.code == 0, result.stderr[-3000:]
+    return Path(result.document["export"])
+

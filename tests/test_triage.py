@@ -26,26 +26,10 @@ from ctfm_engine.tasks.triage import load_triage_model, require_head_ct, triage
 from ctfm_engine.volume import CTVolume, read_volume
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-RECIPE = REPOSITORY / "training" / "finetune_triage_mechanics_cpu.yaml"
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"  # 93 slices of 1.5 mm: 140 mm along S
 PARTIAL_HEAD = REPOSITORY / "training" / "manifests" / "head_ct_mechanics" / "ge_head_4mm_block"  # 56 mm along S
 MR = SHARED / "negative-controls" / "example_mr_sm.nii.gz"
 NECK = SHARED / "ct-nifti" / "TotalSegmentator_0003_0000.nii.gz"
-# The mechanics recipe on a coarse grid (same 240 x 256 x 256 mm field of view), one epoch: about 15 s of CPU.
-SMALL = ["data.spacing_zyx_mm=[15,8,8]", "data.spatial_size_zyx=[16,32,32]", "data.visits_per_epoch=1",
-         "trainer.max_epochs=1"]
-
-
-@pytest.fixture(scope="module")
-def triage_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny triage checkpoint (init_filters 8, 16x32x32 per window) fitted for one epoch by `ctfm finetune`."""
-    pytest.importorskip("lightning", reason="training the test checkpoint needs the [train] extra (lightning)")
-    run = tmp_path_factory.mktemp("triage-run")
-    overrides = [*SMALL, f"output.dir={run}", f"output.export={run / 'model'}"]
-    result = run_cli("finetune", "--config", RECIPE, "--json", "-q",
-                     *[arg for override in overrides for arg in ("--set", override)])
-    assert result.code == 0, result.stderr[-3000:]
-    return Path(result.document["export"])
 
 
 @pytest.fixture(autouse=True)

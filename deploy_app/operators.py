@@ -1,0 +1,319 @@
+"""The operators of the CT-FM MONAI Deploy application, one concern each, all doing their work through ctfm_engine.
+
+    SeriesSelectorOperator -> VolumeLoaderOperator -> SegmentationOperator -> DicomSegWriterOperator ─┐
+                                           └──────-> TriageOperator ------> TriageSrWriterOperator ──┴> ResultsOperator
+
+Every writer writes into the run's staging folder; only :class:`ResultsOperator` moves the finished objects into the
+output folder (and hands them to the PACS outbox when one is configured), so a run that fails anywhere leaves no
+half-written output behind.  Holoscan re-raises an operator's exception from ``Application.run()``, so the
+engine's errors (with their exit codes) reach ``python -m deploy_app`` unchanged.
+
+The SDK's own DICOM operators are not used: its loader reads every file with its pixel data and keeps only the
+first series of the first study, its selector cannot express ORIGINAL/axial/slice-count/kernel preferences nor
+say why a series was skipped, and its SEG writer writes neither laterality nor compressed encodings (see
+../shared/reference/deploy-and-pacs-notes.md).  The engine's reader and highdicom writer do those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from ctfm_engine.io import atomic_output
+
+log = logging.getLogger("deploy_app")
+
+
+@dataclass
+class RunRecord:
+    """What one run did, shared by the operators: timings, the staged files and the summary document."""
+
+    output: Path
+    staging: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    staged: list[Path] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    published: list[Path] = field(default_factory=list)
+
+    def timed(self, stage: str, started: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
+
+
+class SeriesSelectorOperator(Operator):
+    """Input folder -> the CT series the rules choose (``series``), with the reason every other series was skipped."""
+
+    def __init__(self, fragment: Fragment, *args: Any, input_folder: Path, rules: Any, record: RunRecord,
+                 **kwargs: Any) -> None:
+        self.input_folder = Path(input_folder)
+        self.rules = rules
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.output("series")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from ctfm_engine.dicom.selection import select_series
+
+        started = time.perf_counter()
+        selection = select_series(self.input_folder, self.rules)
+        chosen = selection.chosen
+        log.info("selected series %s (%s, %d instances); %d other series skipped", chosen.series_id,
+                 chosen.modality, chosen.instances, len(selection.skipped))
+        self.record.summary["selection"] = selection.as_dict()
+        self.record.timed("select", started)
+        op_output.emit(chosen, "series")
+
+
+class VolumeLoaderOperator(Operator):
+    """The chosen series -> a CTVolume in HU with its DICOM references (``volume``)."""
+
+    def __init__(self, fragment: Fragment, *args: Any, input_folder: Path, record: RunRecord, **kwargs: Any) -> None:
+        self.input_folder = Path(input_folder)
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("series")
+        spec.output("volume")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from ctfm_engine.dicom.series import read_dicom_series
+
+        series = op_input.receive("series")
+        started = time.perf_counter()
+        volume = read_dicom_series(self.input_folder, series_uid=series.series_id)
+        self.record.summary["volume"] = {"size_xyz": list(volume.shape_zyx[::-1]),
+                                         "spacing_xyz_mm": [round(v, 4) for v in volume.spacing_xyz_mm],
+                                         "series_instance_uid": volume.dicom.get("series_instance_uid"),
+                                         "derived_uids": volume.dicom.get("derived_uids", [])}
+        self.record.timed("read", started)
+        op_output.emit(volume, "volume")
+
+
+class SegmentationOperator(Operator):
+    """CTVolume -> whole-body label map on the source grid (``segmentation``), with the CT-FM segmentation model."""
+
+    def __init__(self, fragment: Fragment, *args: Any, model_path: Path, device: str, record: RunRecord,
+                 **kwargs: Any) -> None:
+        self.model_path = Path(model_path)
+        self.device = device
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.output("segmentation")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from ctfm_engine.runtime.backends import TorchBackend
+        from ctfm_engine.runtime.device import resolve_device
+        from ctfm_engine.tasks.segment import inference_network, open_segmentation_model, segment
+
+        volume = op_input.receive("volume")
+        started = time.perf_counter()
+        model = open_segmentation_model(self.model_path)
+        module, head = inference_network(model.network)
+        device = resolve_device(self.device)
+        self.record.timed("load_model", started)
+        started = time.perf_counter()
+        result = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=model.roi_size_zyx,
+                         overlap=model.overlap, backend=TorchBackend(module, device), head=head)
+        self.record.timed("segment", started)
+        structures = result.structures(model.names)
+        log.info("segmentation: %d structures with %s (sha256 %s)", len(structures), model.checkpoint.name,
+                 model.checkpoint.sha256[:12])
+        self.record.summary["segmentation"] = {"weights": model.checkpoint.identity, "structures": structures}
+        op_output.emit({"result": result, "model": model}, "segmentation")
+
+
+class DicomSegWriterOperator(Operator):
+    """Label map -> DICOM-SEG in the staging folder (``seg``), coded with SNOMED CT and laterality, on highdicom."""
+
+    def __init__(self, fragment: Fragment, *args: Any, encoding: str, record: RunRecord, **kwargs: Any) -> None:
+        self.encoding = encoding
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("segmentation")
+        spec.output("seg")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from ctfm_engine import __version__
+        from ctfm_engine.dicom.seg import Algorithm, SegEncoding, write_dicom_seg
+        from ctfm_engine.labels import label_table
+
+        received = op_input.receive("segmentation")
+        result, model = received["result"], received["model"]
+        if not result.labels.any():
+            # A DICOM-SEG must hold at least one segment: nothing found means no SEG, said in the summary.
+            log.warning("the model found no structure in this series; no DICOM-SEG is written")
+            self.record.summary["seg"] = {"skipped": "the model found no structure in this series"}
+            op_output.emit(None, "seg")
+            return
+        started = time.perf_counter()
+        algorithm = Algorithm(name=model.checkpoint.name, version=__version__,
+                              weights_sha256=model.checkpoint.sha256)
+        path = self.record.staging / "ctfm-seg.dcm"
+        info = write_dicom_seg(result.labels, result.volume, label_table(model.names), path, algorithm=algorithm,
+                               encoding=SegEncoding(self.encoding))
+        self.record.staged.append(path)
+        self.record.summary["seg"] = {"file": path.name, "encoding": self.encoding,
+                                      **{k: v for k, v in _plain(info).items() if k != "path"}}
+        self.record.timed("write_seg", started)
+        op_output.emit(info, "seg")
+
+
+class TriageOperator(Operator):
+    """CTVolume -> head-CT triage (``triage``): probability and decision, or why the scan could not be judged."""
+
+    def __init__(self, fragment: Fragment, *args: Any, model_path: Path, device: str, record: RunRecord,
+                 **kwargs: Any) -> None:
+        self.model_path = Path(model_path)
+        self.device = device
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.output("triage")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from ctfm_engine.errors import InputError
+        from ctfm_engine.runtime.backends import TorchBackend
+        from ctfm_engine.runtime.device import resolve_device
+        from ctfm_engine.tasks.triage import decision_threshold, load_triage_model, triage
+
+        volume = op_input.receive("volume")
+        started = time.perf_counter()
+        network, checkpoint = load_triage_model(self.model_path)
+        threshold, _ = decision_threshold(network)
+        try:
+            result = triage(volume, TorchBackend(network, resolve_device(self.device)), network.preprocessing,
+                            threshold)
+        except InputError as error:
+            # Not a head CT (or too little of one): the segmentation still goes out; the report says why no triage.
+            log.warning("triage skipped: %s", error)
+            self.record.summary["triage"] = {"skipped": str(error)}
+            op_output.emit(None, "triage")
+            return
+        finally:
+            self.record.timed("triage", started)
+        self.record.summary["triage"] = {"probability": result.probability, "decision": result.decision,
+                                         "threshold": result.threshold, "weights": checkpoint.identity}
+        op_output.emit({"result": result, "checkpoint": checkpoint, "volume": volume}, "triage")
+
+
+class TriageSrWriterOperator(Operator):
+    """Triage -> a Comprehensive 3D SR (TID 1500) in the staging folder (``sr``) referencing the source series."""
+
+    def __init__(self, fragment: Fragment, *args: Any, record: RunRecord, **kwargs: Any) -> None:
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("triage")
+        spec.output("sr")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from ctfm_engine import __version__
+        from ctfm_engine.dicom.seg import Algorithm
+        from ctfm_engine.dicom.sr import write_triage_sr
+
+        received = op_input.receive("triage")
+        if received is None:
+            op_output.emit(None, "sr")
+            return
+        started = time.perf_counter()
+        checkpoint = received["checkpoint"]
+        algorithm = Algorithm(name=checkpoint.name, version=__version__, weights_sha256=checkpoint.sha256)
+        path = self.record.staging / "ctfm-triage-sr.dcm"
+        info = write_triage_sr(received["result"], received["volume"], path, algorithm=algorithm)
+        self.record.staged.append(path)
+        self.record.summary["sr"] = {"file": path.name, **{k: v for k, v in _plain(info).items() if k != "path"}}
+        self.record.timed("write_sr", started)
+        op_output.emit(info, "sr")
+
+
+class ResultsOperator(Operator):
+    """Publishes the staged objects into the output folder, writes ``ctfm-results.json`` and, with a PACS
+    configured, records them in the output folder's outbox and sends them."""
+
+    def __init__(self, fragment: Fragment, *args: Any, record: RunRecord, pacs_url: str | None, with_sr: bool,
+                 **kwargs: Any) -> None:
+        self.record = record
+        self.pacs_url = pacs_url
+        self.with_sr = with_sr
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("seg")
+        if self.with_sr:
+            spec.input("sr")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        op_input.receive("seg")
+        if self.with_sr:
+            op_input.receive("sr")
+        publish(self.record)
+        if self.pacs_url:
+            deliver(self.record, self.pacs_url)
+
+
+def publish(record: RunRecord) -> None:
+    """Move the staged objects into the output folder and write the summary (atomically, summary last)."""
+    for staged in record.staged:
+        target = record.output / staged.name
+        shutil.move(str(staged), target)
+        record.published.append(target)
+    record.summary["outputs"] = [path.name for path in record.published]
+    record.summary["seconds"] = record.seconds
+    with atomic_output(record.output / "ctfm-results.json") as temporary:
+        temporary.write_text(json.dumps(record.summary, indent=1, default=str) + "\n")
+
+
+def deliver(record: RunRecord, pacs_url: str) -> None:
+    """Record the published objects in the output folder's outbox and send them.
+
+    Raises PacsError (exit code 1) when any is left undelivered: the objects stay in the output folder and pending
+    (or refused, with the reason) in its ``outbox.json``, ready for ``ctfm pacs outbox OUT_DIR --send``.
+    """
+    from ctfm_engine.dicom.outbox import Outbox
+    from ctfm_engine.dicom.pacs import PacsError, open_pacs, parse_address
+
+    if not record.published:
+        return
+    started = time.perf_counter()
+    address = parse_address(pacs_url)
+    outbox = Outbox(record.output)
+    outbox.add(record.published, address)
+    delivery = outbox.send(open_pacs(address))
+    record.timed("send", started)
+    record.summary["pacs"] = {"destination": address.display, **_plain(delivery)}
+    with atomic_output(record.output / "ctfm-results.json") as temporary:
+        temporary.write_text(json.dumps(record.summary, indent=1, default=str) + "\n")
+    if not delivery.report.complete:
+        undelivered = delivery.report.not_delivered
+        reasons = "; ".join(f"{Path(item.path).name}: {item.status.value} ({item.message})" for item in undelivered)
+        raise PacsError(f"{address.display}: {len(undelivered)} of {len(record.published)} result(s) not stored "
+                        f"({reasons}); they are kept in {record.output} and listed in its outbox.json: deliver them "
+                        f"later with `ctfm pacs outbox {record.output} --send`")
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass/report as JSON-able data."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    return value

@@ -1,0 +1,233 @@
+"""The MONAI Deploy application run as hospitals run it: `python -m deploy_app -i DICOM_DIR -o OUT_DIR`, on real CT.
+
+Each run is a real Holoscan application in its own process (about 10 s of start-up on this CPU), so the tests
+share runs through module-scoped fixtures.  The PACS round trip with a real Orthanc is in test_deploy_pacs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from conftest import SHARED, SHIPPED_SEG, TS_DICOM
+
+pytest.importorskip("monai.deploy.core", reason="the MONAI Deploy app needs the [deploy] extra "
+                    "(monai-deploy-app-sdk 4.0, holoscan-cu13 4.2)")
+pytest.importorskip("highdicom", reason="DICOM-SEG writing needs highdicom (the [dicom] extra)")
+
+from ctfm_engine.dicom.seg import read_dicom_seg  # noqa: E402
+from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
+from ctfm_engine.dicom.sr import read_triage_sr  # noqa: E402
+from ctfm_engine.dicom.validate import dciodvfy  # noqa: E402
+from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
+from ctfm_engine.tasks.segment import inference_network, open_segmentation_model, segment  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"
+DCMQI = SHARED / "dicom" / "dcmqi" / "segmentations"
+
+
+def run_app(*args: object, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "deploy_app", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def engine_labels(folder: Path, model: Path = SHIPPED_SEG) -> tuple[np.ndarray, object]:
+    """The label map the engine itself computes for this series, in this process: what the SEG must hold."""
+    volume = read_dicom_series(folder)
+    opened = open_segmentation_model(model)
+    module, head = inference_network(opened.network)
+    result = segment(volume, preprocessing=opened.preprocessing, roi_size_zyx=opened.roi_size_zyx,
+                     overlap=opened.overlap, backend=TorchBackend(module, "cpu"), head=head)
+    return result.labels, volume
+
+
+def assert_valid(path: Path) -> None:
+    validation = dciodvfy(path)
+    if validation is None:
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    assert validation.errors == [], f"{path.name}: dciodvfy errors {validation.errors}"
+
+
+def left_behind(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory: pytest.TempPathFactory, triage_model: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """The app on a real head CT (93 slices) with segmentation and triage."""
+    out = tmp_path_factory.mktemp("head-out")
+    return run_app("-i", SLICER_HEAD, "-o", out, "--triage-model", triage_model), out
+
+
+@pytest.fixture(scope="module")
+def abdomen_run(tmp_path_factory: pytest.TempPathFactory, triage_model: Path) -> tuple[subprocess.CompletedProcess,
+                                                                                        Path]:
+    """The app on the real JPEG 2000 abdomen series with blank UIDs, a LABELMAP encoding and a triage model that
+    must decline a non-head scan."""
+    out = tmp_path_factory.mktemp("abdomen-out")
+    return run_app("-i", TS_DICOM, "-o", out, "--encoding", "labelmap-rle", "--triage-model", triage_model), out
+
+
+def test_the_app_writes_a_valid_seg_that_holds_the_engines_segmentation_of_the_head_ct(head_run):
+    completed, out = head_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert left_behind(out) == ["ctfm-results.json", "ctfm-seg.dcm", "ctfm-triage-sr.dcm"]
+    seg_path = out / "ctfm-seg.dcm"
+    assert_valid(seg_path)
+    expected, volume = engine_labels(SLICER_HEAD)
+    labels, names = read_dicom_seg(seg_path, volume)
+    assert expected.any()
+    np.testing.assert_array_equal(labels, expected)
+    seg = pydicom.dcmread(seg_path)
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(volume.dicom["sop_instance_uids"]) and len(referenced) == 93
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.dicom["series_instance_uid"]
+    assert seg.StudyInstanceUID == volume.dicom["study_instance_uid"]
+    present = set(np.unique(expected)) - {0}
+    assert len(seg.SegmentSequence) == len(present)  # empty structures are omitted
+    summary = json.loads((out / "ctfm-results.json").read_text())
+    assert summary["selection"]["chosen"]["instances"] == 93
+    assert {"select", "read", "segment", "write_seg", "triage", "write_sr"} <= set(summary["seconds"])
+    assert summary["seg"]["frames"] == seg.NumberOfFrames
+
+
+def test_the_app_reports_the_head_ct_triage_as_a_valid_sr_referencing_the_series(head_run, triage_model):
+    completed, out = head_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    sr_path = out / "ctfm-triage-sr.dcm"
+    assert_valid(sr_path)
+    report = read_triage_sr(sr_path)
+    summary = json.loads((out / "ctfm-results.json").read_text())
+    assert report["decision"] == summary["triage"]["decision"]
+    assert report["probability"] == pytest.approx(summary["triage"]["probability"], abs=1e-6)
+    from conftest import run_cli
+
+    direct = run_cli("triage", SLICER_HEAD, "--model", triage_model, "--json", "-q").document
+    assert report["probability"] == pytest.approx(direct["probability"], abs=1e-5)
+    assert report["decision"] == direct["decision"]
+    assert report["referenced_series_uid"] == pydicom.dcmread(next(SLICER_HEAD.iterdir())).SeriesInstanceUID
+
+
+def test_the_app_handles_a_jpeg2000_series_with_blank_uids_and_declines_triage_of_an_abdomen(abdomen_run):
+    completed, out = abdomen_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert left_behind(out) == ["ctfm-results.json", "ctfm-seg.dcm"]
+    seg_path = out / "ctfm-seg.dcm"
+    assert_valid(seg_path)
+    seg = pydicom.dcmread(seg_path)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # LABELMAP
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    expected, volume = engine_labels(TS_DICOM)
+    labels, _ = read_dicom_seg(seg_path, volume)
+    np.testing.assert_array_equal(labels, expected)
+    assert {"StudyInstanceUID", "SeriesInstanceUID"} <= set(volume.dicom["derived_uids"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.dicom["series_instance_uid"]
+    summary = json.loads((out / "ctfm-results.json").read_text())
+    assert "head" in summary["triage"]["skipped"].lower()
+
+
+def test_running_the_app_twice_gives_the_same_uids(abdomen_run, tmp_path, triage_model):
+    """Re-runs are idempotent for the PACS: the same series, weights and result give the same SEG UIDs."""
+    completed, out = abdomen_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    again = run_app("-i", TS_DICOM, "-o", tmp_path, "--encoding", "labelmap-rle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    first, second = pydicom.dcmread(out / "ctfm-seg.dcm"), pydicom.dcmread(tmp_path / "ctfm-seg.dcm")
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+
+
+def copy_series(source: Path, target: Path, count: int | None = None) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in source.iterdir() if p.is_file())[:count]:
+        shutil.copy(path, target / path.name)
+    return target
+
+
+def retag(folder: Path, **values: object) -> None:
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            setattr(dataset, keyword, value)
+        dataset.save_as(path)
+
+
+def no_ct(folder: Path) -> str:
+    shutil.copy(DCMQI / "liver.dcm", folder / "liver.dcm")  # a DICOM-SEG, no image
+    return "no DICOM images"
+
+
+def localiser_only(folder: Path) -> str:
+    copy_series(SLICER_HEAD, folder, 2)
+    retag(folder, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    return "localizer"
+
+
+def mr_series(folder: Path) -> str:
+    copy_series(SLICER_HEAD, folder, 20)
+    retag(folder, Modality="MR")
+    return "MR"
+
+
+def truncated_file(folder: Path) -> str:
+    copy_series(SLICER_HEAD, folder)
+    victim = sorted(folder.iterdir())[40]
+    victim.write_bytes(victim.read_bytes()[:3000])
+    return victim.name
+
+
+def duplicate_instance(folder: Path) -> str:
+    copy_series(SLICER_HEAD, folder)
+    first = sorted(folder.iterdir())[10]
+    shutil.copy(first, folder / f"copy-of-{first.name}")
+    return "duplicate"
+
+
+def empty_folder(folder: Path) -> str:
+    return "empty"
+
+
+@pytest.mark.parametrize("make_input", [no_ct, localiser_only, mr_series, truncated_file, duplicate_instance,
+                                        empty_folder])
+def test_bad_input_gets_one_clear_sentence_exit_3_and_no_output(make_input, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    expected = make_input(folder)
+    completed = run_app("-i", folder, "-o", out)
+    assert completed.returncode == 3, completed.stderr[-3000:]
+    message = [line for line in completed.stderr.splitlines() if line.startswith("deploy_app: error:")]
+    assert len(message) == 1 and expected.lower() in message[0].lower(), completed.stderr[-2000:]
+    assert left_behind(out) == []
+
+
+def test_a_broken_model_is_exit_4_after_the_input_was_accepted_and_leaves_no_output(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"not weights")
+    completed = run_app("-i", SLICER_HEAD, "-o", tmp_path / "out", "-m", model)
+    assert completed.returncode == 4, completed.stderr[-3000:]
+    assert left_behind(tmp_path / "out") == []
+
+
+def test_the_package_manifest_and_requirements_are_what_the_packager_and_this_environment_use():
+    from importlib.metadata import version
+
+    manifest = yaml.safe_load((REPOSITORY / "deploy_app" / "app.yaml").read_text())
+    assert manifest["application"]["title"] and manifest["application"]["version"]
+    assert "input-formats" in manifest["application"] and "output-formats" in manifest["application"]
+    assert {"cpu", "memory"} <= set(manifest["resources"])
+    pins = dict(line.split("==") for line in (REPOSITORY / "deploy_app" / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["holoscan-cu13"] == "4.2.0"  # 4.3+ removed MAP packaging
+    for package in ("monai-deploy-app-sdk", "holoscan-cu13", "highdicom", "pydicom"):
+        assert version(package) == pins[package], package
