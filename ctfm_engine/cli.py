@@ -1195,6 +1195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="ctfm: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
     try:
         document = RUNNERS[args.command](args)
     except CTFMError as error:

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as error:  # argparse of the SDK: a usage error
         return error.code if isinstance(error.code, int) else 2
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module: noise here
     staging: Path | None = None
     try:
         from deploy_app.app import AppSettings, CTFMSegmentationApp, model_folders
