@@ -125,7 +125,8 @@ class SegmentationOperator(Operator):
         self.record.timed("load_model", started)
         started = time.perf_counter()
         result = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=model.roi_size_zyx,
-                         overlap=model.overlap, backend=TorchBackend(module, device), head=head)
+                         overlap=model.overlap, backend=TorchBackend(module, device), head=head,
+                         progress=_progress_logger("segmenting", "windows"))
         self.record.timed("segment", started)
         structures = result.structures(model.names)
         log.info("segmentation: %d structures with %s (sha256 %s)", len(structures), model.checkpoint.name,
@@ -306,6 +307,19 @@ def deliver(record: RunRecord, pacs_url: str) -> None:
         raise PacsError(f"{address.display}: {len(undelivered)} of {len(record.published)} result(s) not stored "
                         f"({reasons}); they are kept in {record.output} and listed in its outbox.json: deliver them "
                         f"later with `ctfm pacs outbox {record.output} --send`")
+
+
+def _progress_logger(stage: str, unit: str, step_percent: int = 10) -> Any:
+    """A progress callback that logs every ``step_percent`` % (an orchestrator reads the log, not a bar)."""
+    reported = [-step_percent]
+
+    def progress(done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent >= reported[0] + step_percent or done == total:
+            reported[0] = percent
+            log.info("%s: %d/%d %s (%d %%)", stage, done, total, unit, percent)
+
+    return progress
 
 
 def _plain(value: Any) -> Any:
