@@ -34,7 +34,7 @@ test: $(VENV)/.installed apt
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check ctfm_engine tests benchmarks deploy_app
+	$(BIN)/ruff check ctfm_engine tests benchmarks deploy_app SlicerCTFM
 
 clean:
 	rm -rf $(VENV) ctfm-demo .pytest_cache

@@ -1,0 +1,632 @@
+"""CTFM: whole-body segmentation, head-CT triage and semantic search with CT-FM, the CT foundation model, in Slicer.
+
+Thin by design (SlicerNNUnet's layout): the widget wires ``Resources/UI/CTFM.ui`` and runs a small state machine
+(Idle, Running, Cancelling) whose QTimer polls a worker job; the logic delegates to ``CTFMLib``: ``jobs`` runs the
+engine in a worker process (the UI thread never waits on it), ``install`` sets up packages and weights, and
+``mrml_adapters`` converts between MRML nodes (RAS) and the engine (patient LPS, arrays (z, y, x)).  Nothing heavy
+is imported at module load: torch and ctfm_engine live in the worker, and the adapters load after the dependency
+check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import qt
+import slicer
+import vtk
+from CTFMLib import install, jobs
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4 has no translation helpers
+
+    def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
+        return text
+
+
+POLL_INTERVAL_MS = 100
+HEATMAP_OPACITY = 0.4
+WEIGHT_SOURCES = ("bundled", "folder", "hub")
+NOT_CLINICAL = "Research use only: CT-FM results are not for clinical decisions."
+
+
+class CTFM(ScriptedLoadableModule):
+    """Module metadata only (cheap: Slicer loads it at startup)."""
+
+    def __init__(self, parent: Any) -> None:
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("CT-FM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerCTFM team"]
+        self.parent.helpText = _(
+            "Whole-body segmentation (TotalSegmentator v2 structures), head-CT triage and semantic search (click a "
+            "point, find the same anatomy in other scans) with CT-FM, the CT foundation model of Pai, Hadzic et al. "
+            "(2025). Inference runs in a background process that can be cancelled. " + NOT_CLINICAL)
+        self.parent.acknowledgementText = _(
+            "CT-FM by the AIM lab (Mass General Brigham); model architecture from MONAI (SegResNetDS). The bundled "
+            "demonstration models were trained by this project on public CT and are not for clinical use.")
+
+
+class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: Apply becomes Cancel while a job runs, a QTimer polls the job, results are imported on done."""
+
+    def __init__(self, parent: Any = None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: CTFMLogic | None = None
+        self.job: jobs.Job | None = None
+        self.jobKind = ""  # "segmentation" or "triage"
+        self.jobVolume = None
+        self.searchRequest: int | None = None
+        self.searchActive = False
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self.onTimer)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTFM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CTFMLogic()
+        self.logic.logCallback = self.addLog
+        self.ui.segmentationApplyButton.connect("clicked(bool)", self.onSegmentationButton)
+        self.ui.triageApplyButton.connect("clicked(bool)", self.onTriageButton)
+        self.ui.searchApplyButton.connect("clicked(bool)", self.onSearchButton)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.weightsSourceComboBox.connect("currentIndexChanged(int)", self.onWeightsChanged)
+        self.ui.segmentationWeightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsChanged)
+        self.ui.searchWeightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsChanged)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.segmentationOutputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.searchPointSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSearchPointNodeChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.ui.progressBar.setVisible(False)
+        self.ui.activeModelLabel.setText(_("(checked when a task starts)"))
+        self.updateButtons()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self.timer.stop()
+        if self.job is not None:
+            self.job.cancel()
+        if self.logic is not None:
+            self.logic.stopSearchWorker()
+
+    def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        self.cancelJob()
+        self.stopSearch()
+
+    # -- state machine: Idle (no job), Running, Cancelling --
+
+    @property
+    def state(self) -> str:
+        if self.job is None or self.job.finished:
+            return "Idle"
+        return "Cancelling" if self.job.state == "cancelling" else "Running"
+
+    def updateButtons(self, *unused: Any) -> None:
+        state, hasInput = self.state, self.ui.inputVolumeSelector.currentNode() is not None
+        for kind, button in (("segmentation", self.ui.segmentationApplyButton),
+                             ("triage", self.ui.triageApplyButton)):
+            ownsJob = state != "Idle" and self.jobKind == kind
+            button.text = _("Cancel") if ownsJob else _("Apply")
+            button.enabled = (ownsJob and state == "Running") or (state == "Idle" and hasInput)
+        self.ui.searchApplyButton.text = _("Stop search") if self.searchActive else _("Start search")
+        self.ui.searchApplyButton.enabled = hasInput or self.searchActive
+        segmentation = self.ui.segmentationOutputSelector.currentNode()
+        self.ui.exportDicomSegButton.enabled = state == "Idle" and segmentation is not None
+        self.ui.progressBar.setVisible(state != "Idle")
+
+    def startJob(self, kind: str, job: jobs.Job, volumeNode: Any) -> None:
+        self.job, self.jobKind, self.jobVolume = job, kind, volumeNode
+        self.ui.progressBar.setRange(0, 0)  # busy until the worker reports its first count
+        self.ui.statusLabel.setText(_("Starting the CT-FM worker..."))
+        self.timer.start()
+        self.updateButtons()
+
+    def cancelJob(self) -> None:
+        if self.job is not None and not self.job.finished:
+            self.job.cancel()
+            self.ui.statusLabel.setText(_("Cancelling..."))
+            self.updateButtons()
+
+    def onTimer(self) -> None:
+        if self.job is not None:
+            self.pollJob()
+        if self.searchActive:
+            self.pollSearch()
+        if (self.job is None or self.job.finished) and not self.searchActive:
+            self.timer.stop()
+
+    def pollJob(self) -> None:
+        for event in self.job.poll():
+            if event["event"] == "log":
+                self.addLog(event.get("message", ""))
+        progress = self.job.progress
+        if progress is not None and self.job.state == "running":
+            self.ui.progressBar.setRange(0, max(progress.total, 1))
+            self.ui.progressBar.setValue(progress.done)
+            self.ui.statusLabel.setText(f"{progress.stage}: {progress.done}/{progress.total}")
+        if self.job.finished:
+            self.finishJob()
+
+    def finishJob(self) -> None:
+        job, kind = self.job, self.jobKind
+        if job.state == "done":
+            try:
+                if kind == "segmentation":
+                    segmentation = self.logic.importSegmentation(job.result, self.jobVolume,
+                                                                 self.ui.segmentationOutputSelector.currentNode())
+                    self.ui.segmentationOutputSelector.setCurrentNode(segmentation)
+                    self.ui.statusLabel.setText(self.logic.describeSegmentation(job.result))
+                else:
+                    self.ui.triageResultLabel.setText(self.logic.describeTriage(job.result))
+                    self.ui.statusLabel.setText(_("Triage finished."))
+                self.ui.activeModelLabel.setText(self.logic.describeWeights(job.result.get("weights")))
+            except Exception as error:
+                slicer.util.errorDisplay(_("Importing the result failed: ") + str(error))
+        elif job.state == "cancelled":
+            self.ui.statusLabel.setText(_("Cancelled; nothing was written."))
+        else:
+            self.ui.statusLabel.setText(job.error.message)
+            slicer.util.errorDisplay(job.error.message, windowTitle=_("CT-FM"))
+        self.job = None
+        self.updateButtons()
+
+    # -- buttons --
+
+    def onSegmentationButton(self) -> None:
+        if self.state != "Idle":
+            self.cancelJob()
+            return
+        if not self.ensureDependencies():
+            return
+        volume = self.ui.inputVolumeSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
+            weights = self.logic.chooseWeights("segmentation", **self.weightsOptions())
+            self.ui.activeModelLabel.setText(weights.short())
+            job = self.logic.startSegmentation(volume, weights.folder, self.device(),
+                                               largestComponent=self.ui.largestComponentCheckBox.checked)
+            self.startJob("segmentation", job, volume)
+
+    def onTriageButton(self) -> None:
+        if self.state != "Idle":
+            self.cancelJob()
+            return
+        if not self.ensureDependencies():
+            return
+        volume = self.ui.inputVolumeSelector.currentNode()
+        threshold = self.ui.triageThresholdSpinBox.value or None
+        with slicer.util.tryWithErrorDisplay(_("Triage could not start."), waitCursor=True):
+            job = self.logic.startTriage(volume, self.ui.triageModelPathLineEdit.currentPath or None, self.device(),
+                                         threshold=threshold, acceptPartial=self.ui.acceptPartialCheckBox.checked)
+            self.ui.triageResultLabel.setText("")
+            self.startJob("triage", job, volume)
+
+    def onSearchButton(self) -> None:
+        if self.searchActive:
+            self.stopSearch()
+            return
+        if not self.ensureDependencies():
+            return
+        source = self.ui.inputVolumeSelector.currentNode()
+        targets = self.ui.searchTargetsSelector.checkedNodes() or [source]
+        with slicer.util.tryWithErrorDisplay(_("Semantic search could not start."), waitCursor=True):
+            weights = self.logic.chooseWeights("search", **self.weightsOptions())
+            self.ui.activeModelLabel.setText(weights.short())
+            cache = self.ui.featureCachePathLineEdit.currentPath or None
+            self.logic.startSearch(source, targets, weights.folder, self.device(), cacheDir=cache,
+                                   topK=self.ui.searchTopKSpinBox.value)
+            self.searchActive = True
+            self.onSearchPointNodeChanged(self.ui.searchPointSelector.currentNode())
+            self.ui.statusLabel.setText(_("Computing CT-FM features of the volumes; then click a point..."))
+            self.timer.start()
+        self.updateButtons()
+
+    def stopSearch(self) -> None:
+        self.searchActive, self.searchRequest = False, None
+        if self.logic is not None:
+            self.logic.stopSearchWorker()
+        self.removeObserversOf(self.ui.searchPointSelector.currentNode())
+        self.updateButtons()
+
+    def onSearchPointNodeChanged(self, markupsNode: Any) -> None:
+        self.removeObserversOfClass("vtkMRMLMarkupsFiducialNode")
+        if markupsNode is None:
+            return
+        self.ui.searchPointPlaceWidget.setCurrentNode(markupsNode)
+        for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                      slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent):
+            self.addObserver(markupsNode, event, self.onSearchPointMoved)
+
+    def removeObserversOf(self, node: Any) -> None:
+        if node is not None:
+            for observed, event, method, *_ in list(self.Observations):
+                if observed is node:
+                    self.removeObserver(observed, event, method)
+
+    def removeObserversOfClass(self, className: str) -> None:
+        for observed, event, method, *_ in list(self.Observations):
+            if observed is not None and observed.IsA(className):
+                self.removeObserver(observed, event, method)
+
+    def onSearchPointMoved(self, markupsNode: Any, event: Any) -> None:
+        if not self.searchActive or markupsNode.GetNumberOfDefinedControlPoints() < 1:
+            return
+        try:
+            self.searchRequest = self.logic.queryAtPoint(markupsNode)
+            self.ui.statusLabel.setText(_("Searching..."))
+        except (KeyError, RuntimeError) as error:
+            self.ui.statusLabel.setText(str(error))
+
+    def pollSearch(self) -> None:
+        worker = self.logic.searchWorker
+        if worker is None:
+            return
+        for event in worker.poll():
+            kind = event["event"]
+            if kind == "loaded":
+                self.ui.statusLabel.setText(_("Features ready: click a point in the input CT."))
+            elif kind == "log":
+                self.addLog(event.get("message", ""))
+            elif kind == "result" and event.get("request") == self.searchRequest:
+                self.ui.searchResultLabel.setText(self.logic.showSearchResult(event))
+                self.ui.statusLabel.setText(_("Search answered in {0:.2f} s.").format(event.get("seconds", 0.0)))
+            elif kind == "error":
+                self.ui.statusLabel.setText(event.get("message", ""))
+        if not worker.alive:
+            message = worker.error.message if worker.error else _("The search worker stopped.")
+            self.stopSearch()
+            slicer.util.errorDisplay(message, windowTitle=_("CT-FM"))
+
+    def onExportDicomSeg(self) -> None:
+        segmentation = self.ui.segmentationOutputSelector.currentNode()
+        volume = self.ui.inputVolumeSelector.currentNode()
+        with slicer.util.tryWithErrorDisplay(_("DICOM-SEG export failed."), waitCursor=True):
+            folder = self.logic.exportDicomSeg(segmentation, volume)
+            self.ui.statusLabel.setText(_("DICOM-SEG written to {0} and added to the DICOM database.").format(folder))
+
+    def onInstallDependencies(self) -> None:
+        self.ensureDependencies(force=True)
+
+    def onWeightsChanged(self, *unused: Any) -> None:
+        self.ui.activeModelLabel.setText(_("(checked when a task starts)"))
+        if self.logic is not None:
+            self.logic.stopSearchWorker()
+            self.searchActive = False
+            self.updateButtons()
+
+    # -- helpers --
+
+    def ensureDependencies(self, force: bool = False) -> bool:
+        """First use: offer to install the engine; False when it is not available."""
+        engine = self.ui.engineSourcePathLineEdit.currentPath or None
+        try:
+            with slicer.util.WaitCursor():
+                installed = self.logic.setupDependencies(
+                    engine, confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, _("CT-FM")))
+            if installed:
+                self.addLog(_("Installed: ") + ", ".join(installed))
+            elif force:
+                self.addLog(_("All CT-FM dependencies are installed."))
+            return True
+        except Exception as error:
+            slicer.util.errorDisplay(str(error), windowTitle=_("CT-FM"))
+            return False
+
+    def weightsOptions(self) -> dict[str, Any]:
+        source = WEIGHT_SOURCES[max(self.ui.weightsSourceComboBox.currentIndex, 0)]
+        return {"source": source, "segmentationFolder": self.ui.segmentationWeightsPathLineEdit.currentPath or None,
+                "searchFolder": self.ui.searchWeightsPathLineEdit.currentPath or None,
+                "allowDownload": self.ui.allowDownloadCheckBox.checked}
+
+    def device(self) -> str:
+        return self.ui.deviceComboBox.currentText or "auto"
+
+    def addLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+
+class CTFMLogic(ScriptedLoadableModuleLogic):
+    """All computation, callable without the widget: starts worker jobs and turns their results into MRML nodes.
+
+    No dialogs here: questions to the user come in as callbacks (``confirm``) from the widget.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.logCallback = logging.info
+        self.searchWorker: jobs.SearchWorker | None = None
+        self.searchSource: Any = None
+        self.searchTargets: list[Any] = []
+        self.searchKeys: dict[str, Any] = {}  # worker volume key -> volume node
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """The interpreter of worker processes: PythonSlicer (Slicer's own Python with the same packages)."""
+        return shutil.which("PythonSlicer") or jobs.default_python()
+
+    def setupDependencies(self, engineSource: str | None = None, confirm: Any = None) -> list[str]:
+        return install.ensure_dependencies(engineSource, confirm=confirm, log=self.logCallback)
+
+    def chooseWeights(self, task: str, source: str = "bundled", segmentationFolder: str | None = None,
+                      searchFolder: str | None = None, allowDownload: bool = False) -> install.WeightsChoice:
+        folder = segmentationFolder if task == "segmentation" else searchFolder
+        return install.choose_weights(task, source, folder=folder, allow_download=allowDownload)
+
+    @staticmethod
+    def describeWeights(weights: dict[str, str] | None) -> str:
+        return "" if not weights else f"{weights['name']} (sha256 {weights['sha256'][:12]})"
+
+    # -- segmentation --
+
+    def startSegmentation(self, volumeNode: Any, weights: Any, device: str = "auto",
+                          largestComponent: bool = False) -> jobs.Job:
+        from CTFMLib import mrml_adapters
+
+        volume = mrml_adapters.volume_node_to_ctvolume(volumeNode)
+        return jobs.start_segmentation(volume, weights, device, largest_component=largestComponent,
+                                       python=self.pythonExecutable())
+
+    def importSegmentation(self, result: dict[str, Any], volumeNode: Any, segmentationNode: Any = None) -> Any:
+        """The labels as a segmentation node named after the input, with terminology and AUTOMATIC tags."""
+        from CTFMLib import mrml_adapters
+
+        from ctfm_engine.labels import label_table
+
+        table = label_table({int(value): name for value, name in result["names"].items()})
+        name = segmentationNode.GetName() if segmentationNode is not None else f"{volumeNode.GetName()} segmentation"
+        if segmentationNode is not None:
+            slicer.mrmlScene.RemoveNode(segmentationNode)
+        node = mrml_adapters.labels_to_segmentation_node(result["labels"], volumeNode, table, slicer.mrmlScene,
+                                                         name=name, model_name=result["weights"]["name"])
+        self.placeInStudy(node, volumeNode)
+        return node
+
+    @staticmethod
+    def placeInStudy(node: Any, volumeNode: Any) -> None:
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volumeNode))
+        if study:
+            hierarchy.SetItemParent(hierarchy.GetItemByDataNode(node), study)
+
+    @staticmethod
+    def describeSegmentation(result: dict[str, Any]) -> str:
+        rows = result["structures"]
+        largest = ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in rows[:3])
+        return f"{len(rows)} structures in {result['seconds']:.0f} s ({largest}). {NOT_CLINICAL}"
+
+    # -- triage --
+
+    def startTriage(self, volumeNode: Any, model: str | None = None, device: str = "auto",
+                    threshold: float | None = None, acceptPartial: bool = False) -> jobs.Job:
+        from CTFMLib import mrml_adapters
+
+        volume = mrml_adapters.volume_node_to_ctvolume(volumeNode)
+        return jobs.start_triage(volume, model, device, threshold=threshold, accept_partial=acceptPartial,
+                                 python=self.pythonExecutable())
+
+    @staticmethod
+    def describeTriage(result: dict[str, Any]) -> str:
+        checks = result.get("checks", {})
+        found = "; ".join(checks.get("reasons", []) or []) or "a head CT the model can judge"
+        notes = "".join(f"<br>Note: {note}" for note in result.get("notes", []))
+        return (f"<b>{result['decision']}</b>: probability {result['probability']:.3f} (threshold "
+                f"{result['threshold']:.2f}, {result.get('threshold_source', '')}).<br>Input check: {found}."
+                f"{notes}<br>{NOT_CLINICAL}")
+
+    # -- semantic search --
+
+    def startSearch(self, sourceNode: Any, targetNodes: list[Any], weights: Any, device: str = "auto",
+                    cacheDir: str | None = None, topK: int = 3) -> jobs.SearchWorker:
+        """Start (or keep) the persistent search worker and send it the source and target volumes once."""
+        from CTFMLib import mrml_adapters
+
+        if self.searchWorker is None or not self.searchWorker.alive:
+            self.searchWorker = jobs.SearchWorker(weights, device, cache_dir=cacheDir, top_k=topK,
+                                                  python=self.pythonExecutable())
+            self.searchKeys = {}
+        self.searchSource, self.searchTargets = sourceNode, list(targetNodes)
+        for node in [sourceNode, *targetNodes]:
+            key = self.volumeKey(node)
+            if key not in self.searchKeys:
+                self.searchWorker.add_volume(mrml_adapters.volume_node_to_ctvolume(node), key)
+                self.searchKeys[key] = node
+        return self.searchWorker
+
+    @staticmethod
+    def volumeKey(volumeNode: Any) -> str:
+        """Node ID + voxel modification time: a changed volume is sent (and its features computed) again."""
+        return f"{volumeNode.GetID()}-{volumeNode.GetImageData().GetMTime()}"
+
+    def queryAtPoint(self, markupsNode: Any) -> int:
+        """Ask the worker for the first control point of ``markupsNode`` (world RAS, converted to LPS)."""
+        from CTFMLib import mrml_adapters
+
+        point = mrml_adapters.markup_point_lps(markupsNode, 0)
+        targets = [self.volumeKey(node) for node in self.searchTargets]
+        return self.searchWorker.query(self.volumeKey(self.searchSource), point, targets)
+
+    def showSearchResult(self, event: dict[str, Any]) -> str:
+        """One heatmap volume per target (overlaid on the best target), views jump to the best match; a summary."""
+        from CTFMLib import mrml_adapters
+
+        best, lines = None, []
+        for index, target in enumerate(event["targets"]):
+            node = self.searchKeys[target["key"]]
+            heatmap = event.get(f"heatmap_{index}")
+            match = target["matches"][0]
+            if heatmap is not None:
+                volume = mrml_adapters.volume_node_to_ctvolume(node)
+                heatmapNode = self.heatmapNode(f"{node.GetName()} similarity", heatmap, volume.grid)
+                if best is None or match["similarity"] > best[0]["similarity"]:
+                    best = (match, node, heatmapNode)
+            lines.append(f"{node.GetName()}: cosine {match['similarity']:.3f}" + (" (flat)" if target["flat"] else ""))
+        if best is not None:
+            match, node, heatmapNode = best
+            mrml_adapters.show_as_overlay(slicer.mrmlScene, node, heatmapNode, HEATMAP_OPACITY)
+            mrml_adapters.jump_slices_to_lps(slicer.mrmlScene, match["point_lps"])
+        return "<br>".join(lines + event.get("notes", []))
+
+    def heatmapNode(self, name: str, heatmap: Any, grid: Any) -> Any:
+        """A heatmap volume node (replacing the previous one of the same name), on its own coarse-or-fine grid."""
+        from CTFMLib import mrml_adapters
+
+        existing = slicer.mrmlScene.GetFirstNodeByName(name)
+        if existing is not None:
+            slicer.mrmlScene.RemoveNode(existing)
+        return mrml_adapters.heatmap_to_volume_node(heatmap, grid, slicer.mrmlScene, name)
+
+    def stopSearchWorker(self) -> None:
+        if self.searchWorker is not None:
+            self.searchWorker.close()
+        self.searchWorker, self.searchKeys = None, {}
+
+    # -- DICOM-SEG --
+
+    def exportDicomSeg(self, segmentationNode: Any, volumeNode: Any, folder: str | None = None) -> str:
+        """Export through Slicer's DICOM module (DICOMSegmentationPlugin); the volume must come from the database."""
+        if not volumeNode.GetAttribute("DICOM.instanceUIDs"):
+            raise ValueError(f"{volumeNode.GetName()}: DICOM-SEG export needs a volume loaded from the DICOM "
+                             f"database; import the series in the DICOM module, load it from there, and segment it")
+        import DICOMSegmentationPlugin
+
+        folder = folder or slicer.app.temporaryPath
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        self.placeInStudy(segmentationNode, volumeNode)
+        plugin = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
+        exportables = plugin.examineForExport(hierarchy.GetItemByDataNode(segmentationNode))
+        if not exportables:
+            raise ValueError(f"{segmentationNode.GetName()}: Slicer's DICOM module cannot export this segmentation")
+        for exportable in exportables:
+            exportable.directory = folder
+            exportable.setTag("SeriesDescription", "CT-FM segmentation")
+        error = plugin.export(exportables)
+        if error:
+            raise RuntimeError(error)
+        return folder
+
+
+class CTFMTest(ScriptedLoadableModuleTest):
+    """Self-test on the bundled sample CT: segmentation, triage (skipped without a triage model) and search; the
+    inference parts skip themselves when the dependencies or weights are absent (pip is never run in testing)."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_module_loads()
+        self.test_segmentation()
+        self.test_triage()
+        self.test_search()
+
+    def skipReason(self, task: str) -> str | None:
+        missing = install.missing_requirements(install.read_requirements())
+        if missing:
+            return "missing " + ", ".join(missing)
+        try:
+            install.choose_weights(task, "bundled")
+        except Exception as error:
+            return str(error)
+        return None
+
+    def sampleVolume(self) -> Any:
+        import ctfm_engine
+
+        path = Path(ctfm_engine.__file__).resolve().parent / "data" / "sample_ct.nii.gz"
+        return slicer.util.loadVolume(str(path))
+
+    def waitFor(self, job: jobs.Job, timeout: float = 600.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not job.finished and time.monotonic() < deadline:
+            job.poll()
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertTrue(job.finished, f"job still {job.state} after {timeout} s")
+
+    def test_module_loads(self) -> None:
+        self.delayDisplay("CT-FM module and its logic load")
+        self.assertIsNotNone(slicer.modules.ctfm)
+        self.assertTrue(os.path.isfile(install.REQUIREMENTS_FILE))
+        CTFMLogic()
+
+    def test_segmentation(self) -> None:
+        reason = self.skipReason("segmentation")
+        if reason:
+            self.delayDisplay(f"segmentation skipped: {reason}")
+            return
+        volume = self.sampleVolume()
+        logic = CTFMLogic()
+        job = logic.startSegmentation(volume, logic.chooseWeights("segmentation").folder, "cpu")
+        self.waitFor(job)
+        self.assertEqual(job.state, "done", job.error)
+        segmentation = logic.importSegmentation(job.result, volume)
+        self.assertGreater(segmentation.GetSegmentation().GetNumberOfSegments(), 0)
+        self.delayDisplay("segmentation passed")
+
+    def test_triage(self) -> None:
+        reason = self.skipReason("search")
+        if reason or not os.environ.get("CTFM_TRIAGE_WEIGHTS"):
+            self.delayDisplay(f"triage skipped: {reason or 'no triage model (set CTFM_TRIAGE_WEIGHTS)'}")
+            return
+        job = CTFMLogic().startTriage(self.sampleVolume(), None, "cpu")
+        self.waitFor(job)
+        # the sample is an abdomen: the input screen must refuse it before the model runs
+        self.assertEqual((job.state, job.error.exit_code), ("failed", 3))
+        self.delayDisplay("triage refused a non-head CT, as it must")
+
+    def test_search(self) -> None:
+        reason = self.skipReason("search")
+        if reason:
+            self.delayDisplay(f"search skipped: {reason}")
+            return
+        import time
+
+        volume = self.sampleVolume()
+        logic = CTFMLogic()
+        worker = logic.startSearch(volume, [volume], logic.chooseWeights("search").folder, "cpu")
+        try:
+            deadline = time.monotonic() + 300
+            while len(worker.loaded) < 1 and worker.alive and time.monotonic() < deadline:
+                worker.poll()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            bounds = [0.0] * 6
+            volume.GetRASBounds(bounds)
+            centre = [(bounds[2 * axis] + bounds[2 * axis + 1]) / 2 for axis in range(3)]
+            markups = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query")
+            markups.AddControlPointWorld(vtk.vtkVector3d(*centre))
+            request = logic.queryAtPoint(markups)
+            while request not in worker.results and request not in worker.errors and worker.alive:
+                worker.poll()
+                slicer.app.processEvents()
+                time.sleep(0.02)
+            self.assertIn(request, worker.results)
+            summary = logic.showSearchResult(worker.results[request])
+            self.assertIn("cosine", summary)
+        finally:
+            logic.stopSearchWorker()
+        self.delayDisplay("search passed")

@@ -1,0 +1,251 @@
+"""First-use setup of the CTFM module: the engine's Python packages inside Slicer, and which weights are active.
+
+Packages.  ``Resources/requirements.txt`` lists what the module installs (ctfm-engine, MONAI, safetensors,
+huggingface-hub, highdicom, ...).  Slicer owns SimpleITK (its build carries Slicer's in-memory ITK IO), numpy and
+requests; replacing them breaks Slicer (Slicer/Slicer#6711), so they are never installed and are skipped when
+ctfm-engine's metadata asks for them.  PyTorch comes from the PyTorch extension's ``PyTorchUtils`` (it picks the
+CUDA build that matches the driver).  Slicer >= 5.12 installs the rest with ``slicer.packaging.pip_ensure(...,
+skip_packages=...)``; older releases with ``slicer.util.pip_install``: ctfm-engine with ``--no-deps``, then the
+listed requirements, which already leave Slicer's packages out.
+
+Weights.  A task's checkpoint comes from the bundled demonstration models (``ctfm_engine/weights``), a local folder
+(``config.json`` + ``model.safetensors``), or the Hugging Face hub (downloaded only when asked and online).  Each
+choice is identified as the engine identifies results: checkpoint name and sha256 of ``model.safetensors``.
+
+Everything here runs without Slicer except :func:`ensure_dependencies`, whose Slicer calls are imported inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
+ENGINE_PACKAGE = "ctfm-engine"
+# Packages Slicer ships and relies on: never installed or upgraded by this module.
+SLICER_OWNED_PACKAGES = ("SimpleITK", "numpy", "requests", "torch", "torchvision", "torchaudio")
+MINIMUM_TORCH = ">=2.3"
+PACKAGING_SLICER_VERSION = (5, 12)  # slicer.packaging (pip_ensure with skip_packages) first shipped here
+
+TASKS = ("segmentation", "search", "triage")
+BUNDLED = {"segmentation": "ctfm-mini-wholebody-seg", "search": "ctfm-mini"}
+PUBLISHED = {"segmentation": "project-lighter/whole_body_segmentation",
+             "search": "project-lighter/ct_fm_feature_extractor"}
+SOURCES = ("bundled", "folder", "hub")
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def normalise(name: str) -> str:
+    """A distribution name in PEP 503 form (``Huggingface_Hub`` -> ``huggingface-hub``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(requirement: str) -> str:
+    """The normalised distribution name of a requirement line (``monai[itk]>=1.4`` -> ``monai``)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if not match:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return normalise(match.group(1))
+
+
+def read_requirements(path: str | Path = REQUIREMENTS_FILE) -> list[str]:
+    """The requirement lines of ``path`` (comments and blank lines dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def missing_requirements(requirements: Sequence[str]) -> list[str]:
+    """The requirements this Python does not satisfy (absent, or a version outside the specifier); no pip run."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # without packaging, presence is all that can be judged
+        Requirement = None  # noqa: N806
+    missing = []
+    for line in requirements:
+        try:
+            installed = metadata.version(requirement_name(line))
+        except metadata.PackageNotFoundError:
+            missing.append(line)
+            continue
+        if Requirement is not None and not Requirement(line).specifier.contains(installed, prereleases=True):
+            missing.append(line)
+    return missing
+
+
+def engine_requirement(source: str | Path | None = None) -> str:
+    """How to install the engine: a wheel file or a source folder (``pyproject.toml``) given as ``source``, else
+    the ``ctfm-engine`` line of the requirements (from the package index)."""
+    if source is None:
+        return next(line for line in read_requirements() if requirement_name(line) == normalise(ENGINE_PACKAGE))
+    path = Path(source).expanduser().resolve()
+    if path.is_file() and path.suffix == ".whl":
+        return str(path)
+    if path.is_dir() and (path / "pyproject.toml").is_file():
+        return str(path)
+    raise ValueError(f"{source}: not a ctfm_engine wheel (.whl) or source folder (with pyproject.toml)")
+
+
+def slicer_version() -> tuple[int, int] | None:
+    """(major, minor) of the running Slicer, or None outside Slicer."""
+    try:
+        import slicer
+    except ImportError:
+        return None
+    app = getattr(slicer, "app", None)
+    return None if app is None else (int(app.majorVersion), int(app.minorVersion))
+
+
+def ensure_dependencies(
+    engine_source: str | Path | None = None,
+    confirm: Callable[[str], bool] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Install what is missing into Slicer's Python; the requirements that were missing (empty: nothing to do).
+
+    ``confirm(message)`` is asked once before anything is installed (the widget shows a dialog; None installs
+    without asking, for tests and scripts); it returning False raises RuntimeError.  Torch comes from PyTorchUtils
+    (PyTorch extension); Slicer's own packages are never touched.
+    """
+    import slicer
+
+    requirements = [line for line in read_requirements() if requirement_name(line) != normalise(ENGINE_PACKAGE)]
+    engine = engine_requirement(engine_source)
+    missing = missing_requirements([engine] if engine_source is None else [ENGINE_PACKAGE]) + missing_requirements(
+        requirements)
+    torch_missing = not _torch_installed()
+    if not missing and not torch_missing:
+        return []
+    wanted = (["torch (through the PyTorch extension)"] if torch_missing else []) + missing
+    if confirm is not None and not confirm("CT-FM needs these Python packages in Slicer: " + ", ".join(wanted)
+                                           + ". Installing them may take several minutes. Install now?"):
+        raise RuntimeError("the CT-FM dependencies were not installed; the module cannot run without them")
+    if torch_missing:
+        _install_torch(log)
+    if (slicer_version() or (0, 0)) >= PACKAGING_SLICER_VERSION:
+        _pip_ensure([engine, *requirements], log)
+    else:
+        log(f"installing {engine} (without its dependencies: Slicer owns SimpleITK, numpy and requests)")
+        slicer.util.pip_install(f"--no-deps {engine}")
+        log("installing " + ", ".join(requirements))
+        slicer.util.pip_install(" ".join(requirements))
+    return wanted
+
+
+def _torch_installed() -> bool:
+    try:
+        metadata.version("torch")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def _install_torch(log: Callable[[str], None]) -> None:
+    try:
+        import PyTorchUtils
+    except ImportError:
+        raise RuntimeError("CT-FM needs PyTorch from the PyTorch extension: install the PyTorch extension from the "
+                           "Extensions Manager, restart Slicer and try again") from None
+    log("installing PyTorch through the PyTorch extension")
+    PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=MINIMUM_TORCH)
+    if not _torch_installed():
+        raise RuntimeError("PyTorch could not be installed; see the Python console for the reason")
+
+
+def _pip_ensure(requirements: Sequence[str], log: Callable[[str], None]) -> None:
+    import slicer.packaging
+
+    with tempfile.TemporaryDirectory(prefix="ctfm-requirements-") as folder:
+        path = Path(folder) / "requirements.txt"
+        path.write_text("\n".join(requirements) + "\n")
+        log("installing " + ", ".join(requirements) + " (skipping " + ", ".join(SLICER_OWNED_PACKAGES) + ")")
+        slicer.packaging.pip_ensure(slicer.packaging.load_requirements(str(path)),
+                                    skip_packages=list(SLICER_OWNED_PACKAGES), prompt_install=False,
+                                    requester="CTFM")
+
+
+# --- weights ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """The checkpoint a task uses: its folder, readable name and sha256 of ``model.safetensors``, and its origin."""
+
+    task: str
+    source: str
+    folder: Path
+    name: str
+    sha256: str
+
+    def short(self) -> str:
+        """``name (sha256 0123456789ab)`` for the module panel."""
+        return f"{self.name} (sha256 {self.sha256[:12]})"
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of ``folder/model.safetensors`` (remembered per path, size and modification time)."""
+    path = Path(folder) / WEIGHTS_FILE
+    status = path.stat()
+    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def choose_weights(
+    task: str,
+    source: str = "bundled",
+    *,
+    folder: str | Path | None = None,
+    repo_id: str | None = None,
+    allow_download: bool = False,
+) -> WeightsChoice:
+    """The checkpoint ``task`` (segmentation, search, triage) uses from ``source``: ``bundled`` (demo models
+    shipped with ctfm_engine), ``folder`` (``folder``), or ``hub`` (``repo_id``, default the published CT-FM repo;
+    taken from the local caches, downloaded only with ``allow_download``).  ModelError saying what to do otherwise.
+    """
+    from ctfm_engine.errors import ModelError
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if source == "bundled":
+        if task not in BUNDLED:
+            raise ModelError(f"no demonstration {task} model ships with CT-FM: choose a local checkpoint folder")
+        import ctfm_engine
+
+        checkpoint = Path(ctfm_engine.__file__).resolve().parent / "weights" / BUNDLED[task]
+    elif source == "folder":
+        if folder is None:
+            raise ModelError("choose the checkpoint folder (config.json + model.safetensors)")
+        checkpoint = Path(folder).expanduser().resolve()
+    elif source == "hub":
+        checkpoint = _hub_checkpoint(task, repo_id, allow_download)
+    else:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (checkpoint / name).is_file()]
+    if missing:
+        raise ModelError(f"{checkpoint}: not a CT-FM checkpoint folder (no {' or '.join(missing)}); choose a folder "
+                         f"holding config.json and model.safetensors")
+    name = checkpoint.name if source != "hub" else (repo_id or PUBLISHED[task])
+    return WeightsChoice(task, source, checkpoint, name, weights_sha256(checkpoint))
+
+
+def _hub_checkpoint(task: str, repo_id: str | None, allow_download: bool) -> Path:
+    from ctfm_engine.errors import ModelError
+    from ctfm_engine.models.registry import pull_weights, resolve_weights
+
+    if repo_id is None and task not in PUBLISHED:
+        raise ModelError(f"no published CT-FM {task} model: give the hub repo id of one")
+    repo = repo_id or PUBLISHED[task]
+    return Path(pull_weights(repo) if allow_download else resolve_weights(repo))
