@@ -1,12 +1,12 @@
 """First-use setup of the CTFM module: the engine's Python packages inside Slicer, and which weights are active.
 
 Packages.  ``Resources/requirements.txt`` lists what the module installs (ctfm-engine, MONAI, safetensors,
-huggingface-hub, highdicom, ...).  Slicer owns SimpleITK (its build carries Slicer's in-memory ITK IO), numpy and
-requests; replacing them breaks Slicer (Slicer/Slicer#6711), so they are never installed and are skipped when
-ctfm-engine's metadata asks for them.  PyTorch comes from the PyTorch extension's ``PyTorchUtils`` (it picks the
-CUDA build that matches the driver).  Slicer >= 5.12 installs the rest with ``slicer.packaging.pip_ensure(...,
-skip_packages=...)``; older releases with ``slicer.util.pip_install``: ctfm-engine with ``--no-deps``, then the
-listed requirements, which already leave Slicer's packages out.
+huggingface-hub, ...).  Slicer owns SimpleITK (its build carries Slicer's in-memory ITK IO), numpy, requests, and
+the pydicom/highdicom its DICOM module uses; replacing them breaks Slicer (Slicer/Slicer#6711), so they are never
+installed and are skipped when ctfm-engine's metadata asks for them.  PyTorch comes from the PyTorch extension's
+``PyTorchUtils`` (it picks the CUDA build that matches the driver).  Slicer >= 5.12 installs the rest with
+``slicer.packaging.pip_ensure(..., skip_packages=...)``; older releases with ``slicer.util.pip_install``:
+ctfm-engine with ``--no-deps``, then the listed requirements, which already leave Slicer's packages out.
 
 Weights.  A task's checkpoint comes from the bundled demonstration models (``ctfm_engine/weights``), a local folder
 (``config.json`` + ``model.safetensors``), or the Hugging Face hub (downloaded only when asked and online).  Each
@@ -28,7 +28,8 @@ from pathlib import Path
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 ENGINE_PACKAGE = "ctfm-engine"
 # Packages Slicer ships and relies on: never installed or upgraded by this module.
-SLICER_OWNED_PACKAGES = ("SimpleITK", "numpy", "requests", "torch", "torchvision", "torchaudio")
+SLICER_OWNED_PACKAGES = ("SimpleITK", "numpy", "requests", "pydicom", "highdicom", "torch", "torchvision",
+                         "torchaudio")
 MINIMUM_TORCH = ">=2.3"
 PACKAGING_SLICER_VERSION = (5, 12)  # slicer.packaging (pip_ensure with skip_packages) first shipped here
 
