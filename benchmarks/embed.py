@@ -97,25 +97,27 @@ def _release_freed_memory() -> None:
         pass
 
 
-def large_ct() -> CTVolume:
-    """A 512x512x300 CT at 0.8x0.8x1.0 mm made from a real scan (TotalSegmentator_0009, lumbar spine/pelvis).
-
-    The real scan is stretched to fill the field of view, so the body covers the slab like a clinical scan
-    instead of sitting in air that the foreground crop would remove.
-    """
+def stretched_ct(size_xyz: tuple[int, int, int], spacing_xyz_mm: tuple[float, float, float], source: str) -> CTVolume:
+    """A real scan (TotalSegmentator_0009, lumbar spine/pelvis) resampled to ``size_xyz`` voxels, then labelled with
+    ``spacing_xyz_mm``: stretched so that the body fills the field of view like a clinical scan instead of sitting
+    in air that the foreground crop would remove."""
     image = sitk.ReadImage(str(SHARED / "ct-nifti" / "TotalSegmentator_0009_0000.nii.gz"), sitk.sitkFloat32)
-    size, spacing = (512, 512, 300), (0.8, 0.8, 1.0)
     resampler = sitk.ResampleImageFilter()
-    resampler.SetSize(size)
-    resampler.SetOutputSpacing(tuple(s * o / n for s, o, n in zip(image.GetSpacing(), image.GetSize(), size,
+    resampler.SetSize(size_xyz)
+    resampler.SetOutputSpacing(tuple(s * o / n for s, o, n in zip(image.GetSpacing(), image.GetSize(), size_xyz,
                                                                   strict=True)))
     resampler.SetOutputOrigin(image.GetOrigin())
     resampler.SetOutputDirection(image.GetDirection())
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetDefaultPixelValue(-1024)
     stretched = resampler.Execute(image)
-    stretched.SetSpacing(spacing)
-    return CTVolume.from_sitk(stretched, source="512x512x300 CT (TotalSegmentator_0009 stretched)")
+    stretched.SetSpacing(spacing_xyz_mm)
+    return CTVolume.from_sitk(stretched, source=source)
+
+
+def large_ct() -> CTVolume:
+    """A 512x512x300 CT at 0.8x0.8x1.0 mm made from a real scan (see :func:`stretched_ct`)."""
+    return stretched_ct((512, 512, 300), (0.8, 0.8, 1.0), "512x512x300 CT (TotalSegmentator_0009 stretched)")
 
 
 def reference_embedding(encoder: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:

@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from embed import PeakMemory  # noqa: E402
+from embed import PeakMemory, stretched_ct  # noqa: E402
 
 from ctfm_engine.models.checkpoint import save_checkpoint  # noqa: E402
 from ctfm_engine.models.encoder import build_encoder, encoder_config  # noqa: E402
@@ -64,19 +63,7 @@ LIVER, SPLEEN = 5, 1
 
 def large_target() -> CTVolume:
     """Real CT resampled to 300x300x100 voxels at 1x1x3 mm (the CT-FM model grid), body filling the view."""
-    image = sitk.ReadImage(str(TARGETS["0009"]), sitk.sitkFloat32)
-    size, spacing = (300, 300, 100), (1.0, 1.0, 3.0)
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetSize(size)
-    resampler.SetOutputSpacing(tuple(s * o / n for s, o, n in zip(image.GetSpacing(), image.GetSize(), size,
-                                                                  strict=True)))
-    resampler.SetOutputOrigin(image.GetOrigin())
-    resampler.SetOutputDirection(image.GetDirection())
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetDefaultPixelValue(-1024)
-    stretched = resampler.Execute(image)
-    stretched.SetSpacing(spacing)
-    return CTVolume.from_sitk(stretched, source="300x300x100 CT (0009 resampled)")
+    return stretched_ct((300, 300, 100), (1.0, 1.0, 3.0), "300x300x100 CT (0009 resampled)")
 
 
 def published_width_weights() -> Path:
