@@ -195,11 +195,15 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- buttons --
 
-    def onSegmentationButton(self) -> None:
+    def readyToStart(self) -> bool:
+        """An Apply button pressed: while a job runs it is the Cancel button; else the packages must be there."""
         if self.state != "Idle":
             self.cancelJob()
-            return
-        if not self.ensureDependencies():
+            return False
+        return self.ensureDependencies()
+
+    def onSegmentationButton(self) -> None:
+        if not self.readyToStart():
             return
         volume = self.ui.inputVolumeSelector.currentNode()
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
@@ -210,10 +214,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.startJob("segmentation", job, volume)
 
     def onTriageButton(self) -> None:
-        if self.state != "Idle":
-            self.cancelJob()
-            return
-        if not self.ensureDependencies():
+        if not self.readyToStart():
             return
         volume = self.ui.inputVolumeSelector.currentNode()
         threshold = self.ui.triageThresholdSpinBox.value or None
