@@ -45,6 +45,12 @@ class RunRecord:
     def timed(self, stage: str, started: float) -> None:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
 
+    def staged_result(self, key: str, path: Path, info: Any, **extra: Any) -> None:
+        """Record an object written into the staging folder: published at the end, summarised under ``key``
+        (without its staging path, which does not outlive the run)."""
+        self.staged.append(path)
+        self.summary[key] = {"file": path.name, **extra, **{k: v for k, v in _plain(info).items() if k != "path"}}
+
 
 class SeriesSelectorOperator(Operator):
     """Input folder -> the CT series the rules choose (``series``), with the reason every other series was skipped."""
@@ -98,8 +104,8 @@ class VolumeLoaderOperator(Operator):
         op_output.emit(volume, "volume")
 
 
-class SegmentationOperator(Operator):
-    """CTVolume -> whole-body label map on the source grid (``segmentation``), with the CT-FM segmentation model."""
+class _ModelOperator(Operator):
+    """An operator that runs one checkpoint on one device and records its stages in the run's record."""
 
     def __init__(self, fragment: Fragment, *args: Any, model_path: Path, device: str, record: RunRecord,
                  **kwargs: Any) -> None:
@@ -107,6 +113,10 @@ class SegmentationOperator(Operator):
         self.device = device
         self.record = record
         super().__init__(fragment, *args, **kwargs)
+
+
+class SegmentationOperator(_ModelOperator):
+    """CTVolume -> whole-body label map on the source grid (``segmentation``), with the CT-FM segmentation model."""
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -166,22 +176,13 @@ class DicomSegWriterOperator(Operator):
         path = self.record.staging / "ctfm-seg.dcm"
         info = write_dicom_seg(result.labels, result.volume, label_table(model.names), path, algorithm=algorithm,
                                encoding=SegEncoding(self.encoding))
-        self.record.staged.append(path)
-        self.record.summary["seg"] = {"file": path.name, "encoding": self.encoding,
-                                      **{k: v for k, v in _plain(info).items() if k != "path"}}
+        self.record.staged_result("seg", path, info, encoding=self.encoding)
         self.record.timed("write_seg", started)
         op_output.emit(info, "seg")
 
 
-class TriageOperator(Operator):
+class TriageOperator(_ModelOperator):
     """CTVolume -> head-CT triage (``triage``): probability and decision, or why the scan could not be judged."""
-
-    def __init__(self, fragment: Fragment, *args: Any, model_path: Path, device: str, record: RunRecord,
-                 **kwargs: Any) -> None:
-        self.model_path = Path(model_path)
-        self.device = device
-        self.record = record
-        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -238,8 +239,7 @@ class TriageSrWriterOperator(Operator):
         algorithm = Algorithm(name=checkpoint.name, version=__version__, weights_sha256=checkpoint.sha256)
         path = self.record.staging / "ctfm-triage-sr.dcm"
         info = write_triage_sr(received["result"], received["volume"], path, algorithm=algorithm)
-        self.record.staged.append(path)
-        self.record.summary["sr"] = {"file": path.name, **{k: v for k, v in _plain(info).items() if k != "path"}}
+        self.record.staged_result("sr", path, info)
         self.record.timed("write_sr", started)
         op_output.emit(info, "sr")
 
