@@ -214,6 +214,28 @@ def test_dicom_instance_uids_of_a_slicer_dicom_volume_are_kept(scene) -> None:
     assert back.grid.matches(volume.grid, tolerance_mm=1e-4)
 
 
+def test_segmentation_of_a_dicom_volume_references_its_source_instances(scene) -> None:
+    volume = read_volume(TS_DICOM)
+    node = adapters.ctvolume_to_volume_node(volume, scene, "series")
+    uids = " ".join(volume.dicom["sop_instance_uids"])
+    node.SetAttribute("DICOM.instanceUIDs", uids)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(hierarchy.GetSceneItemID(), "study")
+    hierarchy.CreateItem(study, node)
+    labels = np.zeros(volume.voxels.shape, dtype=np.uint8)
+    labels[5:10, 200:260, 220:280] = 1  # any non-empty label: what is checked is the reference to the source
+    table = label_table({1: "vertebrae_L1"})
+    segmentation = adapters.labels_to_segmentation_node(labels, node, table, scene)
+    item = hierarchy.GetItemByDataNode(segmentation)
+    assert hierarchy.GetItemParent(item) == study
+    # what Slicer's DICOMSegmentationPlugin.examineForExport reads to find the source images in the database
+    assert hierarchy.GetItemAttribute(item, "DICOM.ReferencedInstanceUIDs").split() == volume.dicom["sop_instance_uids"]
+    nifti = adapters.ctvolume_to_volume_node(volume, scene, "nifti")  # the same voxels, not from the database
+    hierarchy.CreateItem(study, nifti)
+    plain = adapters.labels_to_segmentation_node(labels, nifti, table, scene)
+    assert not hierarchy.GetItemAttribute(hierarchy.GetItemByDataNode(plain), "DICOM.ReferencedInstanceUIDs")
+
+
 @pytest.fixture
 def ct_and_labels(scene):
     ct = _read_with_mrml(scene, SAMPLE_CT)

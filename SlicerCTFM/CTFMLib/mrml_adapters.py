@@ -44,6 +44,8 @@ REGION_CONTEXT = "Anatomic codes - DICOM master list"
 TERMINOLOGY_SEPARATORS = "~^|"
 ALGORITHM_TYPE_TAG = "DICOM.SegmentAlgorithmType"
 ALGORITHM_NAME_TAG = "DICOM.SegmentAlgorithmName"
+# Subject hierarchy attribute of a segmentation: the SOP Instance UIDs of the images it was made on (space separated).
+REFERENCED_INSTANCES_ATTRIBUTE = "DICOM.ReferencedInstanceUIDs"
 
 # Colour maps for a similarity heatmap that exist in Slicer and in slicer-core (file-based tables such as Viridis
 # need the application): name -> (MRML class, method that selects the map).  Slicer's colour logic gives each the
@@ -240,7 +242,9 @@ def labels_to_segmentation_node(
         ``volume_node_to_ctvolume(reference_node).voxels``).
     reference_node:
         The volume the labels were computed on.  The segmentation references its geometry (parameter and node
-        reference), sits under the same parent transform and, in the subject hierarchy, beside it (its study).
+        reference), sits under the same parent transform and, in the subject hierarchy, beside it (its study); a
+        volume loaded from DICOM passes its ``DICOM.instanceUIDs`` on as the segmentation item's
+        ``DICOM.ReferencedInstanceUIDs``, which Slicer's DICOM-SEG export uses.
     label_table:
         Label value -> ``Label``: segment name, colour (0-255) and SNOMED codes.  Labels with codes get a
         terminology entry (:func:`terminology_entry`); every present value must be in the table.
@@ -296,9 +300,12 @@ def _attach_to_reference(
     study_item = hierarchy.GetItemParent(reference_item)
     segmentation_item = hierarchy.GetItemByDataNode(segmentation)
     if segmentation_item == hierarchy.GetInvalidItemID():  # no subject hierarchy plugins (slicer-core)
-        hierarchy.CreateItem(study_item, segmentation)
+        segmentation_item = hierarchy.CreateItem(study_item, segmentation)
     else:
         hierarchy.SetItemParent(segmentation_item, study_item)
+    instance_uids = reference_node.GetAttribute("DICOM.instanceUIDs")
+    if instance_uids:  # what Slicer's DICOM-SEG export reads to find (and check) the source images
+        hierarchy.SetItemAttribute(segmentation_item, REFERENCED_INSTANCES_ATTRIBUTE, instance_uids)
 
 
 def _import_labels(
