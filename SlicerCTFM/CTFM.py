@@ -96,9 +96,14 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.weightsSourceComboBox.connect("currentIndexChanged(int)", self.onWeightsChanged)
         self.ui.segmentationWeightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsChanged)
         self.ui.searchWeightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsChanged)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         self.ui.segmentationOutputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.segmentationOutputSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                  self.ui.segmentationShow3DButton.setSegmentationNode)
         self.ui.searchPointSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSearchPointNodeChanged)
+        self.ui.searchTargetsSelector.connect("checkedNodesChanged()", self.onSearchTargetsChanged)
+        # "click a spot": placement stays on, and each new point replaces the previous query point
+        self.ui.searchPointPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.ui.progressBar.setVisible(False)
         self.ui.activeModelLabel.setText(_("(checked when a task starts)"))
@@ -244,6 +249,22 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.timer.start()
         self.updateButtons()
 
+    def onInputVolumeChanged(self, volumeNode: Any) -> None:
+        """A search is about the input CT it started on: choosing another input stops it."""
+        if self.searchActive and volumeNode is not self.logic.searchSource:
+            self.stopSearch()
+            self.ui.statusLabel.setText(_("Search stopped: the input CT changed. Start the search again."))
+        self.updateButtons()
+
+    def onSearchTargetsChanged(self) -> None:
+        """Volumes checked while a search runs are sent to the worker (only the new ones get their features)."""
+        if not self.searchActive:
+            return
+        source = self.logic.searchSource
+        targets = self.ui.searchTargetsSelector.checkedNodes() or [source]
+        with slicer.util.tryWithErrorDisplay(_("The search volumes could not be updated."), waitCursor=True):
+            self.logic.updateSearchTargets(targets)
+
     def stopSearch(self) -> None:
         self.searchActive, self.searchRequest = False, None
         if self.logic is not None:
@@ -256,28 +277,39 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if markupsNode is None:
             return
         self.ui.searchPointPlaceWidget.setCurrentNode(markupsNode)
-        for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                      slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent):
-            self.addObserver(markupsNode, event, self.onSearchPointMoved)
+        self.addObserver(markupsNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onSearchPointPlaced)
+        self.addObserver(markupsNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self.onSearchPointMoved)
 
     def removeObserversOf(self, node: Any) -> None:
         if node is not None:
-            for observed, event, method, *_ in list(self.Observations):
+            for observed, event, method, *_rest in list(self.Observations):
                 if observed is node:
                     self.removeObserver(observed, event, method)
 
     def removeObserversOfClass(self, className: str) -> None:
-        for observed, event, method, *_ in list(self.Observations):
+        for observed, event, method, *_rest in list(self.Observations):
             if observed is not None and observed.IsA(className):
                 self.removeObserver(observed, event, method)
 
+    def onSearchPointPlaced(self, markupsNode: Any, event: Any) -> None:
+        """A click placed a new point: it is the query; the older points go (after this event is handled)."""
+        self.onSearchPointMoved(markupsNode, event)
+        if markupsNode.GetNumberOfControlPoints() > 1:
+            qt.QTimer.singleShot(0, lambda: self.keepOnlyLastPoint(markupsNode))
+
+    @staticmethod
+    def keepOnlyLastPoint(markupsNode: Any) -> None:
+        while markupsNode.GetNumberOfControlPoints() > 1:
+            markupsNode.RemoveNthControlPoint(0)
+
     def onSearchPointMoved(self, markupsNode: Any, event: Any) -> None:
+        """Query the newest control point (the only one once older ones are removed) of the point list."""
         if not self.searchActive or markupsNode.GetNumberOfDefinedControlPoints() < 1:
             return
         try:
-            self.searchRequest = self.logic.queryAtPoint(markupsNode)
+            self.searchRequest = self.logic.queryAtPoint(markupsNode, markupsNode.GetNumberOfControlPoints() - 1)
             self.ui.statusLabel.setText(_("Searching..."))
-        except (KeyError, RuntimeError) as error:
+        except (KeyError, RuntimeError, ValueError) as error:
             self.ui.statusLabel.setText(str(error))
 
     def pollSearch(self) -> None:
@@ -302,9 +334,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExportDicomSeg(self) -> None:
         segmentation = self.ui.segmentationOutputSelector.currentNode()
-        volume = self.ui.inputVolumeSelector.currentNode()
         with slicer.util.tryWithErrorDisplay(_("DICOM-SEG export failed."), waitCursor=True):
-            folder = self.logic.exportDicomSeg(segmentation, volume)
+            folder = self.logic.exportDicomSeg(segmentation)
             self.ui.statusLabel.setText(_("DICOM-SEG written to {0} and added to the DICOM database.").format(folder))
 
     def onInstallDependencies(self) -> None:
@@ -349,7 +380,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class CTFMLogic(ScriptedLoadableModuleLogic):
-    """All computation, callable without the widget: starts worker jobs and turns their results into MRML nodes.
+    """All computation, callable without the widget: starts worker jobs and turns their results into MRML nodes
+    (through ``CTFMLib.session``, which is tested without Slicer).
 
     No dialogs here: questions to the user come in as callbacks (``confirm``) from the widget.
     """
@@ -357,10 +389,7 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.logCallback = logging.info
-        self.searchWorker: jobs.SearchWorker | None = None
-        self.searchSource: Any = None
-        self.searchTargets: list[Any] = []
-        self.searchKeys: dict[str, Any] = {}  # worker volume key -> volume node
+        self.search: Any = None  # CTFMLib.session.SearchSession while a search runs
 
     @staticmethod
     def pythonExecutable() -> str:
@@ -377,7 +406,9 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeWeights(weights: dict[str, str] | None) -> str:
-        return "" if not weights else f"{weights['name']} (sha256 {weights['sha256'][:12]})"
+        from CTFMLib import session
+
+        return session.describe_weights(weights)
 
     # -- segmentation --
 
@@ -390,32 +421,16 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
                                        python=self.pythonExecutable())
 
     def importSegmentation(self, result: dict[str, Any], volumeNode: Any, segmentationNode: Any = None) -> Any:
-        """The labels as a segmentation node named after the input, with terminology and AUTOMATIC tags."""
-        from CTFMLib import mrml_adapters
+        """The labels as a segmentation node named after the input (or replacing ``segmentationNode``)."""
+        from CTFMLib import session
 
-        from ctfm_engine.labels import label_table
-
-        table = label_table({int(value): name for value, name in result["names"].items()})
-        name = segmentationNode.GetName() if segmentationNode is not None else f"{volumeNode.GetName()} segmentation"
-        if segmentationNode is not None:
-            slicer.mrmlScene.RemoveNode(segmentationNode)
-        node = mrml_adapters.labels_to_segmentation_node(result["labels"], volumeNode, table, slicer.mrmlScene,
-                                                         name=name, model_name=result["weights"]["name"])
-        self.placeInStudy(node, volumeNode)
-        return node
-
-    @staticmethod
-    def placeInStudy(node: Any, volumeNode: Any) -> None:
-        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volumeNode))
-        if study:
-            hierarchy.SetItemParent(hierarchy.GetItemByDataNode(node), study)
+        return session.import_segmentation(result, volumeNode, slicer.mrmlScene, replace=segmentationNode)
 
     @staticmethod
     def describeSegmentation(result: dict[str, Any]) -> str:
-        rows = result["structures"]
-        largest = ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in rows[:3])
-        return f"{len(rows)} structures in {result['seconds']:.0f} s ({largest}). {NOT_CLINICAL}"
+        from CTFMLib import session
+
+        return session.describe_segmentation(result)
 
     # -- triage --
 
@@ -429,101 +444,92 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeTriage(result: dict[str, Any]) -> str:
-        checks = result.get("checks", {})
-        found = "; ".join(checks.get("reasons", []) or []) or "a head CT the model can judge"
-        notes = "".join(f"<br>Note: {note}" for note in result.get("notes", []))
-        return (f"<b>{result['decision']}</b>: probability {result['probability']:.3f} (threshold "
-                f"{result['threshold']:.2f}, {result.get('threshold_source', '')}).<br>Input check: {found}."
-                f"{notes}<br>{NOT_CLINICAL}")
+        from CTFMLib import session
+
+        return session.describe_triage(result)
 
     # -- semantic search --
 
+    @property
+    def searchWorker(self) -> jobs.SearchWorker | None:
+        return None if self.search is None else self.search.worker
+
+    @property
+    def searchSource(self) -> Any:
+        return None if self.search is None else self.search.source
+
     def startSearch(self, sourceNode: Any, targetNodes: list[Any], weights: Any, device: str = "auto",
-                    cacheDir: str | None = None, topK: int = 3) -> jobs.SearchWorker:
-        """Start (or keep) the persistent search worker and send it the source and target volumes once."""
-        from CTFMLib import mrml_adapters
+                    cacheDir: str | None = None, topK: int = 3) -> Any:
+        """Start (or keep, when the settings are the same) the search session and send it the volumes it lacks."""
+        from CTFMLib import session
 
-        if self.searchWorker is None or not self.searchWorker.alive:
-            self.searchWorker = jobs.SearchWorker(weights, device, cache_dir=cacheDir, top_k=topK,
-                                                  python=self.pythonExecutable())
-            self.searchKeys = {}
-        self.searchSource, self.searchTargets = sourceNode, list(targetNodes)
-        for node in [sourceNode, *targetNodes]:
-            key = self.volumeKey(node)
-            if key not in self.searchKeys:
-                self.searchWorker.add_volume(mrml_adapters.volume_node_to_ctvolume(node), key)
-                self.searchKeys[key] = node
-        return self.searchWorker
+        if self.search is not None and not (self.search.alive and self.search.matches(weights, device, cacheDir,
+                                                                                       topK)):
+            self.stopSearchWorker()
+        if self.search is None:
+            self.search = session.SearchSession(slicer.mrmlScene, weights, device, cache_dir=cacheDir, top_k=topK,
+                                                python=self.pythonExecutable())
+        self.search.set_volumes(sourceNode, targetNodes)
+        return self.search
 
-    @staticmethod
-    def volumeKey(volumeNode: Any) -> str:
-        """Node ID + voxel modification time: a changed volume is sent (and its features computed) again."""
-        return f"{volumeNode.GetID()}-{volumeNode.GetImageData().GetMTime()}"
+    def updateSearchTargets(self, targetNodes: list[Any]) -> None:
+        """Search in ``targetNodes`` from now on (new volumes are sent to the worker)."""
+        self.search.set_volumes(self.search.source, targetNodes)
 
-    def queryAtPoint(self, markupsNode: Any) -> int:
-        """Ask the worker for the first control point of ``markupsNode`` (world RAS, converted to LPS)."""
-        from CTFMLib import mrml_adapters
-
-        point = mrml_adapters.markup_point_lps(markupsNode, 0)
-        targets = [self.volumeKey(node) for node in self.searchTargets]
-        return self.searchWorker.query(self.volumeKey(self.searchSource), point, targets)
+    def queryAtPoint(self, markupsNode: Any, index: int = 0) -> int:
+        """Ask the worker for control point ``index`` of ``markupsNode``; the request id of its answer."""
+        return self.search.query(markupsNode, index)
 
     def showSearchResult(self, event: dict[str, Any]) -> str:
-        """One heatmap volume per target (overlaid on the best target), views jump to the best match; a summary."""
-        from CTFMLib import mrml_adapters
-
-        best, lines = None, []
-        for index, target in enumerate(event["targets"]):
-            node = self.searchKeys[target["key"]]
-            heatmap = event.get(f"heatmap_{index}")
-            match = target["matches"][0]
-            if heatmap is not None:
-                volume = mrml_adapters.volume_node_to_ctvolume(node)
-                heatmapNode = self.heatmapNode(f"{node.GetName()} similarity", heatmap, volume.grid)
-                if best is None or match["similarity"] > best[0]["similarity"]:
-                    best = (match, node, heatmapNode)
-            lines.append(f"{node.GetName()}: cosine {match['similarity']:.3f}" + (" (flat)" if target["flat"] else ""))
-        if best is not None:
-            match, node, heatmapNode = best
-            mrml_adapters.show_as_overlay(slicer.mrmlScene, node, heatmapNode, HEATMAP_OPACITY)
-            mrml_adapters.jump_slices_to_lps(slicer.mrmlScene, match["point_lps"])
-        return "<br>".join(lines + event.get("notes", []))
-
-    def heatmapNode(self, name: str, heatmap: Any, grid: Any) -> Any:
-        """A heatmap volume node (replacing the previous one of the same name), on its own coarse-or-fine grid."""
-        from CTFMLib import mrml_adapters
-
-        existing = slicer.mrmlScene.GetFirstNodeByName(name)
-        if existing is not None:
-            slicer.mrmlScene.RemoveNode(existing)
-        return mrml_adapters.heatmap_to_volume_node(heatmap, grid, slicer.mrmlScene, name)
+        """Heatmap per target, the best one overlaid, views on the best match; a summary."""
+        return self.search.show_result(event, HEATMAP_OPACITY)
 
     def stopSearchWorker(self) -> None:
-        if self.searchWorker is not None:
-            self.searchWorker.close()
-        self.searchWorker, self.searchKeys = None, {}
+        if self.search is not None:
+            self.search.close()
+        self.search = None
 
     # -- DICOM-SEG --
 
-    def exportDicomSeg(self, segmentationNode: Any, volumeNode: Any, folder: str | None = None) -> str:
-        """Export through Slicer's DICOM module (DICOMSegmentationPlugin); the volume must come from the database."""
+    def exportDicomSeg(self, segmentationNode: Any, folder: str | None = None) -> str:
+        """Export through Slicer's DICOM module (DICOMSegmentationPlugin), which also adds the SEG to the DICOM
+        database; the segmentation's reference volume must come from the database.  The folder the SEG was written
+        to (default: a new folder under Slicer's temporary path; removed again when the export fails)."""
+        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        volumeNode = segmentationNode.GetNodeReference(role)
+        if volumeNode is None:
+            raise ValueError(f"{segmentationNode.GetName()}: the segmentation has no reference volume; DICOM-SEG "
+                             f"export needs the CT it was made on")
         if not volumeNode.GetAttribute("DICOM.instanceUIDs"):
             raise ValueError(f"{volumeNode.GetName()}: DICOM-SEG export needs a volume loaded from the DICOM "
                              f"database; import the series in the DICOM module, load it from there, and segment it")
-        import DICOMSegmentationPlugin
+        try:
+            import DICOMSegmentationPlugin
+        except ImportError:  # Slicer < 5.12: the plugin comes with the QuantitativeReporting extension
+            raise RuntimeError("DICOM-SEG export needs the QuantitativeReporting extension on this Slicer version: "
+                               "install it from the Extensions Manager and restart Slicer") from None
 
-        folder = folder or slicer.app.temporaryPath
+        from CTFMLib import session
+
         hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        self.placeInStudy(segmentationNode, volumeNode)
+        session.place_in_study(segmentationNode, volumeNode)
         plugin = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
         exportables = plugin.examineForExport(hierarchy.GetItemByDataNode(segmentationNode))
         if not exportables:
-            raise ValueError(f"{segmentationNode.GetName()}: Slicer's DICOM module cannot export this segmentation")
+            raise ValueError(f"{segmentationNode.GetName()}: Slicer's DICOM module cannot export this segmentation "
+                             f"(are the CT's files still in the DICOM database?)")
+        created = folder is None
+        if created:
+            import tempfile
+
+            folder = tempfile.mkdtemp(prefix="CTFM-DICOM-SEG-", dir=slicer.app.temporaryPath)
         for exportable in exportables:
             exportable.directory = folder
             exportable.setTag("SeriesDescription", "CT-FM segmentation")
         error = plugin.export(exportables)
         if error:
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
             raise RuntimeError(error)
         return folder
 
@@ -585,11 +591,17 @@ class CTFMTest(ScriptedLoadableModuleTest):
         self.waitFor(job)
         self.assertEqual(job.state, "done", job.error)
         segmentation = logic.importSegmentation(job.result, volume)
+        self.assertEqual(segmentation.GetName(), f"{volume.GetName()} segmentation")
         self.assertGreater(segmentation.GetSegmentation().GetNumberOfSegments(), 0)
+        algorithm = vtk.mutable("")
+        self.assertTrue(segmentation.GetSegmentation().GetNthSegment(0).GetTag("DICOM.SegmentAlgorithmType", algorithm))
+        self.assertEqual(str(algorithm), "AUTOMATIC")
+        with self.assertRaises(ValueError):  # the sample is a NIfTI file, not a series of the DICOM database
+            logic.exportDicomSeg(segmentation)
         self.delayDisplay("segmentation passed")
 
     def test_triage(self) -> None:
-        reason = self.skipReason("search")
+        reason = self.skipReason("search")  # the packages; no triage model ships, it comes from the environment
         if reason or not os.environ.get("CTFM_TRIAGE_WEIGHTS"):
             self.delayDisplay(f"triage skipped: {reason or 'no triage model (set CTFM_TRIAGE_WEIGHTS)'}")
             return
@@ -608,7 +620,8 @@ class CTFMTest(ScriptedLoadableModuleTest):
 
         volume = self.sampleVolume()
         logic = CTFMLogic()
-        worker = logic.startSearch(volume, [volume], logic.chooseWeights("search").folder, "cpu")
+        logic.startSearch(volume, [volume], logic.chooseWeights("search").folder, "cpu")
+        worker = logic.searchWorker
         try:
             deadline = time.monotonic() + 300
             while len(worker.loaded) < 1 and worker.alive and time.monotonic() < deadline:
@@ -628,6 +641,7 @@ class CTFMTest(ScriptedLoadableModuleTest):
             self.assertIn(request, worker.results)
             summary = logic.showSearchResult(worker.results[request])
             self.assertIn("cosine", summary)
+            self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName(f"{volume.GetName()} similarity"))
         finally:
             logic.stopSearchWorker()
         self.delayDisplay("search passed")

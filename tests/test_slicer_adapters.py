@@ -44,7 +44,11 @@ def _bare_scene():
 
 @pytest.fixture
 def scene():
-    """A scene as the application prepares it: default colour nodes and three slice views."""
+    yield from slicer_scene()
+
+
+def slicer_scene():
+    """A scene as the application prepares it: default colour nodes and three slice views (a fixture body)."""
     scene = _bare_scene()
     colours = slicer.vtkMRMLColorLogic()
     colours.SetMRMLScene(scene)

@@ -285,8 +285,27 @@ def test_catalog_entry_matches_the_top_level_cmake():
 
 
 def _signature_of(source: Path, name: str) -> inspect.Signature:
-    """The signature of function ``name`` in ``source``, read without importing the file (it needs Slicer)."""
-    for node in ast.parse(source.read_text()).body:
+    """The signature of function ``name`` in ``source`` (``Class`` for its constructor, ``Class.method`` for a
+    method, both without ``self``), read without importing the file (it needs Slicer)."""
+    body = ast.parse(source.read_text()).body
+    class_name, _, method = name.partition(".")
+    for node in body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            wanted = method or "__init__"
+            for member in node.body:
+                if isinstance(member, ast.FunctionDef) and member.name == wanted:
+                    bound = ast.FunctionDef(name=wanted, args=member.args, body=[], decorator_list=[])
+                    bound.args = ast.arguments(posonlyargs=[], args=member.args.args[1:], vararg=member.args.vararg,
+                                               kwonlyargs=member.args.kwonlyargs,
+                                               kw_defaults=[d and ast.Constant(None) for d in member.args.kw_defaults],
+                                               kwarg=member.args.kwarg,
+                                               defaults=[ast.Constant(None) for _ in member.args.defaults])
+                    body, name = [bound], wanted
+                    break
+            else:
+                raise AssertionError(f"{source.name}: class {class_name} has no method {wanted}")
+            break
+    for node in body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
             stub = ast.FunctionDef(name=name, args=node.args, body=[ast.Pass()], decorator_list=[], returns=None,
                                    type_params=[])
@@ -308,7 +327,8 @@ def test_ctfm_py_compiles_imports_nothing_heavy_and_calls_the_libraries_as_they_
     assert not top_imports & {"torch", "monai", "ctfm_engine", "SimpleITK"}, top_imports
     classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     assert {"CTFM", "CTFMWidget", "CTFMLogic", "CTFMTest"} <= classes
-    libraries = {"jobs": jobs, "install": install, "mrml_adapters": MODULE / "CTFMLib" / "mrml_adapters.py"}
+    libraries = {"jobs": jobs, "install": install, "mrml_adapters": MODULE / "CTFMLib" / "mrml_adapters.py",
+                 "session": MODULE / "CTFMLib" / "session.py"}
     checked = set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -324,7 +344,16 @@ def test_ctfm_py_compiles_imports_nothing_heavy_and_calls_the_libraries_as_they_
             continue
         signature.bind(*range(len(node.args)), **{k.arg: None for k in node.keywords})  # TypeError on a mismatch
         checked.add(f"{node.func.value.id}.{name}")
+    for node in ast.walk(tree):  # self.search.<method>(...): the logic's SearchSession
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "search"
+                and isinstance(node.func.value.value, ast.Name) and node.func.value.value.id == "self"):
+            signature = _signature_of(MODULE / "CTFMLib" / "session.py", f"SearchSession.{node.func.attr}")
+            signature.bind(*range(len(node.args)), **{k.arg: None for k in node.keywords})
+            checked.add(f"SearchSession.{node.func.attr}")
     assert {"jobs.start_segmentation", "jobs.start_triage", "mrml_adapters.volume_node_to_ctvolume",
-            "mrml_adapters.labels_to_segmentation_node", "mrml_adapters.heatmap_to_volume_node",
-            "mrml_adapters.show_as_overlay", "mrml_adapters.markup_point_lps",
-            "mrml_adapters.jump_slices_to_lps", "install.ensure_dependencies", "install.choose_weights"} <= checked
+            "session.import_segmentation", "session.describe_segmentation", "session.describe_triage",
+            "session.describe_weights", "session.place_in_study", "session.SearchSession",
+            "SearchSession.set_volumes", "SearchSession.query", "SearchSession.show_result",
+            "SearchSession.matches", "SearchSession.close",
+            "install.ensure_dependencies", "install.choose_weights"} <= checked

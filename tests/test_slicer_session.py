@@ -1,0 +1,156 @@
+"""The CTFM module's logic path from a finished worker to the nodes a radiologist sees (CTFMLib.session), on real
+MRML from the PyPI package slicer-core, real workers and real CT: the segmentation node of a job, and a semantic
+search session from a point list to heatmap volumes, overlay and slice views, across volumes of other orientation."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_ENCODER, SHIPPED_SEG
+
+from ctfm_engine.volume import CTVolume, read_volume
+
+pytest.importorskip("slicer_core", reason="the Slicer session tests need the PyPI package slicer-core (Qt-free MRML)")
+slicer = importlib.import_module("slicer")
+vtk = importlib.import_module("vtk")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerCTFM"))
+adapters = importlib.import_module("CTFMLib.mrml_adapters")
+jobs = importlib.import_module("CTFMLib.jobs")
+session = importlib.import_module("CTFMLib.session")
+from test_slicer_adapters import _nodes, _segment_array, _tag, slicer_scene  # noqa: E402
+
+HEART = SHARED / "ct-nifti" / "s0335.nii.gz"
+LIVER = 5
+
+
+@pytest.fixture
+def scene():
+    yield from slicer_scene()
+
+
+def _finish(poll, done, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        poll()
+        time.sleep(0.02)
+    assert done(), f"not finished after {timeout} s"
+
+
+def _liver_centroid_lps() -> np.ndarray:
+    labels = sitk.ReadImage(str(SAMPLE_LABELS))
+    index_zyx = np.argwhere(sitk.GetArrayViewFromImage(labels) == LIVER).mean(axis=0)
+    return np.array(labels.TransformContinuousIndexToPhysicalPoint(index_zyx[::-1].tolist()))
+
+
+def test_a_segmentation_job_becomes_a_named_coded_automatic_segmentation_in_the_study(scene, tmp_path) -> None:
+    whole = read_volume(SAMPLE_CT)
+    box = (slice(None), slice(20, 80), slice(25, 100))  # 4 sliding windows instead of 20
+    origin = whole.zyx_index_to_lps(np.array([0.0, 20.0, 25.0]))
+    ct = adapters.ctvolume_to_volume_node(
+        CTVolume(np.ascontiguousarray(whole.voxels[box]), whole.spacing_xyz_mm, tuple(origin), whole.direction,
+                 "abdomen crop"),
+        scene, "abdomen CT")
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(hierarchy.GetSceneItemID(), "study")
+    hierarchy.CreateItem(study, ct)
+    job = jobs.start_segmentation(adapters.volume_node_to_ctvolume(ct), SHIPPED_SEG, "cpu", work_dir=tmp_path)
+    _finish(job.poll, lambda: job.finished, 240)
+    assert job.state == "done", job.error
+    labels = job.result["labels"]
+    present = sorted(int(value) for value in np.unique(labels) if value)
+    assert len(present) >= 3, present
+
+    node = session.import_segmentation(job.result, ct, scene)
+    assert node.GetName() == "abdomen CT segmentation"
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+    contents = node.GetSegmentation()
+    assert contents.GetNumberOfSegments() == len(present)
+    names = {int(value): name for value, name in job.result["names"].items()}
+    for index in range(contents.GetNumberOfSegments()):
+        segment = contents.GetNthSegment(index)
+        value = next(v for v in present if names[v] == segment.GetName())
+        assert np.array_equal(_segment_array(scene, node, contents.GetNthSegmentID(index), ct) > 0, labels == value)
+        assert _tag(segment, "DICOM.SegmentAlgorithmType") == "AUTOMATIC"
+        assert _tag(segment, "DICOM.SegmentAlgorithmName") == "CT-FM ctfm-mini-wholebody-seg"
+        assert "~SCT^" in _tag(segment, segment.GetTerminologyEntryTagName())
+
+    # Apply again with the same output node: the node is replaced, its name kept, nothing piles up.
+    node.SetName("my segmentation")
+    again = session.import_segmentation(job.result, ct, scene, replace=node)
+    assert again.GetName() == "my segmentation" and len(_nodes(scene, "vtkMRMLSegmentationNode")) == 1
+    summary = session.describe_segmentation(job.result)
+    assert summary.startswith(f"{len(present)} structures in ") and session.NOT_CLINICAL in summary
+    assert session.describe_weights(job.result["weights"]) == (
+        f"ctfm-mini-wholebody-seg (sha256 {job.result['weights']['sha256'][:12]})")
+
+
+def test_search_session_answers_clicks_with_heatmaps_overlay_and_views_across_orientations(scene, tmp_path) -> None:
+    source = adapters.ctvolume_to_volume_node(read_volume(SAMPLE_CT), scene, "abdomen")
+    heart = adapters.ctvolume_to_volume_node(read_volume(HEART), scene, "chest")
+    image = sitk.ReadImage(str(HEART))
+    reoriented_image = sitk.PermuteAxes(sitk.Flip(image, [True, False, True]), [1, 0, 2])
+    reoriented = adapters.ctvolume_to_volume_node(CTVolume.from_sitk(reoriented_image, source="s0335 reoriented"),
+                                                  scene, "chest reoriented")
+    assert not np.allclose(adapters.grid_of_node(heart).direction, adapters.grid_of_node(reoriented).direction)
+
+    search = session.SearchSession(scene, SHIPPED_ENCODER, "cpu", top_k=1, work_dir=tmp_path)
+    try:
+        sent = search.set_volumes(source, [heart, reoriented])
+        assert sent == [session.volume_key(node) for node in (source, heart, reoriented)]
+        assert search.matches(SHIPPED_ENCODER, "cpu", None, 1) and not search.matches(SHIPPED_ENCODER, "cuda", None, 1)
+        markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query")
+        markups.AddControlPoint(vtk.vtkVector3d(*adapters.lps_to_ras(_liver_centroid_lps())))
+        request = search.query(markups)
+        _finish(search.worker.poll, lambda: request in search.worker.results or not search.alive, 300)
+        event = search.worker.results[request]
+        summary = search.show_result(event)
+        assert "chest: cosine" in summary and "chest reoriented: cosine" in summary
+
+        # One heatmap per target, on that target's own voxel grid (also the reoriented one's direction matrix).
+        for target in (heart, reoriented):
+            heatmap = scene.GetFirstNodeByName(f"{target.GetName()} similarity")
+            assert heatmap is not None
+            assert adapters.grid_of_node(heatmap).matches(adapters.grid_of_node(target), tolerance_mm=1e-4)
+            values = slicer.util.arrayFromVolume(heatmap)
+            # in [0, 1], and its peak above the display threshold (0.5) under which the overlay is transparent
+            assert 0.0 <= values.min() and 0.5 < values.max() <= 1.0
+        # The same patient stored two ways: the same best match in patient coordinates.
+        one, other = (np.array(target["matches"][0]["point_lps"]) for target in event["targets"])
+        assert np.linalg.norm(one - other) < 1.0, (one, other)
+        best = max(event["targets"], key=lambda target: target["matches"][0]["similarity"])
+        best_node = search.nodes[best["key"]]
+        for composite in _nodes(scene, "vtkMRMLSliceCompositeNode"):
+            assert composite.GetBackgroundVolumeID() == best_node.GetID()
+            assert scene.GetNodeByID(composite.GetForegroundVolumeID()).GetName() == f"{best_node.GetName()} similarity"
+        match_ras = adapters.lps_to_ras(best["matches"][0]["point_lps"])
+        for view in _nodes(scene, "vtkMRMLSliceNode"):
+            slice_to_ras = view.GetSliceToRAS()
+            assert np.allclose([slice_to_ras.GetElement(row, 3) for row in range(3)], match_ras, atol=1e-3)
+
+        # A second click (a new point; the module keeps the newest) is answered from the cached features.
+        markups.AddControlPoint(vtk.vtkVector3d(*adapters.lps_to_ras(_liver_centroid_lps() + [0.0, 0.0, 20.0])))
+        started = time.perf_counter()
+        again = search.query(markups, 1)
+        _finish(search.worker.poll, lambda: again in search.worker.results or not search.alive, 60)
+        seconds = time.perf_counter() - started
+        search.show_result(search.worker.results[again])
+        similarity_nodes = [node for node in _nodes(scene, "vtkMRMLScalarVolumeNode")
+                            if node.GetName().endswith(" similarity")]
+        assert len(similarity_nodes) == 2, "each click replaces the heatmaps instead of adding new ones"
+        print(f"repeated query answered in {seconds:.2f} s (features cached)")
+
+        # Checking the same volumes again sends nothing; a volume whose voxels changed is sent again.
+        assert search.set_volumes(source, [heart, reoriented]) == []
+        voxels = slicer.util.arrayFromVolume(heart)
+        voxels[0, 0, 0] += 1.0
+        slicer.util.arrayFromVolumeModified(heart)
+        assert search.set_volumes(source, [heart]) == [session.volume_key(heart)]
+    finally:
+        search.close()
+    assert not search.alive
