@@ -319,7 +319,10 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for event in worker.poll():
             kind = event["event"]
             if kind == "loaded":
-                self.ui.statusLabel.setText(_("Features ready: click a point in the input CT."))
+                done, total = len(worker.loaded), len(self.logic.search.nodes)
+                self.ui.statusLabel.setText(
+                    _("Features ready: click a point in the input CT.") if done >= total
+                    else _("CT-FM features computed for {0} of {1} volumes...").format(done, total))
             elif kind == "log":
                 self.addLog(event.get("message", ""))
             elif kind == "result" and event.get("request") == self.searchRequest:

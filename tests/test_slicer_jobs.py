@@ -281,6 +281,10 @@ def test_catalog_entry_matches_the_top_level_cmake():
     assert "add_subdirectory(SlicerCTFM)" in cmake.split("## NEXT_MODULE")[0]
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf"set\({key} \"https://", cmake), key
+    raw = "https://raw.githubusercontent.com/SlicerCTFM/SlicerCTFM/main/"
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):  # once published, each URL is a file of this tree
+        for url in re.search(rf'set\({key} "([^"]*)"\)', cmake).group(1).split():
+            assert url.startswith(raw) and (ROOT / url[len(raw):]).is_file(), url
     assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
 
 
