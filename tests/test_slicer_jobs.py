@@ -211,6 +211,40 @@ def test_requirements_leave_slicers_own_packages_alone_and_are_checked_against_w
                                                                                    "no-such-package-ctfm"]
 
 
+def test_engine_wheel_carries_the_demo_models_and_installs_as_the_module_asks(tmp_path):
+    """ctfm-engine is not on PyPI: Slicer users install a wheel (or the source folder).  The wheel built from this
+    tree holds the bundled models and sample CT, and the requirement the module hands to pip (and to
+    slicer.packaging.load_requirements, which parses every line as a PEP 508 requirement) is accepted by both."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    from packaging.requirements import Requirement
+
+    source = tmp_path / "source"  # setuptools builds inside the project: keep build/ out of the checkout
+    shutil.copytree(ROOT / "ctfm_engine", source / "ctfm_engine", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
+                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("ctfm_engine-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for model in install.BUNDLED.values():
+        assert {f"ctfm_engine/weights/{model}/config.json", f"ctfm_engine/weights/{model}/model.safetensors"} <= names
+    assert "ctfm_engine/data/sample_ct.nii.gz" in names
+    for given in (wheel, source):
+        requirement = Requirement(install.engine_requirement(given))
+        assert (requirement.name, requirement.url) == ("ctfm-engine", given.resolve().as_uri())
+    (tmp_path / "requirements.txt").write_text(install.engine_requirement(wheel) + "\n")
+    dry_run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+                              "--ignore-installed", "-r", str(tmp_path / "requirements.txt")],
+                             capture_output=True, text=True, timeout=300)
+    assert dry_run.returncode == 0 and "Would install ctfm-engine-" in dry_run.stdout, dry_run.stderr
+    with pytest.raises(ValueError, match="not a ctfm_engine wheel"):
+        install.engine_requirement(tmp_path / "requirements.txt")
+    assert install.engine_requirement(None) == "ctfm-engine>=0.1.0"
+
+
 def test_weights_choices_report_the_checkpoint_name_and_sha256(tmp_path):
     from ctfm_engine.errors import ModelError
     from ctfm_engine.models.checkpoint import read_checkpoint

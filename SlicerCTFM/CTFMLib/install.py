@@ -79,16 +79,18 @@ def missing_requirements(requirements: Sequence[str]) -> list[str]:
 
 
 def engine_requirement(source: str | Path | None = None) -> str:
-    """How to install the engine: a wheel file or a source folder (``pyproject.toml``) given as ``source``, else
-    the ``ctfm-engine`` line of the requirements (from the package index)."""
+    """How to install the engine, as one requirement: the ``ctfm-engine`` line of the requirements (from the
+    package index), or for a wheel file or source folder (``pyproject.toml``) given as ``source`` the PEP 508 direct
+    reference ``ctfm-engine @ file:///...`` (what ``slicer.packaging.load_requirements`` and pip both accept; a bare
+    path is not a requirement)."""
     if source is None:
         return next(line for line in read_requirements() if requirement_name(line) == normalise(ENGINE_PACKAGE))
     path = Path(source).expanduser().resolve()
-    if path.is_file() and path.suffix == ".whl":
-        return str(path)
+    if path.is_file() and path.suffix == ".whl" and normalise(path.name.split("-")[0]) == ENGINE_PACKAGE:
+        return f"{ENGINE_PACKAGE} @ {path.as_uri()}"
     if path.is_dir() and (path / "pyproject.toml").is_file():
-        return str(path)
-    raise ValueError(f"{source}: not a ctfm_engine wheel (.whl) or source folder (with pyproject.toml)")
+        return f"{ENGINE_PACKAGE} @ {path.as_uri()}"
+    raise ValueError(f"{source}: not a ctfm_engine wheel (ctfm_engine-*.whl) or source folder (with pyproject.toml)")
 
 
 def slicer_version() -> tuple[int, int] | None:
@@ -131,9 +133,9 @@ def ensure_dependencies(
         _pip_ensure([engine, *requirements], log)
     else:
         log(f"installing {engine} (without its dependencies: Slicer owns SimpleITK, numpy and requests)")
-        slicer.util.pip_install(f"--no-deps {engine}")
+        slicer.util.pip_install(["--no-deps", engine])  # a list: each item is one argument (the reference has spaces)
         log("installing " + ", ".join(requirements))
-        slicer.util.pip_install(" ".join(requirements))
+        slicer.util.pip_install(list(requirements))
     return wanted
 
 
