@@ -194,6 +194,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.setText(_("Cancelled; nothing was written."))
         else:
             self.ui.statusLabel.setText(job.error.message)
+            if kind == "triage":  # the input check's refusal belongs in the triage panel too
+                self.ui.triageResultLabel.setText(_("Not judged: ") + job.error.message)
             slicer.util.errorDisplay(job.error.message, windowTitle=_("CT-FM"))
         self.job = None
         self.updateButtons()

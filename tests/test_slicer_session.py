@@ -26,6 +26,7 @@ session = importlib.import_module("CTFMLib.session")
 from test_slicer_adapters import _nodes, _segment_array, _tag, slicer_scene  # noqa: E402
 
 HEART = SHARED / "ct-nifti" / "s0335.nii.gz"
+SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"  # 93 slices of 1.5 mm: 140 mm along S
 LIVER = 5
 
 
@@ -154,3 +155,28 @@ def test_search_session_answers_clicks_with_heatmaps_overlay_and_views_across_or
     finally:
         search.close()
     assert not search.alive
+
+
+def test_a_triage_job_is_shown_with_its_decision_probability_and_what_the_input_check_found(
+        scene, tmp_path, triage_model) -> None:
+    head = adapters.ctvolume_to_volume_node(read_volume(SLICER_HEAD), scene, "head CT")
+    job = jobs.start_triage(adapters.volume_node_to_ctvolume(head), triage_model, "cpu", work_dir=tmp_path)
+    _finish(job.poll, lambda: job.finished, 240)
+    assert job.state == "done", job.error
+    result = job.result
+    text = session.describe_triage(result)
+    assert text.startswith(f"<b>{result['decision']}</b>: probability {result['probability']:.3f}")
+    assert result["decision"] == ("abnormal" if result["probability"] >= result["threshold"] else "normal")
+    coverage = result["checks"]["coverage_mm"]
+    assert 120 < coverage[0] < 160  # the series spans 140 mm along S
+    assert "the scan covers {:.0f} × {:.0f} × {:.0f} mm".format(*coverage) in text
+    assert f"over {result['checks']['skull_extent_mm']:.0f} mm along S" in text
+    assert "not a head CT" not in text and session.NOT_CLINICAL in text
+    assert session.describe_weights(result["weights"]).startswith(f"{result['weights']['name']} (sha256 ")
+
+    # The abdomen is refused by the input check before any model loads, with the reason the panel shows.
+    abdomen = adapters.ctvolume_to_volume_node(read_volume(SAMPLE_CT), scene, "abdomen")
+    refused = jobs.start_triage(adapters.volume_node_to_ctvolume(abdomen), triage_model, "cpu", work_dir=tmp_path)
+    _finish(refused.poll, lambda: refused.finished, 120)
+    assert (refused.state, refused.error.exit_code) == ("failed", 3)
+    assert "not a head CT" in refused.error.message and "no cranium found" in refused.error.message

@@ -47,13 +47,27 @@ def describe_segmentation(result: dict[str, Any]) -> str:
 
 
 def describe_triage(result: dict[str, Any]) -> str:
-    """The decision, probability, threshold and what the input check found (HTML for a QLabel)."""
-    checks = result.get("checks", {})
-    found = "; ".join(checks.get("reasons", []) or []) or "a head CT the model can judge"
-    notes = "".join(f"<br>Note: {note}" for note in result.get("notes", []))
+    """The decision, probability, threshold and what the input check found (HTML for a QLabel): the extent the
+    scan covers, the skull it found, what the model's field of view leaves out, and the check's notes."""
+    checks = result.get("checks") or {}
+    found = []
+    reasons = list(checks.get("reasons") or [])
+    if reasons:
+        found.append("not a head CT: " + "; ".join(reasons))
+    if "coverage_mm" in checks:
+        found.append("the scan covers {:.0f} × {:.0f} × {:.0f} mm (S × P × L)".format(*checks["coverage_mm"]))
+    if checks.get("skull_extent_mm"):
+        found.append(f"a skull around brain-like tissue over {checks['skull_extent_mm']:.0f} mm along S, "
+                     f"{checks.get('cranial_width_mm', 0.0):.0f} mm wide inside")
+    cropped = [float(value) for value in checks.get("cropped_away_mm") or ()]
+    if any(cropped):
+        found.append("the model's field of view leaves out {:.0f} / {:.0f} / {:.0f} mm along S / P / L"
+                     .format(*cropped))
+    notes = dict.fromkeys([*(checks.get("notes") or []), *result.get("notes", [])])  # each note once, in order
     return (f"<b>{result['decision']}</b>: probability {result['probability']:.3f} (threshold "
-            f"{result['threshold']:.2f}, {result.get('threshold_source', '')}).<br>Input check: {found}."
-            f"{notes}<br>{NOT_CLINICAL}")
+            f"{result['threshold']:.2f}, {result.get('threshold_source', '')}).<br>Input check: "
+            f"{'; '.join(found) or 'nothing recorded'}." + "".join(f"<br>Note: {note}" for note in notes)
+            + f"<br>{NOT_CLINICAL}")
 
 
 def describe_weights(weights: dict[str, str] | None) -> str:
