@@ -421,7 +421,7 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
                           largestComponent: bool = False) -> jobs.Job:
         from CTFMLib import mrml_adapters
 
-        volume = mrml_adapters.volume_node_to_ctvolume(volumeNode)
+        volume = mrml_adapters.volume_node_to_ctvolume(volumeNode, keep_small_integers=True)
         return jobs.start_segmentation(volume, weights, device, largest_component=largestComponent,
                                        python=self.pythonExecutable())
 
@@ -443,7 +443,7 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
                     threshold: float | None = None, acceptPartial: bool = False) -> jobs.Job:
         from CTFMLib import mrml_adapters
 
-        volume = mrml_adapters.volume_node_to_ctvolume(volumeNode)
+        volume = mrml_adapters.volume_node_to_ctvolume(volumeNode, keep_small_integers=True)
         return jobs.start_triage(volume, model, device, threshold=threshold, accept_partial=acceptPartial,
                                  python=self.pythonExecutable())
 

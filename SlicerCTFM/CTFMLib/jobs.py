@@ -569,7 +569,7 @@ def _read_volume(folder: Path, stem: str = "volume") -> CTVolume:
     from ctfm_engine.volume import CTVolume, check_hounsfield
 
     geometry = json.loads((folder / f"{stem}.json").read_text())
-    voxels = np.load(folder / f"{stem}.npy", allow_pickle=False)
+    voxels = np.load(folder / f"{stem}.npy", allow_pickle=False).astype(np.float32, copy=False)  # int16 from Slicer
     volume = CTVolume(voxels=voxels, spacing_xyz_mm=tuple(geometry["spacing_xyz_mm"]),
                       origin_lps_mm=tuple(geometry["origin_lps_mm"]), direction=np.array(geometry["direction"]),
                       source=geometry["source"], series_instance_uid=geometry.get("series_instance_uid"),

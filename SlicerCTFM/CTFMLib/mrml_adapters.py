@@ -122,7 +122,7 @@ def set_grid(node: slicer.vtkMRMLVolumeNode, grid: Grid) -> None:
     node.SetIJKToRASMatrix(vtkMatrixFromArray(LPS_FROM_RAS @ grid.index_to_lps_matrix))
 
 
-def volume_node_to_ctvolume(node: slicer.vtkMRMLScalarVolumeNode) -> CTVolume:
+def volume_node_to_ctvolume(node: slicer.vtkMRMLScalarVolumeNode, *, keep_small_integers: bool = False) -> CTVolume:
     """A copy of a scalar volume node as a ``CTVolume``: voxels (z, y, x) float32, geometry in world LPS.
 
     Parameters
@@ -130,6 +130,10 @@ def volume_node_to_ctvolume(node: slicer.vtkMRMLScalarVolumeNode) -> CTVolume:
     node:
         A ``vtkMRMLScalarVolumeNode`` with one value per voxel (CT in Hounsfield units).  A linear parent transform
         is hardened into the geometry; a non-linear one raises ValueError.
+    keep_small_integers:
+        Keep 8- and 16-bit integer voxels (Slicer loads DICOM CT as int16) in their own type instead of float32:
+        every value is the same, the copy made on the UI thread and the file handed to a worker are half the size,
+        and the worker converts (``CTFMLib.jobs``).
 
     Returns
     -------
@@ -146,7 +150,9 @@ def volume_node_to_ctvolume(node: slicer.vtkMRMLScalarVolumeNode) -> CTVolume:
             f"volume node {node.GetName()!r} has {image.GetNumberOfScalarComponents()} values per voxel; CT-FM "
             f"needs a greyscale CT (one value per voxel)"
         )
-    voxels = np.array(arrayFromVolume(node), dtype=np.float32, copy=True)
+    view = arrayFromVolume(node)
+    small_integers = view.dtype in (np.int8, np.uint8, np.int16, np.uint16)  # exactly representable in float32
+    voxels = np.array(view, dtype=view.dtype if keep_small_integers and small_integers else np.float32, copy=True)
     series_uid = _series_instance_uid(node)
     dicom: dict[str, object] = {}
     instance_uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
@@ -274,7 +280,7 @@ def labels_to_segmentation_node(
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     try:
         _attach_to_reference(segmentation, reference_node)
-        _import_labels(labels_zyx, segmentation, reference_node, scene)
+        _import_labels(labels_zyx, segmentation, reference_node, present)
         _describe_segments(segmentation, label_table, set(present), model_name)
     except Exception:
         scene.RemoveNode(segmentation)
@@ -312,21 +318,39 @@ def _import_labels(
     labels_zyx: np.ndarray,
     segmentation: slicer.vtkMRMLSegmentationNode,
     reference_node: slicer.vtkMRMLScalarVolumeNode,
-    scene: slicer.vtkMRMLScene,
+    present: Sequence[int],
 ) -> None:
-    """Import the label map through a temporary labelmap node on the reference's geometry and transform."""
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segmentation.GetName()} (import)")
-    try:
-        ijk_to_ras = vtk.vtkMatrix4x4()
-        reference_node.GetIJKToRASMatrix(ijk_to_ras)
-        labelmap.SetIJKToRASMatrix(ijk_to_ras)
-        labelmap.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
-        storage_type = np.uint16 if labels_zyx.min() >= 0 and labels_zyx.max() <= np.iinfo(np.uint16).max else np.int32
-        updateVolumeFromArray(labelmap, np.ascontiguousarray(labels_zyx, dtype=storage_type))
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation, ""):
-            raise RuntimeError(f"Slicer could not import the label map into {segmentation.GetName()!r}")
-    finally:
-        scene.RemoveNode(labelmap)
+    """One segment per present label value, all sharing one binary labelmap layer: the label map itself.
+
+    This is how Slicer stores non-overlapping segments (a shared layer, each segment its label value), built directly
+    instead of through ``ImportLabelmapToSegmentationNode``, which takes seconds on a 512x512x300 map (4.4 s for 41
+    structures on a 2-core CPU; this takes the time of one copy, ``benchmarks/slicer_ui.py``) and would hold the UI
+    thread that long.  The layer is on the reference's voxel grid in its local RAS (IJKToRAS), and the segmentation
+    sits under the reference's parent transform, so both move together.
+    """
+    from vtk.util import numpy_support
+
+    if labels_zyx.min() >= 0 and labels_zyx.max() <= np.iinfo(np.uint16).max:
+        storage, vtk_type = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if labels_zyx.max() <= 255 else (np.uint16,
+                                                                                                vtk.VTK_UNSIGNED_SHORT)
+    else:
+        storage, vtk_type = np.int32, vtk.VTK_INT
+    layer = slicer.vtkOrientedImageData()
+    depth, rows, columns = labels_zyx.shape
+    layer.SetDimensions(columns, rows, depth)
+    flat = np.ascontiguousarray(labels_zyx, dtype=storage).ravel()
+    layer.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk_type))
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(ijk_to_ras)
+    layer.SetImageToWorldMatrix(ijk_to_ras)
+    contents = segmentation.GetSegmentation()
+    representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    for value in present:
+        segment = slicer.vtkSegment()
+        segment.SetLabelValue(int(value))
+        segment.AddRepresentation(representation, layer)
+        if not contents.AddSegment(segment, f"label_{int(value)}"):
+            raise RuntimeError(f"Slicer could not add label {value} to {segmentation.GetName()!r}")
 
 
 def _describe_segments(

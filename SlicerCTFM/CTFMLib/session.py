@@ -129,7 +129,7 @@ class SearchSession:
         for node in [source, *self.targets]:
             key = volume_key(node)
             if key not in self.nodes:
-                self.worker.add_volume(mrml_adapters.volume_node_to_ctvolume(node), key)
+                self.worker.add_volume(mrml_adapters.volume_node_to_ctvolume(node, keep_small_integers=True), key)
                 self.nodes[key] = node
                 sent.append(key)
         return sent
