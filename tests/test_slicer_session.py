@@ -113,14 +113,28 @@ def test_search_session_answers_clicks_with_heatmaps_overlay_and_views_across_or
         summary = search.show_result(event)
         assert "chest: cosine" in summary and "chest reoriented: cosine" in summary
 
-        # One heatmap per target, on that target's own voxel grid (also the reoriented one's direction matrix).
-        for target in (heart, reoriented):
+        # One heatmap per target, on the model grid the worker reports (Slicer reslices it), high at the best match.
+        for index, target in enumerate((heart, reoriented)):
             heatmap = scene.GetFirstNodeByName(f"{target.GetName()} similarity")
             assert heatmap is not None
-            assert adapters.grid_of_node(heatmap).matches(adapters.grid_of_node(target), tolerance_mm=1e-4)
+            entry = event["targets"][index]
+            assert adapters.grid_of_node(heatmap).matches(jobs.grid_from_event(entry), tolerance_mm=1e-4)
             values = slicer.util.arrayFromVolume(heatmap)
             # in [0, 1], and its peak above the display threshold (0.5) under which the overlay is transparent
             assert 0.0 <= values.min() and 0.5 < values.max() <= 1.0
+            at_match = adapters.volume_node_to_ctvolume(heatmap).lps_to_zyx_index(entry["matches"][0]["point_lps"])
+            assert values[tuple(np.rint(at_match).astype(int))] > 0.5
+        # The same field as the engine's heatmap on the target's own grid (what `ctfm search` writes), just coarser.
+        from ctfm_engine.preprocess import resample
+
+        fine_request = search.worker.query(session.volume_key(source), _liver_centroid_lps(),
+                                           [session.volume_key(heart)], heatmap_grid="source")
+        _finish(search.worker.poll, lambda: fine_request in search.worker.results or not search.alive, 60)
+        fine = search.worker.results[fine_request]["heatmap_0"]
+        assert fine.shape == adapters.grid_of_node(heart).shape_zyx
+        coarse = resample(event["heatmap_0"], jobs.grid_from_event(event["targets"][0]),
+                          adapters.grid_of_node(heart), interpolation="linear", fill=0.0)
+        np.testing.assert_allclose(coarse, fine, atol=1e-5)
         # The same patient stored two ways: the same best match in patient coordinates.
         one, other = (np.array(target["matches"][0]["point_lps"]) for target in event["targets"])
         assert np.linalg.norm(one - other) < 1.0, (one, other)

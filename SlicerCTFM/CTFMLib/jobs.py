@@ -100,6 +100,15 @@ def default_python() -> str:
     return sys.executable
 
 
+def grid_from_event(entry: dict[str, Any]) -> Any:
+    """The ``Grid`` (patient LPS) a search result's heatmap sits on, from a target entry's ``heatmap_grid``."""
+    from ctfm_engine.volume import Grid
+
+    geometry = entry["heatmap_grid"]
+    return Grid(tuple(geometry["shape_zyx"]), tuple(geometry["spacing_xyz_mm"]), tuple(geometry["origin_lps_mm"]),
+                np.array(geometry["direction"], dtype=float))
+
+
 def write_volume(volume: CTVolume, folder: Path, stem: str = "volume") -> None:
     """Store a CTVolume losslessly in ``folder``: ``<stem>.npy`` (voxels (z, y, x)) and ``<stem>.json`` (LPS
     geometry, source, series UID and the non-identifying DICOM references)."""
@@ -489,9 +498,10 @@ class SearchWorker:
         return key
 
     def query(self, source: str, point_lps: Sequence[float], targets: Sequence[str], *,
-              heatmaps: bool = True) -> int:
+              heatmaps: bool = True, heatmap_grid: str = "source") -> int:
         """Search the patch at ``point_lps`` (LPS mm) of loaded scan ``source`` in the loaded ``targets``; the
-        request id its ``result`` or ``error`` event will carry."""
+        request id its ``result`` or ``error`` event will carry.  ``heatmap_grid`` ``model`` sends each heatmap on
+        the (coarser) model grid, described in the target's ``heatmap_grid`` entry (see :func:`grid_from_event`)."""
         unknown = [key for key in (source, *targets) if key not in self._sent]
         if unknown:
             raise KeyError(f"volumes not added to the search worker: {', '.join(unknown)}")
@@ -500,7 +510,7 @@ class SearchWorker:
         request = next(self._requests)
         self._worker.send({"op": "search", "request": request, "source": source,
                            "point_lps": [float(v) for v in point_lps], "targets": list(targets),
-                           "heatmaps": bool(heatmaps)})
+                           "heatmaps": bool(heatmaps), "heatmap_grid": heatmap_grid})
         return request
 
     def poll(self) -> list[dict[str, Any]]:
@@ -720,15 +730,22 @@ def _answer_search(folder: Path, message: dict[str, Any], volumes: dict[str, CTV
         raise UsageError(f"the search worker could not load {', '.join(missing)}; add the volumes again")
     result = searcher.search(volumes[message["source"]], message["point_lps"],
                              [volumes[key] for key in message["targets"]], method="fast",
-                             heatmaps=bool(message.get("heatmaps", True)))
+                             heatmaps=bool(message.get("heatmaps", True)),
+                             heatmap_grid=message.get("heatmap_grid", "source"))
     arrays, targets = {}, []
     for index, (key, target) in enumerate(zip(message["targets"], result.targets, strict=True)):
         if target.heatmap is not None:
             name = f"heatmap_{index}"
             arrays[name] = _save_array(folder, f"{name}-{message['request']}", target.heatmap)
-        targets.append({"key": key, "matches": [{"point_lps": list(m.point_lps), "similarity": m.similarity}
-                                                for m in target.matches],
-                        "flat": target.flat, "cached": target.cached, "windows": target.windows})
+        entry = {"key": key, "matches": [{"point_lps": list(m.point_lps), "similarity": m.similarity}
+                                         for m in target.matches],
+                 "flat": target.flat, "cached": target.cached, "windows": target.windows}
+        if target.heatmap_grid is not None:
+            grid = target.heatmap_grid
+            entry["heatmap_grid"] = {"shape_zyx": list(grid.shape_zyx), "spacing_xyz_mm": list(grid.spacing_xyz_mm),
+                                     "origin_lps_mm": list(grid.origin_lps_mm),
+                                     "direction": np.asarray(grid.direction, dtype=float).tolist()}
+        targets.append(entry)
     protocol.emit("result", request=message["request"], point_lps=list(result.point_lps), targets=targets,
                   notes=result.notes, arrays=arrays, seconds=round(time.perf_counter() - started, 3))
 

@@ -137,18 +137,21 @@ class SearchSession:
     def query(self, markups_node: Any, index: int = 0) -> int:
         """Ask for control point ``index`` of ``markups_node`` (world RAS, sent as LPS); the request id."""
         point = mrml_adapters.markup_point_lps(markups_node, index)
-        return self.worker.query(volume_key(self.source), point, [volume_key(node) for node in self.targets])
+        return self.worker.query(volume_key(self.source), point, [volume_key(node) for node in self.targets],
+                                 heatmap_grid="model")
 
     def show_result(self, event: dict[str, Any], opacity: float = HEATMAP_OPACITY) -> str:
         """Heatmap volume ``"<target> similarity"`` per target (replacing the previous one), the best target's over
-        it in every slice view, the views centred on the best match; a summary line per target (HTML)."""
+        it in every slice view, the views centred on the best match; a summary line per target (HTML).  Heatmaps
+        come on the model grid (3 x 1 x 1 mm for CT-FM search): Slicer reslices them onto the views, and a
+        thin-slice target's heatmap is a fraction of its size."""
         best, lines = None, []
         for index, target in enumerate(event["targets"]):
             node = self.nodes[target["key"]]
             match = target["matches"][0]
             heatmap = event.get(f"heatmap_{index}")
             if heatmap is not None:
-                grid = mrml_adapters.grid_of_node(node)
+                grid = jobs.grid_from_event(target) if "heatmap_grid" in target else mrml_adapters.grid_of_node(node)
                 heatmap_node = self.heatmap_node(f"{node.GetName()} similarity", heatmap, grid)
                 if best is None or match["similarity"] > best[0]["similarity"]:
                     best = (match, node, heatmap_node)

@@ -122,12 +122,13 @@ class Match:
 class TargetResult:
     input: str
     matches: list[Match]
-    heatmap: np.ndarray | None  # on the target's source grid, [0, 1], float32
+    heatmap: np.ndarray | None  # on ``heatmap_grid`` (the target's source grid unless asked), [0, 1], float32
     source_grid: Grid
     flat: bool
     cached: bool
     seconds: float
     windows: int
+    heatmap_grid: Grid | None = None  # the grid ``heatmap`` sits on; None: ``source_grid``
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,6 +200,13 @@ class SimilarityField:
         """Min-max normalised similarity, interpolated and smoothed on the model grid, on ``source_grid``."""
         if self.flat:
             return np.zeros(source_grid.shape_zyx, dtype=np.float32)
+        return resample(self.model_heatmap(sigma_voxels), self.grid, source_grid, interpolation="linear", fill=0.0)
+
+    def model_heatmap(self, sigma_voxels: float) -> np.ndarray:
+        """The heatmap on the model grid (``self.grid``): what a viewer that reslices (Slicer) needs, a fraction of
+        the source grid's size for thin-slice scans."""
+        if self.flat:
+            return np.zeros(self.grid.shape_zyx, dtype=np.float32)
         low, high = float(self.values.min()), float(self.values.max())
         normalised = ((self.values - low) / (high - low)).astype(np.float64)
         on_model = normalised
@@ -206,7 +214,7 @@ class SimilarityField:
             matrix = _axis_operator(length, self.values.shape[axis], self.first_zyx[axis], self.step_zyx[axis],
                                     sigma_voxels)
             on_model = np.moveaxis(np.tensordot(matrix, on_model, axes=([1], [axis])), 0, axis)
-        return resample(on_model.astype(np.float32), self.grid, source_grid, interpolation="linear", fill=0.0)
+        return on_model.astype(np.float32)
 
 
 def _axis_operator(length: int, samples: int, first: float, step: float, sigma: float) -> np.ndarray:
@@ -339,10 +347,17 @@ class SemanticSearch:
         *,
         method: str = "fast",
         heatmaps: bool = True,
+        heatmap_grid: str = "source",
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
     ) -> SearchResult:
-        """Search the patch at ``point_lps`` of ``source`` in every target (see the module docstring)."""
+        """Search the patch at ``point_lps`` of ``source`` in every target (see the module docstring).
+
+        ``heatmap_grid``: ``source`` puts each heatmap on its target's voxel grid (files, figures); ``model`` leaves
+        it on the model grid it is computed on (``TargetResult.heatmap_grid``), for viewers that reslice.
+        """
+        if heatmap_grid not in ("source", "model"):
+            raise UsageError(f"heatmap_grid must be 'source' or 'model', got {heatmap_grid!r}")
         if method not in METHODS:
             raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         if not targets:
@@ -377,11 +392,15 @@ class SemanticSearch:
                 windows = similarity_field.values.size
             matches = similarity_field.matches(self.settings.top_k, self.settings.patch_voxels_zyx,
                                                refine=method == "fast")
-            heatmap = similarity_field.heatmap(target.grid, self.settings.heatmap_sigma_voxels) if heatmaps else None
+            sigma, heatmap, on_grid = self.settings.heatmap_sigma_voxels, None, None
+            if heatmaps and heatmap_grid == "model":
+                heatmap, on_grid = similarity_field.model_heatmap(sigma), similarity_field.grid
+            elif heatmaps:
+                heatmap, on_grid = similarity_field.heatmap(target.grid, sigma), target.grid
             if similarity_field.flat:
                 notes.append(f"target {index + 1}: the similarity is the same everywhere; no location stands out")
             results.append(TargetResult(target.source, matches, heatmap, target.grid, similarity_field.flat, cached,
-                                        time.perf_counter() - started, windows))
+                                        time.perf_counter() - started, windows, on_grid))
             if progress is not None:
                 progress(index + 2, steps)
         return SearchResult(source.source, tuple(float(v) for v in point), method, self.settings, results, notes)
