@@ -296,7 +296,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSearchPointPlaced(self, markupsNode: Any, event: Any) -> None:
         """A click placed a new point: it is the query; the older points go (after this event is handled)."""
         self.onSearchPointMoved(markupsNode, event)
-        if markupsNode.GetNumberOfControlPoints() > 1:
+        if self.searchActive and markupsNode.GetNumberOfControlPoints() > 1:
             qt.QTimer.singleShot(0, lambda: self.keepOnlyLastPoint(markupsNode))
 
     @staticmethod
