@@ -12,7 +12,7 @@ from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_ENCODER, TS_DICOM
 
 from ctfm_engine.errors import InputError, UsageError
 from ctfm_engine.models.registry import load_encoder
-from ctfm_engine.preprocess import preprocess
+from ctfm_engine.preprocess import preprocess, resample
 from ctfm_engine.progress import Cancelled
 from ctfm_engine.tasks.embed import Embedder, PatchWindows
 from ctfm_engine.tasks.search import (
@@ -69,6 +69,24 @@ def test_fast_search_gives_a_heatmap_on_each_targets_own_grid(encoder, sample):
         peak = np.array(np.unravel_index(np.argmax(target.heatmap), target.heatmap.shape))
         peak_lps = volume.zyx_index_to_lps(peak)
         assert np.linalg.norm(peak_lps - np.array(target.matches[0].point_lps)) < 40.0
+
+
+def test_model_grid_heatmaps_are_the_target_heatmaps_before_resampling(encoder, sample):
+    """heatmap_grid='model' (what Slicer gets, resliced by Slicer) is the same field on the model grid."""
+    target = read_volume(HEART)
+    search = searcher(encoder, top_k=2)
+    point = sample.centroid_lps(LIVER)
+    on_model = search.search(sample.volume, point, [target], heatmap_grid="model").targets[0]
+    on_target = search.search(sample.volume, point, [target]).targets[0]
+    assert same_grid(on_model.heatmap_grid, preprocess(target, search.settings.preprocessing).grid)
+    assert same_grid(on_target.heatmap_grid, target.grid)
+    assert on_model.heatmap.dtype == np.float32 and on_model.heatmap.flags.c_contiguous
+    assert on_model.heatmap.shape == on_model.heatmap_grid.shape_zyx != target.shape_zyx
+    np.testing.assert_allclose(resample(on_model.heatmap, on_model.heatmap_grid, target.grid, interpolation="linear",
+                                        fill=0.0), on_target.heatmap, atol=1e-6)
+    assert on_model.matches == on_target.matches
+    with pytest.raises(UsageError, match="heatmap_grid"):
+        search.search(sample.volume, point, [target], heatmap_grid="target")
 
 
 def test_matches_do_not_depend_on_how_the_target_is_stored(encoder, sample, tmp_path):
@@ -131,6 +149,24 @@ def test_a_repeated_query_is_answered_from_the_cache(encoder, sample, tmp_path):
     # other weights never see these features
     assert FeatureCache(tmp_path / "features").get(volume_key(target, search.settings.preprocessing, "0" * 64)) \
         is None
+
+
+def test_the_cache_key_is_remembered_only_for_read_only_voxels(encoder, monkeypatch):
+    """A long-lived worker's scans (read-only voxels) are hashed once; a writable scan edited in place is re-keyed."""
+    import ctfm_engine.tasks.search as search_module
+
+    hashed = []
+    original = search_module.volume_key
+    monkeypatch.setattr(search_module, "volume_key", lambda *args: hashed.append(1) or original(*args))
+    search = searcher(encoder)
+    volume = read_volume(HEART)
+    key = search.key(volume)
+    volume.voxels[0, 0, 0] += 100.0
+    edited = search.key(volume)
+    assert edited != key and len(hashed) == 2
+    volume.voxels.flags.writeable = False
+    assert search.key(volume) == search.key(volume) == edited and len(hashed) == 3
+    assert edited == original(volume, search.settings.preprocessing, search.weights_sha256)
 
 
 def test_a_flat_similarity_map_has_an_empty_heatmap_and_first_window_ties(sample):

@@ -177,7 +177,9 @@ def test_search_worker_answers_a_repeated_query_within_a_second(tmp_path, capsys
         for index, target in enumerate((source, shifted)):
             heatmap = result[f"heatmap_{index}"]
             assert heatmap.shape == target.shape_zyx and heatmap.dtype == np.float32
-            np.testing.assert_allclose(heatmap, expected.targets[index].heatmap, atol=1e-6)
+            # sent as 8-bit codes: within half a step (1/510) of the engine's, and the step is exactly 1/255
+            np.testing.assert_allclose(heatmap, expected.targets[index].heatmap, atol=0.5 / 255 + 1e-6)
+            np.testing.assert_allclose(heatmap * 255, np.rint(heatmap * 255), atol=1e-3)
         assert 0.0 <= result["heatmap_1"].min() and 0.5 < result["heatmap_1"].max() <= 1.0
         assert list((tmp_path / "features").glob("*.npz"))  # the persistent on-disk cache was filled
 
