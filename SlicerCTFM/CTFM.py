@@ -41,7 +41,6 @@ except ImportError:  # Slicer < 5.4 has no translation helpers
 
 
 POLL_INTERVAL_MS = 100
-HEATMAP_OPACITY = 0.4
 WEIGHT_SOURCES = ("bundled", "folder", "hub")
 NOT_CLINICAL = "Research use only: CT-FM results are not for clinical decisions."
 
@@ -487,7 +486,7 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
 
     def showSearchResult(self, event: dict[str, Any]) -> str:
         """Heatmap per target, the best one overlaid, views on the best match; a summary."""
-        return self.search.show_result(event, HEATMAP_OPACITY)
+        return self.search.show_result(event)
 
     def stopSearchWorker(self) -> None:
         if self.search is not None:
@@ -514,10 +513,10 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("DICOM-SEG export needs the QuantitativeReporting extension on this Slicer version: "
                                "install it from the Extensions Manager and restart Slicer") from None
 
-        from CTFMLib import session
+        from CTFMLib import mrml_adapters
 
         hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        session.place_in_study(segmentationNode, volumeNode)
+        mrml_adapters.place_in_study(segmentationNode, volumeNode)
         plugin = DICOMSegmentationPlugin.DICOMSegmentationPluginClass()
         exportables = plugin.examineForExport(hierarchy.GetItemByDataNode(segmentationNode))
         if not exportables:

@@ -393,7 +393,7 @@ def test_ctfm_py_compiles_imports_nothing_heavy_and_calls_the_libraries_as_they_
             checked.add(f"SearchSession.{node.func.attr}")
     assert {"jobs.start_segmentation", "jobs.start_triage", "mrml_adapters.volume_node_to_ctvolume",
             "session.import_segmentation", "session.describe_segmentation", "session.describe_triage",
-            "session.describe_weights", "session.place_in_study", "session.SearchSession",
+            "session.describe_weights", "mrml_adapters.place_in_study", "session.SearchSession",
             "SearchSession.set_volumes", "SearchSession.query", "SearchSession.show_result",
             "SearchSession.matches", "SearchSession.close",
             "install.ensure_dependencies", "install.choose_weights"} <= checked

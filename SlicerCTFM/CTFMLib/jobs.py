@@ -104,6 +104,12 @@ def default_python() -> str:
     return sys.executable
 
 
+def grid_to_event(grid: Any) -> dict[str, Any]:
+    """A ``Grid`` as a target entry's ``heatmap_grid`` (JSON); :func:`grid_from_event` reads it back."""
+    return {"shape_zyx": list(grid.shape_zyx), "spacing_xyz_mm": list(grid.spacing_xyz_mm),
+            "origin_lps_mm": list(grid.origin_lps_mm), "direction": np.asarray(grid.direction, dtype=float).tolist()}
+
+
 def grid_from_event(entry: dict[str, Any]) -> Any:
     """The ``Grid`` (patient LPS) a search result's heatmap sits on, from a target entry's ``heatmap_grid``."""
     from ctfm_engine.volume import Grid
@@ -750,10 +756,7 @@ def _answer_search(folder: Path, message: dict[str, Any], volumes: dict[str, CTV
                                          for m in target.matches],
                  "flat": target.flat, "cached": target.cached, "windows": target.windows}
         if target.heatmap_grid is not None:
-            grid = target.heatmap_grid
-            entry["heatmap_grid"] = {"shape_zyx": list(grid.shape_zyx), "spacing_xyz_mm": list(grid.spacing_xyz_mm),
-                                     "origin_lps_mm": list(grid.origin_lps_mm),
-                                     "direction": np.asarray(grid.direction, dtype=float).tolist()}
+            entry["heatmap_grid"] = grid_to_event(target.heatmap_grid)
         targets.append(entry)
     protocol.emit("result", request=message["request"], point_lps=list(result.point_lps), targets=targets,
                   notes=result.notes, arrays=arrays, scales=scales, seconds=round(time.perf_counter() - started, 3))

@@ -297,6 +297,15 @@ def _attach_to_reference(
         slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole(), reference_node.GetID()
     )
     segmentation.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+    place_in_study(segmentation, reference_node)
+
+
+def place_in_study(
+    segmentation: slicer.vtkMRMLSegmentationNode, reference_node: slicer.vtkMRMLScalarVolumeNode
+) -> None:
+    """Put the segmentation's subject hierarchy item beside ``reference_node``'s (its study), creating the item where
+    no hierarchy plugin did (slicer-core); for a volume loaded from DICOM, pass its ``DICOM.instanceUIDs`` on as the
+    item's ``DICOM.ReferencedInstanceUIDs``, which Slicer's DICOM-SEG export reads to find (and check) the images."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(reference_node.GetScene())
     if hierarchy is None:
         return
@@ -310,7 +319,7 @@ def _attach_to_reference(
     else:
         hierarchy.SetItemParent(segmentation_item, study_item)
     instance_uids = reference_node.GetAttribute("DICOM.instanceUIDs")
-    if instance_uids:  # what Slicer's DICOM-SEG export reads to find (and check) the source images
+    if instance_uids:
         hierarchy.SetItemAttribute(segmentation_item, REFERENCED_INSTANCES_ATTRIBUTE, instance_uids)
 
 

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import slicer
-
 from ctfm_engine.labels import label_table
 from CTFMLib import jobs, mrml_adapters
 
@@ -75,17 +73,6 @@ def describe_weights(weights: dict[str, str] | None) -> str:
     return "" if not weights else f"{weights['name']} (sha256 {weights['sha256'][:12]})"
 
 
-def place_in_study(node: Any, volume_node: Any) -> None:
-    """Put ``node``'s subject hierarchy item under ``volume_node``'s parent (its study), when both have items."""
-    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
-    invalid = hierarchy.GetInvalidItemID()
-    item, volume_item = hierarchy.GetItemByDataNode(node), hierarchy.GetItemByDataNode(volume_node)
-    if item != invalid and volume_item != invalid:
-        study = hierarchy.GetItemParent(volume_item)
-        if study != invalid:
-            hierarchy.SetItemParent(item, study)
-
-
 # --- semantic search ------------------------------------------------------------------------------------------
 
 
@@ -106,7 +93,7 @@ class SearchSession:
                  cache_dir: str | Path | None = None, top_k: int = 3, python: str | None = None,
                  work_dir: str | Path | None = None) -> None:
         self.scene = scene
-        self.settings = (str(weights), device, str(cache_dir), int(top_k))
+        self.settings = self._settings(weights, device, cache_dir, top_k)
         self.worker = jobs.SearchWorker(weights, device, cache_dir=cache_dir, top_k=top_k, python=python,
                                         work_dir=work_dir)
         self.source: Any = None
@@ -117,9 +104,13 @@ class SearchSession:
     def alive(self) -> bool:
         return self.worker.alive
 
+    @staticmethod
+    def _settings(weights: str | Path | None, device: str, cache_dir: str | Path | None, top_k: int) -> tuple:
+        return str(weights), device, str(cache_dir), int(top_k)
+
     def matches(self, weights: str | Path | None, device: str, cache_dir: str | Path | None, top_k: int) -> bool:
         """Whether this session was started with these settings (else the caller starts a new one)."""
-        return self.settings == (str(weights), device, str(cache_dir), int(top_k))
+        return self.settings == self._settings(weights, device, cache_dir, top_k)
 
     def set_volumes(self, source: Any, targets: Sequence[Any]) -> list[str]:
         """Search from ``source`` in ``targets`` from now on; the keys of the volumes sent now (those the worker

@@ -75,7 +75,7 @@ DPI = 100
 MAX_BYTES = 300_000  # README figures stay small
 HEATMAP_CMAP = "hot"  # black-red-yellow-white, the family of Slicer's PET-Heat colour map
 HEATMAP_HIDE_BELOW = 0.5  # mrml_adapters.heatmap_to_volume_node's default display threshold
-HEATMAP_OPACITY = 0.4  # CTFM.py's overlay opacity
+HEATMAP_OPACITY = 0.4  # the module's overlay opacity (CTFMLib/session.py)
 
 
 # --- running the module's job API ------------------------------------------------------------------------------
