@@ -37,7 +37,7 @@ import psutil  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ctfm_engine.tasks.retrieval import (  # noqa: E402
+from ctfm_engine.tasks.scan_index import (  # noqa: E402
     EmbeddingProvenance,
     IndexEntry,
     ScanIndex,

@@ -1029,7 +1029,7 @@ def run_concept_map(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_index(args: argparse.Namespace) -> dict[str, Any]:
-    from ctfm_engine.tasks.retrieval import ScanIndex
+    from ctfm_engine.tasks.scan_index import ScanIndex
 
     command = f"index {args.index_command}"
     if args.index_command in ("build", "add"):
@@ -1049,7 +1049,13 @@ def _index_scans(args: argparse.Namespace) -> dict[str, Any]:
     """``index build`` (rows from a manifest) and ``index add`` (rows from the command line)."""
     import time
 
-    from ctfm_engine.tasks.archive import EmbeddingRecipe, RayOptions, index_scans, read_manifest, rows_from_inputs
+    from ctfm_engine.tasks.archive_builder import (
+        EmbeddingRecipe,
+        RayOptions,
+        index_scans,
+        read_manifest,
+        rows_from_inputs,
+    )
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -1097,8 +1103,8 @@ def _index_scans(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _query_index(args: argparse.Namespace) -> dict[str, Any]:
-    from ctfm_engine.tasks.archive import embed_for_index, read_embedding_file
-    from ctfm_engine.tasks.retrieval import ScanIndex
+    from ctfm_engine.tasks.archive_builder import embed_for_index, read_embedding_file
+    from ctfm_engine.tasks.scan_index import ScanIndex
 
     if args.top_k < 1:
         raise UsageError(f"--top-k {args.top_k}: must be at least 1")

@@ -13,8 +13,8 @@ import pytest
 from conftest import SHARED, WEIGHTS, run_cli
 
 from ctfm_engine.errors import InputError, ModelError
-from ctfm_engine.tasks.archive import index_scans, read_manifest
-from ctfm_engine.tasks.retrieval import KINDS, EmbeddingProvenance, IndexEntry, ScanIndex, SearchParameters
+from ctfm_engine.tasks.archive_builder import index_scans, read_manifest
+from ctfm_engine.tasks.scan_index import KINDS, EmbeddingProvenance, IndexEntry, ScanIndex, SearchParameters
 
 MINI = WEIGHTS / "ctfm-mini"
 HEART = SHARED / "ct-nifti" / "s0335.nii.gz"
@@ -249,7 +249,7 @@ def test_an_interrupted_build_resumes_and_ends_equal_to_an_uninterrupted_one(bui
 
 
 def test_a_failed_commit_leaves_the_previous_index_readable(index_copy, monkeypatch):
-    from ctfm_engine.tasks import retrieval
+    from ctfm_engine.tasks import scan_index
 
     def disk_full(path, document):
         raise OSError(28, "No space left on device")
@@ -263,7 +263,7 @@ def test_a_failed_commit_leaves_the_previous_index_readable(index_copy, monkeypa
     assert data_files() == named
     with ScanIndex.open(index_copy, writable=True) as index:
         vector, provenance = index.vector("heart"), index.provenance
-        monkeypatch.setattr(retrieval, "_write_json", disk_full)  # the segment is written, the header is not
+        monkeypatch.setattr(scan_index, "_write_json", disk_full)  # the segment is written, the header is not
         with pytest.raises(OSError):
             index.add([IndexEntry("late", "late")], vector, provenance)
     monkeypatch.undo()

@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 from CTFMLib import jobs  # noqa: E402
 
 from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
+from ctfm_engine.figures import CT_DISPLAY_HU, View, new_figure, orthogonal_views, save_figure  # noqa: E402
 from ctfm_engine.labels import label_table  # noqa: E402
-from ctfm_engine.tasks.views import CT_DISPLAY_HU, View, new_figure, orthogonal_views, save_figure  # noqa: E402
 from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
 
 SHARED = Path(os.environ.get("CTFM_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -42,11 +42,7 @@ import torch.nn.functional as F
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from ctfm_engine.errors import CTFMError, InputError
-from ctfm_engine.io import atomic_output
-from ctfm_engine.models.encoder import DEFAULT_MEMORY_BUDGET_BYTES, last_feature_map
-from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess, resample
-from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
-from ctfm_engine.tasks.views import (
+from ctfm_engine.figures import (
     CT_DISPLAY_HU,
     VIEW_NAMES,
     height_over_width,
@@ -54,6 +50,10 @@ from ctfm_engine.tasks.views import (
     orthogonal_views,
     save_figure,
 )
+from ctfm_engine.io import atomic_output
+from ctfm_engine.models.encoder import DEFAULT_MEMORY_BUDGET_BYTES, last_feature_map
+from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess, resample
+from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.volume import CTVolume, Grid
 
 log = logging.getLogger(__name__)

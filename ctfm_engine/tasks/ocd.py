@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from ctfm_engine.errors import InputError, UsageError
+from ctfm_engine.figures import save_figure
 from ctfm_engine.preprocess import preprocess, read_labels_on
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.tasks.search import METHODS, SemanticSearch
-from ctfm_engine.tasks.views import save_figure
 from ctfm_engine.volume import CTVolume
 
 log = logging.getLogger(__name__)

@@ -48,11 +48,11 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.networks.nets.segresnet_ds import SegResEncoder
 from monai.visualize import OcclusionSensitivity
 
+from ctfm_engine.figures import CT_DISPLAY_HU, new_figure, orthogonal_views, save_figure
 from ctfm_engine.io import write_image
 from ctfm_engine.models.encoder import DEFAULT_MEMORY_BUDGET_BYTES, last_feature_map
 from ctfm_engine.preprocess import ModelInput, Preprocessing, preprocess
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
-from ctfm_engine.tasks.views import CT_DISPLAY_HU, new_figure, orthogonal_views, save_figure
 from ctfm_engine.volume import CTVolume
 
 # The saliency script's preprocessing (facts §7.1): isotropic 3 mm, CF-raw, the CT-FM HU window.

@@ -49,12 +49,12 @@ import torch.nn.functional as F
 from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from ctfm_engine.errors import InputError, UsageError
+from ctfm_engine.figures import save_figure
 from ctfm_engine.io import atomic_output, write_image
 from ctfm_engine.models.encoder import DEFAULT_MEMORY_BUDGET_BYTES, last_feature_map, patch_embeddings
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess, resample
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.tasks.embed import PatchWindows
-from ctfm_engine.tasks.views import save_figure
 from ctfm_engine.volume import CTVolume, Grid
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from ctfm_engine.models.registry import load_encoder, resolve_weights
 from ctfm_engine.preprocess import CTFM_PREPROCESSING
 from ctfm_engine.progress import Progress
 from ctfm_engine.tasks.embed import AGGREGATIONS, LEVELS, Embedder, PatchWindows
-from ctfm_engine.tasks.retrieval import APPROXIMATE_KINDS, EmbeddingProvenance, IndexEntry, ScanIndex, faiss_module
+from ctfm_engine.tasks.scan_index import APPROXIMATE_KINDS, EmbeddingProvenance, IndexEntry, ScanIndex, faiss_module
 from ctfm_engine.volume import CTVolume, read_volume
 
 log = logging.getLogger(__name__)
