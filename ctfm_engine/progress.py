@@ -10,16 +10,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from ctfm_engine.errors import CTFMError
+from ctfm_engine.errors import Cancelled
+
+__all__ = ["Progress", "CancelCheck", "Cancelled", "check_cancelled"]
 
 Progress = Callable[[int, int], None]
 CancelCheck = threading.Event | Callable[[], bool]
-
-
-class Cancelled(CTFMError):
-    """The run was cancelled by its caller (exit code 130, as for Ctrl-C); nothing was written."""
-
-    exit_code = 130
 
 
 def check_cancelled(cancel: CancelCheck | None) -> None:

@@ -52,7 +52,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ctfm_engine.errors import CTFMError, InputError, UsageError
+from ctfm_engine.errors import CTFMError, InputError, PacsError, UsageError
 from ctfm_engine.io import atomic_folder
 
 if TYPE_CHECKING:
@@ -119,22 +119,6 @@ MOVE_DESTINATION_UNKNOWN = 0xA801
 SUB_OPERATIONS_FAILED = 0xB000
 
 T = TypeVar("T")
-
-
-class PacsError(CTFMError):
-    """A PACS could not be reached or refused an operation (exit code 1).
-
-    The message is one sentence: which PACS (its address without credentials), which operation, what happened.
-    ``transient`` tells whether trying again later may help (connection problems) or not (a refusal);
-    ``document`` optionally holds the JSON-able report of what was done before the failure.
-    """
-
-    exit_code = 1
-
-    def __init__(self, message: str, *, transient: bool = False, document: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
-        self.document = document
 
 
 class _Failure(Exception):

@@ -123,11 +123,13 @@ class SegEncoding(str, Enum):
 
 @dataclass(frozen=True)
 class Algorithm:
-    """The model that made a result: name, version and the sha256 of its weights file (64 lowercase hex digits)."""
+    """The model that made a result: name, version, the sha256 of its weights file (64 lowercase hex digits) and
+    whether it is a bundled demonstration model (recorded in AlgorithmParameters and the series description)."""
 
     name: str
     version: str
     weights_sha256: str
+    demonstration: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.strip() or len(self.name) > LO_LENGTH:
@@ -140,7 +142,20 @@ class Algorithm:
     @property
     def parameters(self) -> dict[str, str]:
         """What AlgorithmParameters records (``key=value`` pairs)."""
-        return {"weights_sha256": self.weights_sha256}
+        parameters = {"weights_sha256": self.weights_sha256}
+        if self.demonstration:
+            parameters["demonstration"] = "true (not CT-FM, not for clinical use)"
+        return parameters
+
+    def describe(self, what: str) -> str:
+        """A series description: ``"<name> <what>"``, marked when the model is a demonstration (64 characters)."""
+        return (f"{self.name} {what}" + (" [DEMO, not clinical]" if self.demonstration else ""))[:LO_LENGTH]
+
+    @classmethod
+    def from_identity(cls, identity: dict[str, Any], version: str) -> Algorithm:
+        """From a result's ``weights`` record (``{"name", "sha256", "demonstration"}``)."""
+        return cls(name=str(identity["name"])[:LO_LENGTH], version=version, weights_sha256=str(identity["sha256"]),
+                   demonstration=bool(identity.get("demonstration")))
 
     def identification(self) -> hd.AlgorithmIdentificationSequence:
         """The Segmentation Algorithm Identification Sequence of every segment this algorithm made."""
@@ -305,7 +320,7 @@ def _segmentation(
         omit_empty_frames=True,
         content_label=CONTENT_LABEL,
         content_description=f"{algorithm.name} {algorithm.version}"[:LO_LENGTH],
-        series_description=(series_description or f"{algorithm.name} segmentation")[:LO_LENGTH],
+        series_description=(series_description or algorithm.describe("segmentation"))[:LO_LENGTH],
     )
 
 

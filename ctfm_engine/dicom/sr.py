@@ -137,7 +137,7 @@ def write_triage_sr(
             manufacturer_model_name=algorithm.name,
             software_versions=__version__,
             device_serial_number=algorithm.weights_sha256,
-            series_description=(series_description or f"{algorithm.name} triage")[:64],
+            series_description=(series_description or algorithm.describe("triage"))[:64],
         )
     path = Path(path)
     with atomic_output(path) as temporary:

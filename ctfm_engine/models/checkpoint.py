@@ -7,6 +7,7 @@ checkpoint is identified by the sha256 of its weights file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 ENCODER_PREFIX = "encoder."
+# Demonstration checkpoints trained by this project's own training stack (training/), shipped with the package.
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEMONSTRATION_NOTICE = "demonstration model {name}, not CT-FM, not for clinical use"
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,23 @@ class Checkpoint:
         return checkpoint_name(self.folder)
 
     @property
-    def identity(self) -> dict[str, str]:
-        """The ``{"name", "sha256"}`` record every result carries."""
-        return {"name": self.name, "sha256": self.sha256}
+    def demonstration(self) -> bool:
+        """True for a bundled demonstration checkpoint (or a copy of one): not CT-FM, not for clinical use."""
+        return self.sha256 in demonstration_sha256s()
+
+    @property
+    def identity(self) -> dict[str, str | bool]:
+        """The ``{"name", "sha256", "demonstration"}`` record every result carries."""
+        return {"name": self.name, "sha256": self.sha256, "demonstration": self.demonstration}
+
+
+@functools.cache
+def demonstration_sha256s() -> frozenset[str]:
+    """The sha256 of every bundled demonstration checkpoint's weights: a copy elsewhere is still a demonstration."""
+    if not BUNDLED_WEIGHTS_DIR.is_dir():
+        return frozenset()
+    return frozenset(sha256_of(folder / WEIGHTS_FILE) for folder in sorted(BUNDLED_WEIGHTS_DIR.iterdir())
+                     if (folder / WEIGHTS_FILE).is_file())
 
 
 def checkpoint_name(folder: Path) -> str:

@@ -1,14 +1,19 @@
-"""Where weights come from: ``--weights``, ``CTFM_WEIGHTS``, the user cache, the Hugging Face cache; and the pull.
+"""Where weights come from: one policy for every task and every face, and the download into the cache.
 
-Order of resolution: an explicit folder or hub repo id, then the ``CTFM_WEIGHTS`` environment variable, then the
-default repo in the ctfm cache (``$CTFM_CACHE``, else ``~/.cache/ctfm``) or in the Hugging Face hub cache.
-Nothing here touches the network except :func:`pull_weights`.
+Order of resolution, the same for the encoder, the segmentation and the triage model: an explicit folder or hub
+repo id (``--weights``/``--model``), then the model kind's environment variable (``CTFM_WEIGHTS``,
+``CTFM_SEG_WEIGHTS``, ``CTFM_TRIAGE_WEIGHTS``), then the published checkpoint in the ctfm cache (``$CTFM_CACHE``,
+else ``~/.cache/ctfm``, where ``ctfm weights pull`` puts it) or in the Hugging Face hub cache, then the bundled
+demonstration model -- which is never used silently: :func:`announce` logs one warning line and every result's
+``weights`` record says ``"demonstration": true``.  Nothing here touches the network except :func:`pull_weights`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from monai.networks.nets.segresnet_ds import SegResEncoder
@@ -17,8 +22,10 @@ from torch import nn
 from ctfm_engine.errors import ModelError
 from ctfm_engine.io import atomic_folder
 from ctfm_engine.models.checkpoint import (
+    BUNDLED_WEIGHTS_DIR,
     CARD_FILE,
     CONFIG_FILE,
+    DEMONSTRATION_NOTICE,
     WEIGHTS_FILE,
     Checkpoint,
     encoder_state,
@@ -27,16 +34,33 @@ from ctfm_engine.models.checkpoint import (
 )
 from ctfm_engine.models.encoder import ENCODER_ARGUMENTS, build_encoder
 
-DEFAULT_ENCODER_REPO = "project-lighter/ct_fm_feature_extractor"
+log = logging.getLogger("ctfm_engine.weights")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a task needs: where its weights may come from, in the policy's order."""
+
+    name: str  # "encoder", "segmentation", "triage": used in messages
+    environment: str  # the variable naming a folder or hub repo id
+    published_repo: str | None  # the CT-FM checkpoint looked for in the caches
+    cache_name: str | None  # a folder of <cache>/models/ looked for when there is no published repo
+    bundled: str | None  # the shipped demonstration checkpoint, the last resort
+
+
+ENCODER = ModelKind("encoder", "CTFM_WEIGHTS", "project-lighter/ct_fm_feature_extractor", None, "ctfm-mini")
+SEGMENTATION = ModelKind("segmentation", "CTFM_SEG_WEIGHTS", "project-lighter/whole_body_segmentation", None,
+                         "ctfm-mini-wholebody-seg")
+# No triage model is published or shipped: one comes from `ctfm finetune` with a triage recipe.
+TRIAGE = ModelKind("triage", "CTFM_TRIAGE_WEIGHTS", None, "triage", None)
+TRIAGE_RECIPE = "training/finetune_triage_sinoct_paper.yaml"
+
+DEFAULT_ENCODER_REPO = ENCODER.published_repo
 PUBLISHED_REPOS = (
     "project-lighter/ct_fm_feature_extractor",
     "project-lighter/ct_fm_segresnet",
     "project-lighter/whole_body_segmentation",
 )
-
-
-# Demonstration checkpoints trained by this project's own training stack (see training/), shipped with the package.
-BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
 def bundled_weights(name: str) -> Path | None:
@@ -79,9 +103,9 @@ def find_cached(repo_id: str) -> Path | None:
     return None
 
 
-def resolve_weights(weights: str | Path | None = None, default_repo: str = DEFAULT_ENCODER_REPO) -> Path:
-    """The checkpoint folder to use, or a ModelError that says how to provide one."""
-    spec = str(weights) if weights else os.environ.get("CTFM_WEIGHTS")
+def resolve_weights(weights: str | Path | None = None, kind: ModelKind = ENCODER) -> Path:
+    """The checkpoint folder the policy picks for ``kind``, or a ModelError that says what is missing."""
+    spec, origin = (str(weights), "given") if weights else (os.environ.get(kind.environment), kind.environment)
     if spec:
         folder = Path(spec).expanduser()
         if folder.exists():
@@ -92,25 +116,44 @@ def resolve_weights(weights: str | Path | None = None, default_repo: str = DEFAU
                 return cached
             raise ModelError(
                 f"{spec}: no local copy of this hub repo in {cached_repo_folder(spec)} or the Hugging Face cache; "
-                f"run `ctfm weights pull {spec}` where a network allows, or pass the folder with --weights"
+                f"`ctfm weights pull {spec}` puts it there where a network allows"
             )
-        raise ModelError(f"{spec}: weights folder does not exist")
-    cached = find_cached(default_repo)
-    if cached is not None:
-        return cached
-    raise ModelError(
-        f"no CT-FM weights found: pass --weights FOLDER (config.json + model.safetensors), set CTFM_WEIGHTS, or "
-        f"copy {default_repo} into {cached_repo_folder(default_repo)} (`ctfm weights pull {default_repo}` does "
-        f"this where a network allows)"
-    )
+        where = "" if origin == "given" else f" (from {origin})"
+        raise ModelError(f"{spec}{where}: {kind.name} weights folder does not exist")
+    if kind.published_repo is not None:
+        cached = find_cached(kind.published_repo)
+        if cached is not None:
+            return cached
+    if kind.cache_name is not None and _is_checkpoint(cache_dir() / "models" / kind.cache_name):
+        return cache_dir() / "models" / kind.cache_name
+    shipped = bundled_weights(kind.bundled) if kind.bundled else None
+    if shipped is not None:
+        return shipped
+    raise ModelError(_nothing_found(kind))
+
+
+def _nothing_found(kind: ModelKind) -> str:
+    if kind is TRIAGE:
+        return (f"no head-CT triage model: none is published or ships with ctfm; train one with `ctfm finetune "
+                f"--config {TRIAGE_RECIPE}`, then give its exported folder, set {kind.environment} to it, or copy it "
+                f"into {cache_dir() / 'models' / kind.cache_name}")
+    return (f"no {kind.name} weights: none given, {kind.environment} is not set, {kind.published_repo} is not in "
+            f"{cached_repo_folder(kind.published_repo)} or the Hugging Face cache, and the bundled demonstration "
+            f"model {kind.bundled} is not installed")
+
+
+def announce(checkpoint: Checkpoint) -> None:
+    """One warning line (stderr in the CLI, the log elsewhere) when a demonstration model is in use."""
+    if checkpoint.demonstration:
+        log.warning(DEMONSTRATION_NOTICE.format(name=checkpoint.name))
 
 
 def load_encoder(weights: str | Path | None = None) -> tuple[SegResEncoder, Checkpoint]:
-    """The CT-FM encoder in eval mode with strictly loaded weights, and the checkpoint it came from.
+    """The CT-FM encoder in eval mode with strictly loaded weights (resolved by the policy), and its checkpoint.
 
     Accepts an encoder checkpoint or a SegResNetDS one (its ``encoder.*`` part), as published.
     """
-    checkpoint = read_checkpoint(resolve_weights(weights))
+    checkpoint = read_checkpoint(resolve_weights(weights, ENCODER))
     state = encoder_state(checkpoint)
     # A segmentation checkpoint's config also holds decoder arguments; an encoder checkpoint's must not.
     config = {key: value for key, value in checkpoint.config.items() if key in ENCODER_ARGUMENTS}

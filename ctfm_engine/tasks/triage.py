@@ -10,7 +10,6 @@ probability >= threshold.  No triage model ships with ctfm: one comes from ``ctf
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,44 +28,16 @@ from ctfm_engine.head_ct import (
     head_ct_input,
     window_stack,
 )
-from ctfm_engine.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_state_strict, read_checkpoint
-from ctfm_engine.models.registry import cache_dir
+from ctfm_engine.models.checkpoint import CONFIG_FILE, Checkpoint, load_state_strict, read_checkpoint
+from ctfm_engine.models.registry import TRIAGE_RECIPE
 from ctfm_engine.models.triage import TriageClassifier
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.runtime.backends import Backend
 from ctfm_engine.volume import CTVolume
 
-TRIAGE_WEIGHTS_ENV = "CTFM_TRIAGE_WEIGHTS"
-TRIAGE_RECIPE = "training/finetune_triage_sinoct_paper.yaml"
 DEFAULT_THRESHOLD = 0.5
 # Preprocessed and classified: the two stages a progress callback hears about.
 STAGES = 2
-
-
-def triage_cache_folder() -> Path:
-    """Where a triage checkpoint is found when neither ``--model`` nor ``CTFM_TRIAGE_WEIGHTS`` names one."""
-    return cache_dir() / "models" / "triage"
-
-
-def resolve_triage_weights(model: str | Path | None = None) -> Path:
-    """The triage checkpoint folder: ``model``, else ``$CTFM_TRIAGE_WEIGHTS``, else :func:`triage_cache_folder`.
-
-    ModelError (exit code 4) when none is given and the cache holds none, saying how to get one.
-    """
-    spec = str(model) if model else os.environ.get(TRIAGE_WEIGHTS_ENV)
-    if spec:
-        folder = Path(spec).expanduser()
-        if not folder.is_dir():
-            raise ModelError(f"{spec}: triage model folder does not exist (expected config.json + model.safetensors "
-                             f"exported by `ctfm finetune` with a triage recipe)")
-        return folder
-    cached = triage_cache_folder()
-    if (cached / CONFIG_FILE).is_file() and (cached / WEIGHTS_FILE).is_file():
-        return cached
-    raise ModelError(f"no head-CT triage model: none ships with ctfm, so train one with `ctfm finetune --config "
-                     f"{TRIAGE_RECIPE}` (the SinoCT/CQ500 data it needs are described at the top of that recipe) "
-                     f"and pass the exported folder with --model, set {TRIAGE_WEIGHTS_ENV} to it, or copy a "
-                     f"triage checkpoint (config.json + model.safetensors) into {cached}")
 
 
 def load_triage_model(weights: str | Path) -> tuple[TriageClassifier, Checkpoint]:
@@ -140,7 +111,7 @@ def _refuse_unless_judgeable(source: str, checks: HeadCTCheck, accept_partial: b
     if checks.coverage_mm[0] < MIN_HEAD_COVERAGE_MM and not accept_partial:
         raise InputError(f"{source}: covers only {checks.coverage_mm[0]:.0f} mm along S, less than a whole head "
                          f"(about 120-200 mm), so a normal result would say nothing about the brain outside the "
-                         f"scan; give the full head series, or accept a partial scan (--accept-partial)")
+                         f"scan; give the full head series", remedy="accept_partial")
 
 
 def triage_input(

@@ -1,0 +1,148 @@
+"""Semantic search from a clicked point to matches and heatmaps in other scans, once, for every face.
+
+:func:`open_searcher` loads the encoder the weights policy picks and wraps it in a :class:`Searcher` that keeps
+feature maps in memory (and on disk) across queries: the Slicer module keeps one alive, one click after another.
+:func:`run_search` is one query: the source is read and the point checked before anything else, targets are
+validated before the encoder loads, and the outcome writes its own heatmaps and figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctfm_engine.errors import UsageError
+from ctfm_engine.models.checkpoint import Checkpoint
+from ctfm_engine.models.registry import cache_dir
+from ctfm_engine.pipelines.embedding import open_encoder
+from ctfm_engine.pipelines.inputs import Scan, ValidatedScans, as_source, read_scan
+from ctfm_engine.progress import CancelCheck, Progress
+from ctfm_engine.tasks.search import (
+    APP_OVERLAP,
+    APP_PATCH_MM_ZYX,
+    METHODS,
+    FeatureCache,
+    SearchResult,
+    SearchSettings,
+    SemanticSearch,
+    check_point_inside,
+    heatmap_stem,
+    write_heatmap,
+    write_search_figure,
+)
+from ctfm_engine.volume import CTVolume
+
+log = logging.getLogger("ctfm_engine.search")
+
+
+@dataclass(frozen=True)
+class Searcher:
+    """A loaded encoder ready to search, with its feature cache and provenance; reuse it for repeated queries."""
+
+    search: SemanticSearch
+    checkpoint: Checkpoint
+    device: str
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        return self.checkpoint.identity
+
+
+def open_searcher(weights: str | Path | None = None, *, device: str = "cpu", settings: SearchSettings | None = None,
+                  cache_folder: str | Path | None = None, disk_cache: bool = True) -> Searcher:
+    """The encoder the policy picks, wrapped for search; features are cached in memory and, unless ``disk_cache``
+    is False, in ``cache_folder`` (default ``<ctfm cache>/features``)."""
+    from ctfm_engine.runtime.device import resolve_device
+
+    torch_device = resolve_device(device)
+    encoder, checkpoint = open_encoder(weights)
+    folder = None if not disk_cache else Path(cache_folder) if cache_folder is not None else cache_dir() / "features"
+    search = SemanticSearch(encoder, checkpoint.sha256, device=torch_device, settings=settings or SearchSettings(),
+                            cache=FeatureCache(folder))
+    return Searcher(search, checkpoint, str(torch_device))
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Find the anatomy at ``point_lps`` (patient LPS mm) of ``source`` in each target."""
+
+    source: Scan
+    point_lps: tuple[float, float, float]
+    targets: Sequence[Scan]
+    weights: str | Path | None = None
+    series_uid: str | None = None
+    hu_offset: float | None = None
+    method: str = "fast"
+    patch_mm_zyx: tuple[float, float, float] = APP_PATCH_MM_ZYX
+    overlap: float = APP_OVERLAP
+    top_k: int = 5
+    batch_size: int = 8
+    heatmaps: bool = False
+    heatmap_grid: str = "source"  # "source": each target's grid; "model": the grid they are computed on
+    disk_cache: bool = True
+    device: str = "cpu"
+    progress: Progress | None = field(default=None, compare=False)
+    cancel: CancelCheck | None = field(default=None, compare=False)
+
+    def settings(self) -> SearchSettings:
+        if self.method not in METHODS:
+            raise UsageError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
+        return SearchSettings(tuple(self.patch_mm_zyx), self.overlap, self.top_k, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    result: SearchResult
+    source: CTVolume
+    targets: list[CTVolume]
+    searcher: Searcher
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        return self.searcher.weights
+
+    def write_heatmaps(self, folder: str | Path) -> list[tuple[Path, Path]]:
+        """Each target's heatmap (NIfTI on the target's grid) and a PNG a radiologist can read, in ``folder``."""
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder}: exists and is not a folder")
+        written = []
+        for index, target in enumerate(self.result.targets):
+            stem = heatmap_stem(index, target.input)
+            heatmap = write_heatmap(target, folder / f"{stem}_similarity.nii.gz")
+            figure = write_search_figure(self.source, self.result, index, self.targets[index],
+                                         folder / f"{stem}_search.png", weights_name=self.searcher.checkpoint.name)
+            written.append((heatmap, figure))
+        return written
+
+
+def run_search(request: SearchRequest, searcher: Searcher | None = None) -> SearchOutcome:
+    """One query: the source and point are checked first, every target is validated before the encoder loads."""
+    settings = request.settings()
+    source = read_scan(as_source(request.source, request.series_uid, request.hu_offset))
+    check_point_inside(source, request.point_lps)
+    if not request.targets:
+        raise UsageError("no target scans to search in: give at least one target")
+    targets = ValidatedScans([as_source(item, request.series_uid, request.hu_offset) for item in request.targets])
+    if searcher is None:
+        searcher = open_searcher(request.weights, device=request.device, settings=settings,
+                                 disk_cache=request.disk_cache)
+    log.info("weights %s (sha256 %s) on %s, method %s", searcher.checkpoint.name, searcher.checkpoint.sha256[:12],
+             searcher.device, request.method)
+    volumes = targets.volumes()
+    result = searcher.search.search(source, request.point_lps, volumes, method=request.method,
+                                    heatmaps=request.heatmaps, heatmap_grid=request.heatmap_grid,
+                                    progress=request.progress, cancel=request.cancel)
+    for note in result.notes:
+        log.warning("%s", note)
+    return SearchOutcome(result, source, volumes, searcher)
+
+
+def search_targets(searcher: Searcher, source: CTVolume, point_lps: Sequence[float], targets: Sequence[CTVolume], *,
+                   heatmaps: bool = True, heatmap_grid: str = "source") -> SearchResult:
+    """A query with an open searcher on volumes already in memory (the Slicer worker's click): fast method."""
+    return searcher.search.search(source, point_lps, list(targets), method="fast", heatmaps=heatmaps,
+                                  heatmap_grid=heatmap_grid)

@@ -1,0 +1,209 @@
+"""Whole-body segmentation from input scan to labels on the source grid, once, for every face.
+
+:func:`run_segmentation` reads and validates the input, resolves the weights by the one policy
+(:mod:`ctfm_engine.models.registry`), loads the checkpoint with the settings it was trained with, builds the runtime
+backend (PyTorch, or onnxruntime on an exported file), runs the streamed sliding window and maps the labels back
+onto the input's own grid.  The result knows how to write itself (label map, volume table, DICOM-SEG) so no face
+assembles a writer's arguments either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctfm_engine import __version__
+from ctfm_engine.errors import InputError, UsageError
+from ctfm_engine.labels import Label
+from ctfm_engine.models.registry import SEGMENTATION, announce, resolve_weights
+from ctfm_engine.pipelines.inputs import Scan, as_source, read_scan
+from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
+from ctfm_engine.runtime.backends import Backend
+from ctfm_engine.tasks.segment import (
+    Segmentation,
+    SegmentationModel,
+    check_window,
+    open_segmentation_model,
+    segment,
+    write_volume_table,
+)
+from ctfm_engine.volume import CTVolume
+
+log = logging.getLogger("ctfm_engine.segmentation")
+
+BACKENDS = ("torch", "onnx")
+SEG_ENCODINGS = ("binary", "binary-j2k", "labelmap", "labelmap-rle", "labelmap-jpegls")
+
+
+@dataclass(frozen=True)
+class SegmentationRequest:
+    """One segmentation: the input, the model, the runtime, the window, the post-processing.
+
+    ``weights`` is a checkpoint folder or hub repo id; None lets the weights policy choose (``CTFM_SEG_WEIGHTS``,
+    the published whole_body_segmentation in the cache, then the bundled demonstration model).  ``roi_size_zyx``
+    and ``overlap`` default to the checkpoint's own.  ``needs_dicom`` refuses, before any model loads, an input
+    that is not a DICOM series (a DICOM-SEG must reference one).
+    """
+
+    input: Scan
+    weights: str | Path | None = None
+    series_uid: str | None = None
+    hu_offset: float | None = None
+    backend: str = "torch"
+    onnx_file: Path | None = None
+    device: str = "cpu"
+    fp16: bool = False
+    roi_size_zyx: tuple[int, int, int] | None = None
+    overlap: float | None = None
+    batch_size: int = 1
+    largest_component: bool = False
+    needs_dicom: bool = False
+    progress: Progress | None = field(default=None, compare=False)
+    cancel: CancelCheck | None = field(default=None, compare=False)
+
+    def check(self) -> None:
+        """UsageError for settings no model could run with; called before anything is read."""
+        if self.backend not in BACKENDS:
+            raise UsageError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.onnx_file is not None and self.backend != "onnx":
+            raise UsageError("an ONNX file goes with the onnx backend")
+        if self.batch_size < 1:
+            raise UsageError(f"batch size {self.batch_size}: must be at least 1")
+        if self.roi_size_zyx is not None or self.overlap is not None:
+            check_window(self.roi_size_zyx or (16, 16, 16), 0.0 if self.overlap is None else self.overlap)
+
+
+@dataclass(frozen=True)
+class SegmentationOutcome:
+    """Labels on the input's own grid, what they mean, and where they came from."""
+
+    segmentation: Segmentation
+    model: SegmentationModel
+    roi_size_zyx: tuple[int, int, int]
+    overlap: float
+    backend: str
+    device: str
+    seconds: float
+    largest_component: bool
+
+    @property
+    def labels(self):  # noqa: ANN201 - numpy array (z, y, x) on the source grid
+        return self.segmentation.labels
+
+    @property
+    def volume(self) -> CTVolume:
+        return self.segmentation.volume
+
+    @property
+    def names(self) -> dict[int, str]:
+        return self.model.names
+
+    @property
+    def label_table(self) -> dict[int, Label]:
+        return self.model.labels()
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        """``{"name", "sha256", "demonstration"}`` of the checkpoint used."""
+        return self.model.checkpoint.identity
+
+    def structures(self) -> list[dict[str, Any]]:
+        """Present structures, largest first: label, name, voxels and volume in mL."""
+        return self.segmentation.structures(self.names)
+
+    def label_rows(self) -> list[dict[str, Any]]:
+        """Each present structure with its coding (value, name, laterality, SNOMED), voxels, mL, removed voxels."""
+        table, rows = self.label_table, []
+        for row in self.structures():
+            described = table[row["label"]].as_dict() if row["label"] in table else {"value": row["label"]}
+            rows.append({**described, "name": row["name"], "voxels": row["voxels"], "volume_ml": row["volume_ml"],
+                         "removed_voxels": self.segmentation.removed_voxels.get(row["label"], 0)})
+        return rows
+
+    def describe_model(self) -> dict[str, Any]:
+        return {**self.model.describe(), "roi_size_zyx": list(self.roi_size_zyx), "overlap": self.overlap}
+
+    def write_labels(self, path: str | Path) -> Path:
+        """The label map (NIfTI/NRRD/MHA) on the input's grid, atomically."""
+        return self.segmentation.write(path)
+
+    def write_volume_table(self, path: str | Path) -> Path:
+        """The per-structure table (value, name, voxels, mL, laterality, SNOMED, colour) as CSV, atomically."""
+        return write_volume_table(self.structures(), self.label_table, path)
+
+    def algorithm(self) -> Any:
+        """The DICOM algorithm record (name, version, weights sha256, demonstration) of this result."""
+        from ctfm_engine.dicom.seg import Algorithm
+
+        return Algorithm.from_identity(self.weights, __version__)
+
+    def write_dicom_seg(self, path: str | Path, encoding: str = "binary") -> Any:
+        """The labels as a DICOM-SEG of the input series (needs a DICOM input and at least one structure)."""
+        from ctfm_engine.dicom.seg import SegEncoding, write_dicom_seg
+
+        if not self.labels.any():
+            raise InputError(f"{self.volume.source}: no structure was found, and a DICOM-SEG needs at least one")
+        return write_dicom_seg(self.labels, self.volume, self.label_table, path, algorithm=self.algorithm(),
+                               encoding=SegEncoding(encoding))
+
+
+def open_model(weights: str | Path | None = None) -> SegmentationModel:
+    """The segmentation model the policy picks for ``weights`` (announced when it is a demonstration model)."""
+    model = open_segmentation_model(resolve_weights(weights, SEGMENTATION))
+    announce(model.checkpoint)
+    return model
+
+
+def run_segmentation(request: SegmentationRequest) -> SegmentationOutcome:
+    """Segment ``request.input``: validate settings and input, load the model, run, map back to the source grid."""
+    request.check()
+    volume = read_scan(as_source(request.input, request.series_uid, request.hu_offset))
+    if request.needs_dicom and not volume.dicom.get("files"):
+        raise InputError(f"{volume.source}: a DICOM-SEG needs the DICOM series it describes, and this input is an "
+                         f"image file; give the series folder")
+    from ctfm_engine.runtime.device import resolve_device
+
+    device = resolve_device(request.device)
+    model = open_model(request.weights)
+    roi = tuple(request.roi_size_zyx) if request.roi_size_zyx is not None else model.roi_size_zyx
+    overlap = model.overlap if request.overlap is None else float(request.overlap)
+    check_cancelled(request.cancel)
+    backend, head = segmentation_backend(model, volume, request, device, roi)
+    log.info("segmentation model %s (sha256 %s), %s, windows %s overlap %.3g", model.checkpoint.name,
+             model.checkpoint.sha256[:12], backend.name, "x".join(map(str, roi)), overlap)
+    started = time.perf_counter()
+    result = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=roi, overlap=overlap, backend=backend,
+                     head=head, batch_size=request.batch_size, largest_component=request.largest_component,
+                     progress=request.progress, cancel=request.cancel)
+    return SegmentationOutcome(result, model, roi, overlap, backend.name, str(device),
+                               time.perf_counter() - started, request.largest_component)
+
+
+def segmentation_backend(model: SegmentationModel, volume: CTVolume, request: SegmentationRequest, device: Any,
+                         roi: tuple[int, int, int]) -> tuple[Backend, Any]:
+    """(backend, head): the backend runs the network's trunk and the 1x1x1 head is applied after blending, unless
+    an ONNX file exported with full logits (task ``segmentation``) is given."""
+    from ctfm_engine.models.segmentation import feature_head, inference_network
+    from ctfm_engine.runtime.backends import OnnxBackend, TorchBackend
+
+    module, head = inference_network(model.network)
+    if request.backend == "torch":
+        return TorchBackend(module, device, fp16=request.fp16), head
+    from ctfm_engine.runtime.onnx_backend import TASK_KEY, read_export_metadata
+    from ctfm_engine.runtime.onnx_export import onnx_for, validation_sample
+
+    task = "segmentation-trunk" if head is not None else "segmentation"
+    if request.onnx_file is not None:
+        task = read_export_metadata(request.onnx_file).get(TASK_KEY, "segmentation")
+        head = feature_head(model.network) if task == "segmentation-trunk" else None
+        path = request.onnx_file
+    else:
+        sample = validation_sample(volume, task, model.preprocessing, roi)
+        path = onnx_for(model.checkpoint, task, model.network, sample)  # the trunk is cut out by the exporter
+    channels = int(model.checkpoint.config.get("in_channels", 1))
+    backend = OnnxBackend.open(path, model.checkpoint, task, device, fp16=request.fp16,
+                               batch_shape=(request.batch_size, channels, *roi))
+    return backend, head
