@@ -42,12 +42,12 @@ from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.networks.nets import SegResNetDS  # noqa: E402
 
 from ctfm_engine.models.checkpoint import save_checkpoint  # noqa: E402
+from ctfm_engine.models.segmentation import inference_network  # noqa: E402
 from ctfm_engine.preprocess import preprocess  # noqa: E402
 from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
 from ctfm_engine.tasks.segment import (  # noqa: E402
     PUBLISHED_WHOLE_BODY,
     SegmentationModel,
-    inference_network,
     open_segmentation_model,
     segment,
     to_source,

@@ -109,8 +109,9 @@ def import_through_slicer_logic(labels: np.ndarray, node, scene) -> float:
 
 def blocking_segmentation(volume) -> float:
     """What a blocking module freezes for: the same segmentation in this (the UI) thread."""
+    from ctfm_engine.models.segmentation import inference_network
     from ctfm_engine.runtime.backends import TorchBackend
-    from ctfm_engine.tasks.segment import inference_network, open_segmentation_model, segment
+    from ctfm_engine.tasks.segment import open_segmentation_model, segment
 
     started = time.perf_counter()
     model = open_segmentation_model(SEG_MODEL)

@@ -582,8 +582,8 @@ def run_segment(args: argparse.Namespace) -> dict[str, Any]:
 def _segmentation_backend(args: argparse.Namespace, model: Any, volume: CTVolume, device: Any, roi: Any) -> Any:
     """(backend, head): the backend runs the network's trunk and the 1x1x1 head is applied after blending, unless
     an ``--onnx`` file exported with full logits (task ``segmentation``) is given."""
+    from ctfm_engine.models.segmentation import feature_head, inference_network
     from ctfm_engine.runtime.backends import OnnxBackend, TorchBackend
-    from ctfm_engine.tasks.segment import feature_head, inference_network
 
     module, head = inference_network(model.network)
     if args.backend == "torch":

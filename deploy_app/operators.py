@@ -123,9 +123,10 @@ class SegmentationOperator(_ModelOperator):
         spec.output("segmentation")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        from ctfm_engine.models.segmentation import inference_network
         from ctfm_engine.runtime.backends import TorchBackend
         from ctfm_engine.runtime.device import resolve_device
-        from ctfm_engine.tasks.segment import inference_network, open_segmentation_model, segment
+        from ctfm_engine.tasks.segment import open_segmentation_model, segment
 
         volume = op_input.receive("volume")
         started = time.perf_counter()

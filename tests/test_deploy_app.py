@@ -27,8 +27,9 @@ from ctfm_engine.dicom.seg import read_dicom_seg  # noqa: E402
 from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
 from ctfm_engine.dicom.sr import read_triage_sr  # noqa: E402
 from ctfm_engine.dicom.validate import dciodvfy  # noqa: E402
+from ctfm_engine.models.segmentation import inference_network  # noqa: E402
 from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
-from ctfm_engine.tasks.segment import inference_network, open_segmentation_model, segment  # noqa: E402
+from ctfm_engine.tasks.segment import open_segmentation_model, segment  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"

@@ -92,8 +92,8 @@ def test_other_window_sizes_and_batches_run_like_pytorch(seg_export, seg_model, 
 def test_the_sliding_window_labels_real_ct_alike_with_onnx_logits_or_trunk_and_pytorch(
     seg_export, seg_model, sample_volume, tmp_path
 ):
+    from ctfm_engine.models.segmentation import inference_network
     from ctfm_engine.preprocess import preprocess
-    from ctfm_engine.tasks.segment import inference_network
 
     image = preprocess(sample_volume, seg_model.preprocessing).image[:, 100:196, 120:216]  # 30x96x96, real CT
     roi = (32, 64, 64)

@@ -613,9 +613,10 @@ def _save_array(folder: Path, name: str, array: np.ndarray) -> str:
 def _run_segment(folder: Path, request: dict[str, Any], protocol: _Protocol, cancel: threading.Event) -> None:
     from ctfm_engine.errors import ModelError
     from ctfm_engine.models.registry import bundled_weights
+    from ctfm_engine.models.segmentation import inference_network
     from ctfm_engine.runtime.backends import TorchBackend
     from ctfm_engine.runtime.device import resolve_device
-    from ctfm_engine.tasks.segment import check_window, inference_network, open_segmentation_model, segment
+    from ctfm_engine.tasks.segment import check_window, open_segmentation_model, segment
 
     protocol.progress("reading input", 0, 1)
     volume = _read_volume(folder)

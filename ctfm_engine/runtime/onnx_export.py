@@ -2,7 +2,7 @@
 
 Tasks: ``segmentation`` (SegResNetDS in eval mode: logits (B, K, Z, Y, X)); ``segmentation-trunk`` (the same
 network without its 1x1x1 output head: decoder features (B, init_filters, Z, Y, X), which the sliding window blends
-before applying the head once per voxel, see :class:`~ctfm_engine.tasks.segment.SegmentationTrunk`); ``triage``
+before applying the head once per voxel, see :class:`~ctfm_engine.models.segmentation.SegmentationTrunk`); ``triage``
 (:class:`~ctfm_engine.models.triage.TriageClassifier`: logits (B,)); ``encoder`` (SegResEncoder: its last,
 stride-16 feature map).  The TorchScript exporter writes opset 17 with the batch and the three spatial axes
 dynamic, so one file serves every window size the network accepts (multiples of 16 for the segmentation net).
@@ -232,7 +232,7 @@ def _exported_module(network: nn.Module, task: str) -> tuple[nn.Module, tuple[to
         return _LastFeatureMap(network), None
     if task != "segmentation-trunk":
         return network, None
-    from ctfm_engine.tasks.segment import SegmentationTrunk, feature_head
+    from ctfm_engine.models.segmentation import SegmentationTrunk, feature_head
 
     head = feature_head(network)
     if head is None:
