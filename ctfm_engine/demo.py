@@ -2,136 +2,84 @@
 
 Today that is: read and validate the sample, CT-FM preprocessing, scan and patch embeddings, an npz with
 provenance, a picture of what the model saw, and a whole-body segmentation on the sample's own grid with a table
-of structure volumes and an overlay picture.  By default it uses the demonstration checkpoints shipped in the
-package (ctfm-mini and ctfm-mini-wholebody-seg, trained by ``training/`` on a handful of public scans -- they show
-the pipeline, not CT-FM's quality); ``--weights`` and ``--seg-weights`` put published CT-FM checkpoints in their
-place.  With nothing shipped or configured it falls back on an *untrained* narrow encoder and says so loudly.
+of structure volumes and an overlay picture.  Every step goes through the task layer (``ctfm_engine.pipelines``),
+so the demo resolves weights exactly as every other command does: ``--weights``/``--seg-weights`` (a folder or a
+hub repo id), the environment variables, the published checkpoints in the cache, then the bundled demonstration
+checkpoints (ctfm-mini and ctfm-mini-wholebody-seg, trained by ``training/`` on a handful of public scans: they
+show the pipeline, not CT-FM's quality) -- announced, and flagged ``demonstration`` in the results.
+Nothing is written until both models have run, so wrong weights leave no partial results behind.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import os
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-from monai.networks.nets.segresnet_ds import SegResEncoder
 
 from ctfm_engine.io import atomic_output
-from ctfm_engine.models.checkpoint import Checkpoint, save_checkpoint
-from ctfm_engine.models.encoder import build_encoder, encoder_config
-from ctfm_engine.models.registry import bundled_weights, cache_dir, load_encoder
-from ctfm_engine.preprocess import ModelInput, preprocess
-from ctfm_engine.runtime.device import resolve_device
-from ctfm_engine.tasks.embed import Embedder, PatchWindows, write_embeddings
-from ctfm_engine.tasks.segment import Segmentation, open_segmentation_model, segment
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.pipelines import EmbeddingRequest, SegmentationRequest, open_encoder, run_embedding, run_segmentation
+from ctfm_engine.pipelines.embedding import ModelInput
+from ctfm_engine.pipelines.segmentation import SegmentationOutcome
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume
 
 log = logging.getLogger("ctfm")
 
-UNTRAINED_NAME = "ctfm-untrained-demo"
-UNTRAINED_CARD = """# ctfm-untrained-demo
-
-A CT-FM-architecture encoder (MONAI SegResEncoder, init_filters 8, blocks_down 1,2,2,4,4) with **random
-weights** (torch seed 0). It exists only so that `ctfm demo` can show the pipeline on a machine with no CT-FM
-weights. Its embeddings carry no meaning. Not for clinical use. Replace it with published CT-FM weights
-(`--weights`, `CTFM_WEIGHTS`) or the trained demonstration checkpoint once the training stack ships it.
-"""
+DEMONSTRATION_MARK = "  [demonstration model: not CT-FM, not for clinical use]"
 
 
 def sample_ct_path() -> Path:
     return Path(str(resources.files("ctfm_engine") / "data" / "sample_ct.nii.gz"))
 
 
-def demo_weights(weights: str | None) -> tuple[SegResEncoder, Checkpoint, bool]:
-    """``--weights`` or ``CTFM_WEIGHTS`` when given, else the shipped ctfm-mini, else an untrained encoder."""
-    if weights or os.environ.get("CTFM_WEIGHTS"):
-        encoder, checkpoint = load_encoder(weights)
-        return encoder, checkpoint, False
-    shipped = bundled_weights("ctfm-mini")
-    if shipped is not None:
-        encoder, checkpoint = load_encoder(shipped)
-        return encoder, checkpoint, False
-    folder = cache_dir() / "models" / UNTRAINED_NAME
-    if not folder.is_dir():
-        torch.manual_seed(0)
-        config = encoder_config(init_filters=8)
-        save_checkpoint(build_encoder(config), folder, config, card=UNTRAINED_CARD)
-    encoder, checkpoint = load_encoder(folder)
-    return encoder, checkpoint, True
-
-
-def demo_segmentation_weights(seg_weights: str | None) -> str | None:
-    """``--seg-weights`` when given, else the shipped ctfm-mini-wholebody-seg (None: the demo skips segmentation)."""
-    if seg_weights:
-        return seg_weights
-    shipped = bundled_weights("ctfm-mini-wholebody-seg")
-    return None if shipped is None else str(shipped)
+def _weights_line(label: str, weights: dict) -> str:
+    mark = DEMONSTRATION_MARK if weights.get("demonstration") else ""
+    return f"{label}: {weights['name']} (sha256 {weights['sha256'][:16]}...){mark}"
 
 
 def run_demo(out_dir: Path, *, weights: str | None = None, seg_weights: str | None = None, device_name: str = "cpu",
              quiet: bool = False) -> dict:
     volume = read_volume(sample_ct_path())
-    device = resolve_device(device_name)
-    encoder, checkpoint, untrained = demo_weights(weights)
-    # Both models are read before anything is written: wrong weights leave no partial results behind.
-    seg_folder = demo_segmentation_weights(seg_weights)
-    segmenter = None if seg_folder is None else open_segmentation_model(seg_folder)
-    if untrained:
-        log.warning(
-            "NOTE: no CT-FM weights configured; using %s, an UNTRAINED encoder: the pipeline runs, the "
-            "embeddings mean nothing (pass --weights or set CTFM_WEIGHTS)", checkpoint.name,
-        )
-    embedder = Embedder(encoder, device)
-    model_input = preprocess(volume, embedder.preprocessing)
-    scan = embedder.embed(volume, "scan", model_input=model_input)
-    patches = embedder.embed(volume, "patch", windows=PatchWindows(), aggregation="min", model_input=model_input)
+    encoder = open_encoder(weights)
+    scan_run = run_embedding(EmbeddingRequest([volume], level="scan", device=device_name, keep_model_inputs=True),
+                             encoder)
+    patch_run = run_embedding(EmbeddingRequest([volume], level="patch", aggregation="min", device=device_name),
+                              encoder)
+    segmentation = run_segmentation(SegmentationRequest(volume, weights=seg_weights, device=device_name))
+    (scan,), (patches,), (model_input,) = scan_run.embeddings, patch_run.embeddings, scan_run.model_inputs
     out_dir.mkdir(parents=True, exist_ok=True)
-    npz = write_embeddings([scan], out_dir / "scan_embedding.npz", weights=checkpoint.identity,
-                           preprocessing=embedder.preprocessing)
-    patch_npz = write_embeddings([patches], out_dir / "patch_embeddings.npz", weights=checkpoint.identity,
-                                 preprocessing=embedder.preprocessing)
+    npz = scan_run.write(out_dir / "scan_embedding.npz")
+    patch_npz = patch_run.write(out_dir / "patch_embeddings.npz")
     picture = out_dir / "preprocessing.png"
-    draw_overview(volume, model_input, patches.patch_vectors, patches.patch_centres_lps, picture, checkpoint.name)
-    outputs = [npz, patch_npz, picture]
-    model_shape = "x".join(map(str, scan.model_shape_zyx))
-    segmentation_lines, segmentation_identity = [], None
-    if segmenter is not None:
-        seg_checkpoint = segmenter.checkpoint
-        segmentation_identity = seg_checkpoint.identity
-        result = segment(volume, segmenter.network, segmenter.preprocessing, segmenter.roi_size_zyx,
-                         segmenter.overlap, device)
-        names = segmenter.names
-        structures = result.structures(names)
-        label_path = result.write(out_dir / "segmentation.nii.gz")
-        table = write_structure_table(structures, out_dir / "structures.csv")
-        overlay = out_dir / "segmentation.png"
-        draw_segmentation(result, structures, overlay, seg_checkpoint.name)
-        outputs += [label_path, table, overlay]
-        largest = ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in structures[:4]) or "nothing"
-        segmentation_lines = [
-            f"segmentation: {seg_checkpoint.name} (sha256 {seg_checkpoint.sha256[:16]}...), {len(structures)} "
-            f"structures on the sample's own grid -> {label_path}",
-            f"largest: {largest}; all volumes -> {table}; overlay -> {overlay}",
-        ]
+    encoder_name = scan_run.weights["name"]
+    draw_overview(volume, model_input, patches.patch_vectors, patches.patch_centres_lps, picture, encoder_name)
+    structures = segmentation.structures()
+    label_path = segmentation.write_labels(out_dir / "segmentation.nii.gz")
+    table = write_structure_table(structures, out_dir / "structures.csv")
+    overlay = out_dir / "segmentation.png"
+    draw_segmentation(segmentation, structures, overlay)
+    outputs = [npz, patch_npz, picture, label_path, table, overlay]
+    largest = ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in structures[:4]) or "nothing"
     summary = [
         f"input: bundled sample CT ({sample_ct_path().name}, {'x'.join(map(str, volume.shape_zyx))} voxels z,y,x)",
-        f"weights: {checkpoint.name} (sha256 {checkpoint.sha256[:16]}...)" + ("  [UNTRAINED]" if untrained else ""),
-        f"model space: {model_shape} voxels at 3x1x1 mm (SPL, HU window -1024..2048, foreground crop)",
+        _weights_line("weights", scan_run.weights),
+        f"model space: {'x'.join(map(str, scan.model_shape_zyx))} voxels at 3x1x1 mm (SPL, HU window -1024..2048, "
+        f"foreground crop)",
         f"scan embedding: {scan.vector.size}-d, norm {np.linalg.norm(scan.vector):.3f} -> {npz}",
         f"patch embeddings: {len(patches.patch_vectors)} patches of 24x128x128, min-aggregated -> {patch_npz}",
         f"picture: {picture}",
-        *segmentation_lines,
+        _weights_line("segmentation", segmentation.weights),
+        f"segmentation: {len(structures)} structures on the sample's own grid -> {label_path}",
+        f"largest: {largest}; all volumes -> {table}; overlay -> {overlay}",
     ]
     return {
         "command": "demo",
-        "weights": checkpoint.identity,
-        "segmentation_weights": segmentation_identity,
-        "untrained_weights": untrained,
+        "weights": scan_run.weights,
+        "segmentation_weights": segmentation.weights,
         "input": str(sample_ct_path()),
         "outputs": [str(path) for path in outputs],
         "results": [{"input": scan.input, "embedding": [float(v) for v in scan.vector]}],
@@ -188,7 +136,7 @@ def write_structure_table(structures: list[dict], path: Path) -> Path:
     return path
 
 
-def draw_segmentation(result: Segmentation, structures: list[dict], path: Path, weights_name: str) -> None:
+def draw_segmentation(outcome: SegmentationOutcome, structures: list[dict], path: Path) -> None:
     """Axial and coronal slices through the largest structure, labels overlaid in distinct colours."""
     import matplotlib
 
@@ -196,9 +144,9 @@ def draw_segmentation(result: Segmentation, structures: list[dict], path: Path, 
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    reference = result.volume.to_sitk()
+    reference = outcome.volume.to_sitk()
     ct = sitk.GetArrayFromImage(sitk.DICOMOrient(reference, "LPS"))
-    label_image = sitk.GetImageFromArray(result.labels)
+    label_image = sitk.GetImageFromArray(outcome.labels)
     label_image.CopyInformation(reference)
     labels = sitk.GetArrayFromImage(sitk.DICOMOrient(label_image, "LPS"))
     if structures:
@@ -220,8 +168,10 @@ def draw_segmentation(result: Segmentation, structures: list[dict], path: Path, 
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[row["label"] % 20]) for row in structures[:12]]
     figure.legend(handles, [f"{row['name']} ({row['volume_ml']:.0f} mL)" for row in structures[:12]],
                   loc="lower center", ncol=4, fontsize=8, frameon=False)
-    figure.suptitle(f"whole-body segmentation, {weights_name} -- demonstration model, not for clinical use",
-                    fontsize=11)
+    weights = outcome.weights
+    caution = "demonstration model, not CT-FM, not for clinical use" if weights["demonstration"] else \
+        "not for clinical use"
+    figure.suptitle(f"whole-body segmentation, {weights['name']} -- {caution}", fontsize=11)
     figure.tight_layout(rect=(0, 0.08, 1, 0.96))
     with atomic_output(path) as temporary:
         figure.savefig(temporary, format="png", dpi=90)

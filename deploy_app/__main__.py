@@ -1,11 +1,20 @@
-"""``python -m deploy_app -i DICOM_DIR -o OUT_DIR [-m MODEL_DIR] [options]``: run the CT-FM application once.
+"""``python -m deploy_app -i DICOM_DIR -o OUT_DIR [-m MODEL] [options]``: run the CT-FM application once.
 
-Options beyond the MONAI Deploy SDK's ``-i/-o/-m/-w/-l`` (each also read from an environment variable, so a MAP
+    -m MODEL           the segmentation model: a checkpoint folder, a hub repo id found in the cache (as
+                       `ctfm weights pull` leaves it), or a MAP models folder holding segmentation/ (and triage/)
+                       (HOLOSCAN_MODEL_PATH); default: the engine's weights policy (CTFM_SEG_WEIGHTS, the published
+                       whole_body_segmentation in the cache, then the bundled demonstration model -- announced in
+                       the log and flagged "demonstration": true in ctfm-results.json and the DICOM-SEG)
+
+Options beyond the MONAI Deploy SDK's ``-i/-o/-w/-l`` (each also read from an environment variable, so a MAP
 can be configured without changing its command line):
 
     --encoding E       DICOM-SEG encoding: binary (default), binary-j2k, labelmap, labelmap-rle, labelmap-jpegls
                        (CTFM_SEG_ENCODING)
-    --triage-model D   also triage the CT with this checkpoint and write a DICOM SR (CTFM_TRIAGE_MODEL)
+    --triage-model D   also triage the CT with this checkpoint (folder or hub repo id) and write a DICOM SR
+                       (CTFM_TRIAGE_MODEL)
+    --triage-accept-partial
+                       judge a head CT that covers less than a whole head along S (CTFM_TRIAGE_ACCEPT_PARTIAL=1)
     --pacs URL         send the results: http://HOST:PORT/dicom-web or dicom://AET@HOST:PORT (CTFM_PACS_URL)
     --rules FILE       series selection rules, JSON (CTFM_SELECTION_RULES; default deploy_app/selection_rules.json)
     --device D         cpu (default), cuda, cuda:N or auto (CTFM_DEVICE)
@@ -37,7 +46,10 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m deploy_app", add_help=False)
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--encoding", choices=ENCODINGS, default=env("CTFM_SEG_ENCODING") or "binary")
-    parser.add_argument("--triage-model", type=Path, default=env("CTFM_TRIAGE_MODEL") or None)
+    parser.add_argument("-m", "--model", default=env("HOLOSCAN_MODEL_PATH") or None)
+    parser.add_argument("--triage-model", default=env("CTFM_TRIAGE_MODEL") or None)
+    parser.add_argument("--triage-accept-partial", action="store_true",
+                        default=env("CTFM_TRIAGE_ACCEPT_PARTIAL", "").lower() in ("1", "true", "yes"))
     parser.add_argument("--pacs", default=env("CTFM_PACS_URL") or None)
     parser.add_argument("--rules", type=Path, default=env("CTFM_SELECTION_RULES") or DEFAULT_RULES)
     parser.add_argument("--device", default=env("CTFM_DEVICE") or "cpu")
@@ -54,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "ERROR")
     from monai.deploy.core import Application
 
-    from ctfm_engine.errors import CTFMError, UsageError
+    from ctfm_engine.errors import UsageError, guarded
 
     try:
         context = Application.init_app_context(["deploy_app", *rest])
@@ -62,41 +74,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.code if isinstance(error.code, int) else 2
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module: noise here
-    staging: Path | None = None
-    try:
+    input_folder, output = Path(context.input_path), Path(context.output_path)
+
+    def run() -> list[Path]:
         from deploy_app.app import AppSettings, CTFMSegmentationApp, model_folders
         from deploy_app.operators import RunRecord
 
-        input_folder, output = Path(context.input_path), Path(context.output_path)
         if not input_folder.is_dir():
             raise UsageError(f"-i {input_folder}: give the folder that holds the DICOM files (one or more series)")
         if not options.rules.is_file():
             raise UsageError(f"--rules {options.rules}: no such file")
-        model_path = Path(context.model_path) if context.model_path and Path(context.model_path).exists() else None
-        segmentation_model, triage_model = model_folders(model_path)
+        segmentation_model, triage_model = model_folders(options.model)
         settings = AppSettings(input=input_folder, output=output, segmentation_model=segmentation_model,
                                triage_model=options.triage_model or triage_model, encoding=options.encoding,
-                               pacs_url=options.pacs, rules_file=options.rules, device=options.device)
+                               pacs_url=options.pacs, rules_file=options.rules, device=options.device,
+                               triage_accept_partial=options.triage_accept_partial)
         output.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".ctfm-staging-", dir=output))
-        record = RunRecord(output=output, staging=staging)
-        CTFMSegmentationApp(settings, record).run()
-    except CTFMError as error:
-        print(f"deploy_app: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("deploy_app: interrupted; no partial output was left behind", file=sys.stderr)
-        return 130
-    except Exception as error:  # a bug, not a user error: one line, the traceback at DEBUG
-        log.debug("traceback", exc_info=True)
-        print(f"deploy_app: error: unexpected {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    finally:
-        if staging is not None:
+        try:
+            record = RunRecord(output=output, staging=staging)
+            CTFMSegmentationApp(settings, record).run()
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-    for path in record.published:
+        return record.published
+
+    def report(code: int, message: str, error: BaseException) -> None:
+        print(f"deploy_app: error: {message}", file=sys.stderr)
+
+    from deploy_app.operators import REMEDIES
+
+    code, published = guarded(run, report, remedies=REMEDIES, log=log)
+    for path in published or []:
         print(path)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

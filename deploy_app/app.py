@@ -6,7 +6,6 @@ README.md); packaged as a MONAI Application Package the same code runs with the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,41 +32,37 @@ ENCODINGS = ("binary", "binary-j2k", "labelmap", "labelmap-rle", "labelmap-jpegl
 
 @dataclass(frozen=True)
 class AppSettings:
-    """Everything one run needs; built by ``__main__`` from the command line, ``CTFM_*`` and ``HOLOSCAN_*``."""
+    """Everything one run needs; built by ``__main__`` from the command line, ``CTFM_*`` and ``HOLOSCAN_*``.
+
+    A model is a checkpoint folder or a hub repo id; None leaves the choice to the engine's weights policy (for
+    segmentation: ``CTFM_SEG_WEIGHTS``, the published whole_body_segmentation in the cache, then the bundled
+    demonstration model, which the results then say they used)."""
 
     input: Path
     output: Path
-    segmentation_model: Path
-    triage_model: Path | None = None
+    segmentation_model: str | Path | None = None
+    triage_model: str | Path | None = None
     encoding: str = "binary"
     pacs_url: str | None = None
     rules_file: Path = DEFAULT_RULES
     device: str = "cpu"
+    triage_accept_partial: bool = False
 
 
-def model_folders(model_path: Path | None) -> tuple[Path, Path | None]:
-    """The segmentation (and triage) checkpoint folders a model path names.
+def model_folders(model: str | None) -> tuple[str | Path | None, Path | None]:
+    """The segmentation (and triage) models a ``-m`` value names.
 
-    A checkpoint folder (``config.json`` + ``model.safetensors``) is the segmentation model; a folder of named
-    models (the MAP layout, ``models/<name>/``) gives ``segmentation`` and, when present, ``triage``.  Without a
-    path the shipped demonstration model ``ctfm-mini-wholebody-seg`` is used (not for clinical use).
+    A folder of named models (the MAP layout, ``models/<name>/``) gives ``segmentation`` and, when present,
+    ``triage``; anything else (a checkpoint folder, a hub repo id) is the segmentation model, resolved by the
+    engine's weights policy like every other face's; None lets the policy choose.
     """
-    from ctfm_engine.errors import ModelError
-    from ctfm_engine.models.registry import bundled_weights
-
-    if model_path is None:
-        shipped = bundled_weights("ctfm-mini-wholebody-seg")
-        if shipped is None:
-            raise ModelError("no segmentation model: pass -m MODEL_DIR (a CT-FM segmentation checkpoint folder)")
-        return shipped, None
-    model_path = Path(model_path)
-    if (model_path / "config.json").is_file():
-        return model_path, None
-    segmentation, triage = model_path / "segmentation", model_path / "triage"
-    if (segmentation / "config.json").is_file():
-        return segmentation, triage if (triage / "config.json").is_file() else None
-    raise ModelError(f"{model_path}: is neither a checkpoint folder (config.json + model.safetensors) nor a models "
-                     f"folder with a 'segmentation' checkpoint in it")
+    if not model:
+        return None, None
+    folder = Path(model)
+    segmentation, triage = folder / "segmentation", folder / "triage"
+    if folder.is_dir() and not (folder / "config.json").is_file() and segmentation.is_dir():
+        return segmentation, triage if triage.is_dir() else None
+    return model, None
 
 
 class CTFMSegmentationApp(Application):
@@ -87,7 +82,7 @@ class CTFMSegmentationApp(Application):
         select = SeriesSelectorOperator(self, CountCondition(self, 1), input_folder=settings.input, rules=rules,
                                         record=record, name="select_series")
         load = VolumeLoaderOperator(self, input_folder=settings.input, record=record, name="load_volume")
-        segment = SegmentationOperator(self, model_path=settings.segmentation_model, device=settings.device,
+        segment = SegmentationOperator(self, model=settings.segmentation_model, device=settings.device,
                                        record=record, name="segment")
         write_seg = DicomSegWriterOperator(self, encoding=settings.encoding, record=record, name="write_seg")
         results = ResultsOperator(self, record=record, pacs_url=settings.pacs_url,
@@ -97,14 +92,9 @@ class CTFMSegmentationApp(Application):
         self.add_flow(segment, write_seg, {("segmentation", "segmentation")})
         self.add_flow(write_seg, results, {("seg", "seg")})
         if settings.triage_model is not None:
-            triage = TriageOperator(self, model_path=settings.triage_model, device=settings.device, record=record,
-                                    name="triage")
+            triage = TriageOperator(self, model=settings.triage_model, device=settings.device, record=record,
+                                    accept_partial=settings.triage_accept_partial, name="triage")
             write_sr = TriageSrWriterOperator(self, record=record, name="write_sr")
             self.add_flow(load, triage, {("volume", "volume")})
             self.add_flow(triage, write_sr, {("triage", "triage")})
             self.add_flow(write_sr, results, {("sr", "sr")})
-
-
-def environment_default(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value if value else None

@@ -3,15 +3,17 @@
     SeriesSelectorOperator -> VolumeLoaderOperator -> SegmentationOperator -> DicomSegWriterOperator ─┐
                                            └──────-> TriageOperator ------> TriageSrWriterOperator ──┴> ResultsOperator
 
-Every writer writes into the run's staging folder; only :class:`ResultsOperator` moves the finished objects into the
-output folder (and hands them to the PACS outbox when one is configured), so a run that fails anywhere leaves no
-half-written output behind.  Holoscan re-raises an operator's exception from ``Application.run()``, so the
-engine's errors (with their exit codes) reach ``python -m deploy_app`` unchanged.
+The model operators call the engine's task layer (``ctfm_engine.pipelines``): the weights policy, preprocessing and
+runtime are the engine's, exactly as for the ``ctfm`` command and the Slicer module.  Every writer writes into the
+run's staging folder; only :class:`ResultsOperator` moves the finished objects into the output folder (and hands
+them to the PACS outbox when one is configured), so a run that fails anywhere leaves no half-written output behind.
+Holoscan re-raises an operator's exception from ``Application.run()``, so the engine's errors (with their exit
+codes) reach ``python -m deploy_app`` unchanged.
 
 The SDK's own DICOM operators are not used: its loader reads every file with its pixel data and keeps only the
 first series of the first study, its selector cannot express ORIGINAL/axial/slice-count/kernel preferences nor
-say why a series was skipped, and its SEG writer writes neither laterality nor compressed encodings (see
-../shared/reference/deploy-and-pacs-notes.md).  The engine's reader and highdicom writer do those.
+say why a series was skipped, and its SEG writer writes neither laterality nor compressed encodings.  The engine's
+reader and highdicom writer do those.
 """
 
 from __future__ import annotations
@@ -104,12 +106,17 @@ class VolumeLoaderOperator(Operator):
         op_output.emit(volume, "volume")
 
 
-class _ModelOperator(Operator):
-    """An operator that runs one checkpoint on one device and records its stages in the run's record."""
+# The remedy of an engine error, worded as this app's settings.
+REMEDIES = {"accept_partial": "set CTFM_TRIAGE_ACCEPT_PARTIAL=1 (or --triage-accept-partial) to judge it anyway"}
 
-    def __init__(self, fragment: Fragment, *args: Any, model_path: Path, device: str, record: RunRecord,
+
+class _ModelOperator(Operator):
+    """An operator that runs one task of the engine with one model spec (a checkpoint folder, a hub repo id, or
+    None for the engine's weights policy) on one device, and records its stages in the run's record."""
+
+    def __init__(self, fragment: Fragment, *args: Any, model: str | Path | None, device: str, record: RunRecord,
                  **kwargs: Any) -> None:
-        self.model_path = Path(model_path)
+        self.model = model
         self.device = device
         self.record = record
         super().__init__(fragment, *args, **kwargs)
@@ -123,27 +130,20 @@ class SegmentationOperator(_ModelOperator):
         spec.output("segmentation")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctfm_engine.models.segmentation import inference_network
-        from ctfm_engine.runtime.backends import TorchBackend
-        from ctfm_engine.runtime.device import resolve_device
-        from ctfm_engine.tasks.segment import open_segmentation_model, segment
+        from ctfm_engine.pipelines import SegmentationRequest, run_segmentation
 
         volume = op_input.receive("volume")
         started = time.perf_counter()
-        model = open_segmentation_model(self.model_path)
-        module, head = inference_network(model.network)
-        device = resolve_device(self.device)
-        self.record.timed("load_model", started)
-        started = time.perf_counter()
-        result = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=model.roi_size_zyx,
-                         overlap=model.overlap, backend=TorchBackend(module, device), head=head,
-                         progress=_progress_logger("segmenting", "windows"))
-        self.record.timed("segment", started)
-        structures = result.structures(model.names)
-        log.info("segmentation: %d structures with %s (sha256 %s)", len(structures), model.checkpoint.name,
-                 model.checkpoint.sha256[:12])
-        self.record.summary["segmentation"] = {"weights": model.checkpoint.identity, "structures": structures}
-        op_output.emit({"result": result, "model": model}, "segmentation")
+        outcome = run_segmentation(SegmentationRequest(volume, weights=self.model, device=self.device,
+                                                       progress=_progress_logger("segmenting", "windows")))
+        self.record.seconds["load_model"] = round(time.perf_counter() - started - outcome.seconds, 3)
+        self.record.seconds["segment"] = round(outcome.seconds, 3)
+        structures = outcome.structures()
+        log.info("segmentation: %d structures with %s (sha256 %s)", len(structures), outcome.weights["name"],
+                 outcome.weights["sha256"][:12])
+        self.record.summary["segmentation"] = {"weights": outcome.weights, "backend": outcome.backend,
+                                               "structures": structures}
+        op_output.emit(outcome, "segmentation")
 
 
 class DicomSegWriterOperator(Operator):
@@ -159,24 +159,16 @@ class DicomSegWriterOperator(Operator):
         spec.output("seg")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctfm_engine import __version__
-        from ctfm_engine.dicom.seg import Algorithm, SegEncoding, write_dicom_seg
-        from ctfm_engine.labels import label_table
-
-        received = op_input.receive("segmentation")
-        result, model = received["result"], received["model"]
-        if not result.labels.any():
+        outcome = op_input.receive("segmentation")
+        if not outcome.labels.any():
             # A DICOM-SEG must hold at least one segment: nothing found means no SEG, said in the summary.
             log.warning("the model found no structure in this series; no DICOM-SEG is written")
             self.record.summary["seg"] = {"skipped": "the model found no structure in this series"}
             op_output.emit(None, "seg")
             return
         started = time.perf_counter()
-        algorithm = Algorithm(name=model.checkpoint.name, version=__version__,
-                              weights_sha256=model.checkpoint.sha256)
         path = self.record.staging / "ctfm-seg.dcm"
-        info = write_dicom_seg(result.labels, result.volume, label_table(model.names), path, algorithm=algorithm,
-                               encoding=SegEncoding(self.encoding))
+        info = outcome.write_dicom_seg(path, self.encoding)
         self.record.staged_result("seg", path, info, encoding=self.encoding)
         self.record.timed("write_seg", started)
         op_output.emit(info, "seg")
@@ -185,34 +177,37 @@ class DicomSegWriterOperator(Operator):
 class TriageOperator(_ModelOperator):
     """CTVolume -> head-CT triage (``triage``): probability and decision, or why the scan could not be judged."""
 
+    def __init__(self, fragment: Fragment, *args: Any, accept_partial: bool = False, **kwargs: Any) -> None:
+        self.accept_partial = accept_partial
+        super().__init__(fragment, *args, **kwargs)
+
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
         spec.output("triage")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctfm_engine.errors import InputError
-        from ctfm_engine.runtime.backends import TorchBackend
-        from ctfm_engine.runtime.device import resolve_device
-        from ctfm_engine.tasks.triage import decision_threshold, load_triage_model, triage
+        from ctfm_engine.errors import InputError, explain
+        from ctfm_engine.pipelines import TriageRequest, run_triage
 
         volume = op_input.receive("volume")
         started = time.perf_counter()
-        network, checkpoint = load_triage_model(self.model_path)
-        threshold, _ = decision_threshold(network)
         try:
-            result = triage(volume, TorchBackend(network, resolve_device(self.device)), network.preprocessing,
-                            threshold)
+            outcome = run_triage(TriageRequest(volume, weights=self.model, device=self.device,
+                                               accept_partial=self.accept_partial))
         except InputError as error:
             # Not a head CT (or too little of one): the segmentation still goes out; the report says why no triage.
-            log.warning("triage skipped: %s", error)
-            self.record.summary["triage"] = {"skipped": str(error)}
+            reason = explain(error, REMEDIES)
+            log.warning("triage skipped: %s", reason)
+            self.record.summary["triage"] = {"skipped": reason}
             op_output.emit(None, "triage")
             return
         finally:
             self.record.timed("triage", started)
+        result = outcome.result
         self.record.summary["triage"] = {"probability": result.probability, "decision": result.decision,
-                                         "threshold": result.threshold, "weights": checkpoint.identity}
-        op_output.emit({"result": result, "checkpoint": checkpoint, "volume": volume}, "triage")
+                                         "threshold": result.threshold, "threshold_source": outcome.threshold_source,
+                                         "weights": outcome.weights}
+        op_output.emit(outcome, "triage")
 
 
 class TriageSrWriterOperator(Operator):
@@ -227,19 +222,13 @@ class TriageSrWriterOperator(Operator):
         spec.output("sr")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctfm_engine import __version__
-        from ctfm_engine.dicom.seg import Algorithm
-        from ctfm_engine.dicom.sr import write_triage_sr
-
-        received = op_input.receive("triage")
-        if received is None:
+        outcome = op_input.receive("triage")
+        if outcome is None:
             op_output.emit(None, "sr")
             return
         started = time.perf_counter()
-        checkpoint = received["checkpoint"]
-        algorithm = Algorithm(name=checkpoint.name, version=__version__, weights_sha256=checkpoint.sha256)
         path = self.record.staging / "ctfm-triage-sr.dcm"
-        info = write_triage_sr(received["result"], received["volume"], path, algorithm=algorithm)
+        info = outcome.write_sr(path)
         self.record.staged_result("sr", path, info)
         self.record.timed("write_sr", started)
         op_output.emit(info, "sr")

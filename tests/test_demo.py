@@ -10,7 +10,7 @@ from conftest import SHARED, run_cli
 from matplotlib.image import imread
 
 from ctfm_engine.demo import sample_ct_path
-from ctfm_engine.volume import read_volume
+from ctfm_engine.readers import read_volume
 
 LIVER = 5
 LIVER_DICE_FLOOR = 0.5
@@ -25,9 +25,13 @@ def test_demo_uses_the_shipped_demonstration_models_by_default(tmp_path):
     result = run_cli("demo", "--out-dir", tmp_path / "demo", "--json")
     assert result.code == 0, result.stderr
     document = result.document
-    assert document["untrained_weights"] is False
     assert document["weights"]["name"] == "ctfm-mini" and document["segmentation_weights"]["name"] == \
         "ctfm-mini-wholebody-seg"
+    # The bundled models are demonstrations, and the demo says so: in the JSON, on stderr and in its summary.
+    assert document["weights"]["demonstration"] is True and document["segmentation_weights"]["demonstration"] is True
+    for name in ("ctfm-mini", "ctfm-mini-wholebody-seg"):
+        assert result.stderr.count(f"demonstration model {name}, not CT-FM, not for clinical use") == 1
+    assert sum("[demonstration model: not CT-FM, not for clinical use]" in line for line in document["summary"]) == 2
     names = ("scan_embedding.npz", "patch_embeddings.npz", "preprocessing.png", "segmentation.nii.gz",
              "structures.csv", "segmentation.png")
     paths = [tmp_path / "demo" / name for name in names]
@@ -54,21 +58,20 @@ def test_demo_uses_the_shipped_demonstration_models_by_default(tmp_path):
         assert int(row["voxels"]) == int(np.sum(predicted == int(row["label"])))
 
 
-def test_demo_without_any_weights_runs_and_says_the_encoder_is_untrained(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr("ctfm_engine.demo.bundled_weights", lambda name: None)  # as if nothing were shipped
+def test_demo_without_any_weights_exits_4_naming_what_is_missing_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("ctfm_engine.models.registry.bundled_weights", lambda name: None)  # as if nothing shipped
+    monkeypatch.delenv("CTFM_WEIGHTS", raising=False)
     result = run_cli("demo", "--out-dir", tmp_path / "demo", "--json")
-    assert result.code == 0, result.stderr
-    document = result.document
-    assert document["untrained_weights"] is True and document["weights"]["name"] == "ctfm-untrained-demo"
-    assert document["segmentation_weights"] is None and len(document["outputs"]) == 3
-    assert "UNTRAINED" in caplog.text
-    again = run_cli("demo", "--out-dir", tmp_path / "again", "--json")
-    assert again.document["weights"] == document["weights"]  # the untrained encoder is made once, deterministically
+    assert result.code == 4
+    message = result.document["error"]["message"]
+    assert "no encoder weights" in message and "CTFM_WEIGHTS" in message and "ct_fm_feature_extractor" in message
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_uses_configured_weights(tmp_path, narrow_weights, monkeypatch):
     monkeypatch.setenv("CTFM_WEIGHTS", str(narrow_weights))
     result = run_cli("demo", "--out-dir", tmp_path, "--json")
     assert result.code == 0, result.stderr
-    assert result.document["untrained_weights"] is False
     assert result.document["weights"]["name"] == "ctfm-narrow-test"
+    assert result.document["weights"]["demonstration"] is False  # our own test checkpoint is not a bundled one
+    assert "demonstration model ctfm-mini," not in result.stderr

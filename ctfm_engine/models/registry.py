@@ -143,7 +143,7 @@ def _nothing_found(kind: ModelKind) -> str:
 
 
 def announce(checkpoint: Checkpoint) -> None:
-    """One warning line (stderr in the CLI, the log elsewhere) when a demonstration model is in use."""
+    """One warning line (stderr in the CLI, the log elsewhere) when a demonstration model is opened."""
     if checkpoint.demonstration:
         log.warning(DEMONSTRATION_NOTICE.format(name=checkpoint.name))
 

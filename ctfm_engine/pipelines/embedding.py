@@ -95,14 +95,16 @@ class EmbeddingOutcome:
         return write_embeddings(self.embeddings, path, weights=self.weights, preprocessing=self.preprocessing)
 
 
-def run_embedding(request: EmbeddingRequest) -> EmbeddingOutcome:
-    """Embed every input of ``request``; all are validated before the encoder loads."""
+def run_embedding(request: EmbeddingRequest,
+                  encoder: tuple[SegResEncoder, Checkpoint] | None = None) -> EmbeddingOutcome:
+    """Embed every input of ``request``; all are validated before the encoder loads.  ``encoder`` may be one
+    :func:`open_encoder` gave, to embed several requests with one load (``request.weights`` is then not read)."""
     windows = request.windows()
     scans = ValidatedScans([as_source(item, request.series_uid, request.hu_offset) for item in request.inputs])
     from ctfm_engine.runtime.device import resolve_device
 
     device = resolve_device(request.device)
-    encoder, checkpoint = open_encoder(request.weights)
+    encoder, checkpoint = encoder if encoder is not None else open_encoder(request.weights)
     log.info("weights %s (sha256 %s) on %s", checkpoint.name, checkpoint.sha256[:12], device)
     embedder = Embedder(encoder, device)
     embeddings, model_inputs = [], []
