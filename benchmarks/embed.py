@@ -38,7 +38,8 @@ from ctfm_engine.models.encoder import (  # noqa: E402
 )
 from ctfm_engine.models.registry import load_encoder  # noqa: E402
 from ctfm_engine.preprocess import preprocess  # noqa: E402
-from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
+from ctfm_engine.readers import read_volume  # noqa: E402
+from ctfm_engine.volume import CTVolume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 REAL_SCANS = [

@@ -45,9 +45,10 @@ from ctfm_engine.models.checkpoint import save_checkpoint  # noqa: E402
 from ctfm_engine.models.encoder import build_encoder, encoder_config  # noqa: E402
 from ctfm_engine.models.registry import load_encoder  # noqa: E402
 from ctfm_engine.preprocess import preprocess  # noqa: E402
+from ctfm_engine.readers import read_volume  # noqa: E402
 from ctfm_engine.tasks.search import FeatureCache, SearchSettings, SemanticSearch  # noqa: E402
 from ctfm_engine.training.evaluation import LabelledScan  # noqa: E402
-from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
+from ctfm_engine.volume import CTVolume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 WEIGHTS = ROOT / "ctfm_engine" / "weights" / "ctfm-mini"

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 from ctfm_engine.io import atomic_output  # noqa: E402
 from ctfm_engine.models.registry import load_encoder  # noqa: E402
 from ctfm_engine.preprocess import preprocess  # noqa: E402
+from ctfm_engine.readers import read_volume  # noqa: E402
 from ctfm_engine.tasks.search import APP_PATCH_MM_ZYX, SearchSettings, SemanticSearch, volume_key  # noqa: E402
 from ctfm_engine.training.evaluation import LabelledScan  # noqa: E402
-from ctfm_engine.volume import read_volume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 LABELLED = {

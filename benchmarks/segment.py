@@ -44,6 +44,7 @@ from monai.networks.nets import SegResNetDS  # noqa: E402
 from ctfm_engine.models.checkpoint import save_checkpoint  # noqa: E402
 from ctfm_engine.models.segmentation import inference_network  # noqa: E402
 from ctfm_engine.preprocess import preprocess  # noqa: E402
+from ctfm_engine.readers import read_volume  # noqa: E402
 from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
 from ctfm_engine.tasks.segment import (  # noqa: E402
     PUBLISHED_WHOLE_BODY,
@@ -53,7 +54,7 @@ from ctfm_engine.tasks.segment import (  # noqa: E402
     to_source,
     write_inference_settings,
 )
-from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
+from ctfm_engine.volume import CTVolume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SHIPPED = ROOT / "ctfm_engine" / "weights" / "ctfm-mini-wholebody-seg"

@@ -43,7 +43,7 @@ import vtk  # noqa: E402
 from CTFMLib import jobs, mrml_adapters, session  # noqa: E402
 from embed import large_ct  # noqa: E402
 
-from ctfm_engine.volume import read_volume  # noqa: E402
+from ctfm_engine.readers import read_volume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "ctfm_engine" / "data" / "sample_ct.nii.gz"

@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.embed import GiB, PeakMemory  # noqa: E402
 from ctfm_engine.models.encoder import encoder_config  # noqa: E402
 from ctfm_engine.preprocess import preprocess  # noqa: E402
+from ctfm_engine.readers import read_volume  # noqa: E402
 from ctfm_engine.training.augment import CTFM_VIEW_AUGMENTATION  # noqa: E402
 from ctfm_engine.training.data import random_crops  # noqa: E402
 from ctfm_engine.training.pretrain import IntraSamplePretraining  # noqa: E402
-from ctfm_engine.volume import read_volume  # noqa: E402
 
 SCAN = ROOT.parent / "shared" / "data" / "ct-nifti" / "TotalSegmentator_0009_0000.nii.gz"
 

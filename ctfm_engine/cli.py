@@ -22,7 +22,8 @@ import numpy as np
 from ctfm_engine import __version__
 from ctfm_engine.dicom.pacs_cli import add_pacs_parser, run_pacs
 from ctfm_engine.errors import CTFMError, UsageError
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume
 
 log = logging.getLogger("ctfm")
 
@@ -1158,7 +1159,7 @@ def run_dicom(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
-    from ctfm_engine.training.recipe import run_recipe
+    from ctfm_engine.training.runner import run_recipe
 
     accelerator = None if args.device is None else {"cpu": "cpu", "auto": "auto"}.get(args.device, "gpu")
     # Lightning draws progress and summaries on stdout, which belongs to the --json document.

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import SAMPLE_CT, SHARED, TS_DICOM, run_cli
 
-from ctfm_engine.volume import read_volume
+from ctfm_engine.readers import read_volume
 
 GE_TILT = SHARED / "dicom" / "ge_head_gantry_tilt"
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"

@@ -19,8 +19,9 @@ from ctfm_engine.dicom.sr import read_triage_sr, write_triage_sr
 from ctfm_engine.dicom.validate import dciodvfy
 from ctfm_engine.errors import InputError
 from ctfm_engine.labels import Label, label_table, totalsegmentator_names
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.triage import TriageResult
-from ctfm_engine.volume import CTVolume, Grid, read_volume
+from ctfm_engine.volume import CTVolume, Grid
 
 DCMQI = SHARED / "dicom" / "dcmqi" / "segmentations"
 HEAD_DICOM = SHARED / "dicom" / "slicer_head_64x64"

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import SAMPLE_CT, SHARED, TS_DICOM, run_cli
 
-from ctfm_engine.volume import read_volume
+from ctfm_engine.readers import read_volume
 
 HEART_CT = SHARED / "ct-nifti" / "s0335.nii.gz"
 

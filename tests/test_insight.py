@@ -18,8 +18,9 @@ from ctfm_engine.errors import InputError
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import preprocess
 from ctfm_engine.progress import Cancelled
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks import concept_map, saliency
-from ctfm_engine.volume import Grid, read_volume
+from ctfm_engine.volume import Grid
 
 CTFM_MINI = WEIGHTS / "ctfm-mini"
 HEART = SHARED / "ct-nifti" / "s0335.nii.gz"

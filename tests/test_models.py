@@ -18,7 +18,7 @@ from ctfm_engine.models.checkpoint import read_checkpoint, save_checkpoint
 from ctfm_engine.models.encoder import CTFM_ENCODER_CONFIG, build_encoder, encoder_config, last_feature_map
 from ctfm_engine.models.registry import cached_repo_folder, load_encoder, resolve_weights
 from ctfm_engine.preprocess import preprocess
-from ctfm_engine.volume import read_volume
+from ctfm_engine.readers import read_volume
 
 lighter_zoo = pytest.importorskip("lighter_zoo", reason="lighter-zoo (test-only dependency) is not installed")
 

@@ -8,7 +8,8 @@ import SimpleITK as sitk
 from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED
 
 from ctfm_engine.preprocess import preprocess, resample, scale_hu, spl_grid
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume
 
 OBLIQUE_CT = SHARED / "ct-nifti" / "TotalSegmentator_0002_0000.nii.gz"
 

@@ -169,8 +169,8 @@ def test_exact_hnsw_and_ivf_agree_on_the_top_match_of_real_embeddings(tmp_path):
 
     from ctfm_engine.models.registry import load_encoder
     from ctfm_engine.preprocess import preprocess
+    from ctfm_engine.readers import read_volume
     from ctfm_engine.tasks.embed import Embedder, PatchWindows
-    from ctfm_engine.volume import read_volume
 
     torch.set_num_threads(2)
     encoder, checkpoint = load_encoder(MINI)

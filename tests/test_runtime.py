@@ -15,6 +15,7 @@ from ctfm_engine.errors import ModelError, UsageError
 from ctfm_engine.models.checkpoint import read_checkpoint, save_checkpoint
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import CTFM_PREPROCESSING
+from ctfm_engine.readers import read_volume
 from ctfm_engine.runtime import onnx_export
 from ctfm_engine.runtime.backends import OnnxBackend, TorchBackend
 from ctfm_engine.runtime.onnx_backend import (
@@ -27,7 +28,6 @@ from ctfm_engine.runtime.onnx_backend import (
 )
 from ctfm_engine.runtime.onnx_export import export_onnx, onnx_for, validation_sample
 from ctfm_engine.tasks.segment import open_segmentation_model, sliding_window_labels
-from ctfm_engine.volume import read_volume
 
 pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
 

@@ -14,6 +14,7 @@ from ctfm_engine.errors import InputError, UsageError
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import preprocess, resample
 from ctfm_engine.progress import Cancelled
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.embed import Embedder, PatchWindows
 from ctfm_engine.tasks.search import (
     FeatureCache,
@@ -23,7 +24,6 @@ from ctfm_engine.tasks.search import (
     volume_key,
 )
 from ctfm_engine.training.evaluation import LabelledScan
-from ctfm_engine.volume import read_volume
 
 OBLIQUE = SHARED / "ct-nifti" / "TotalSegmentator_0002_0000.nii.gz"
 HEART = SHARED / "ct-nifti" / "s0335.nii.gz"

@@ -14,9 +14,9 @@ from test_preprocess import stored_differently
 
 from ctfm_engine.errors import ModelError
 from ctfm_engine.models.checkpoint import save_checkpoint
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.segment import load_segmentation_model, segment, totalsegmentator_names
 from ctfm_engine.training.segmentation import segmentation_config
-from ctfm_engine.volume import read_volume
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, TS_DICOM
 
 from ctfm_engine.labels import label_table, totalsegmentator_names
-from ctfm_engine.volume import CTVolume, Grid, read_volume
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume, Grid
 
 pytest.importorskip("slicer_core", reason="the MRML adapter tests need the PyPI package slicer-core (Qt-free MRML)")
 slicer = importlib.import_module("slicer")

@@ -18,7 +18,8 @@ import pytest
 from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER, SHIPPED_SEG
 
 from ctfm_engine.errors import InputError
-from ctfm_engine.volume import CTVolume, check_hounsfield, read_volume
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume, check_hounsfield
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "SlicerCTFM"

@@ -14,7 +14,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_ENCODER, SHIPPED_SEG
 
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume
 
 pytest.importorskip("slicer_core", reason="the Slicer session tests need the PyPI package slicer-core (Qt-free MRML)")
 slicer = importlib.import_module("slicer")

@@ -12,6 +12,7 @@ from conftest import SAMPLE_CT, SHARED, TS_DICOM
 
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import preprocess
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.embed import Embedder, PatchWindows
 from ctfm_engine.training.augment import ViewAugmentation
 from ctfm_engine.training.evaluation import (
@@ -22,7 +23,6 @@ from ctfm_engine.training.evaluation import (
     structure_group,
     view_matching,
 )
-from ctfm_engine.volume import read_volume
 
 DICOM_LABELS = SHARED / "totalsegmentator" / "example_seg_dicom.nii.gz"
 LIVER = 5

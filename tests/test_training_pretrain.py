@@ -11,6 +11,7 @@ from conftest import SAMPLE_CT, SHARED, run_cli
 from safetensors.torch import load_file
 
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, preprocess
+from ctfm_engine.readers import read_volume
 from ctfm_engine.training.augment import ViewAugmentation, histogram_shift, random_resized_crop
 from ctfm_engine.training.data import (
     EpochSampler,
@@ -19,7 +20,6 @@ from ctfm_engine.training.data import (
     collate_skipping_unreadable,
     read_manifest,
 )
-from ctfm_engine.volume import read_volume
 
 pytest.importorskip("lightning", reason="the [train] extra (lightning) is not installed")
 

@@ -18,8 +18,8 @@ from ctfm_engine.head_ct import (
     window_stack,
 )
 from ctfm_engine.models.checkpoint import load_state_strict, read_checkpoint
+from ctfm_engine.readers import read_volume
 from ctfm_engine.training.recipe import load_recipe, select_training_volumes
-from ctfm_engine.volume import read_volume
 
 pytest.importorskip("lightning", reason="the [train] extra (lightning) is not installed")
 from ctfm_engine.training.triage import (  # noqa: E402

@@ -21,9 +21,10 @@ from ctfm_engine.head_ct import HeadCTPreprocessing, head_ct_input
 from ctfm_engine.models.registry import bundled_weights
 from ctfm_engine.models.triage import TriageClassifier
 from ctfm_engine.progress import Cancelled
+from ctfm_engine.readers import read_volume
 from ctfm_engine.runtime.backends import TorchBackend
 from ctfm_engine.tasks.triage import load_triage_model, require_head_ct, triage
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.volume import CTVolume
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"  # 93 slices of 1.5 mm: 140 mm along S

@@ -47,7 +47,8 @@ from CTFMLib import jobs  # noqa: E402
 from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
 from ctfm_engine.figures import CT_DISPLAY_HU, View, new_figure, orthogonal_views, save_figure  # noqa: E402
 from ctfm_engine.labels import label_table  # noqa: E402
-from ctfm_engine.volume import CTVolume, read_volume  # noqa: E402
+from ctfm_engine.readers import read_volume  # noqa: E402
+from ctfm_engine.volume import CTVolume  # noqa: E402
 
 SHARED = Path(os.environ.get("CTFM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SAMPLE_CT = ROOT / "ctfm_engine" / "data" / "sample_ct.nii.gz"

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume
 
 # Volumes read for validation are kept for the run below this many voxels in total, else read again.
 KEEP_VALIDATED_VOXELS = 300_000_000

@@ -33,9 +33,10 @@ from ctfm_engine.models.checkpoint import Checkpoint, read_checkpoint
 from ctfm_engine.models.registry import load_encoder, resolve_weights
 from ctfm_engine.preprocess import CTFM_PREPROCESSING
 from ctfm_engine.progress import Progress
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.embed import AGGREGATIONS, LEVELS, Embedder, PatchWindows
 from ctfm_engine.tasks.scan_index import APPROXIMATE_KINDS, EmbeddingProvenance, IndexEntry, ScanIndex, faiss_module
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.volume import CTVolume
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ctfm_engine.errors import CTFMError, InputError
 from ctfm_engine.preprocess import Preprocessing, preprocess
+from ctfm_engine.readers import read_volume
 from ctfm_engine.training.augment import CTFM_VIEW_AUGMENTATION, ViewAugmentation
-from ctfm_engine.volume import read_volume
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ import torch
 
 from ctfm_engine.models.encoder import patch_embeddings
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess, read_labels_on
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.embed import Embedder, PatchWindows
 from ctfm_engine.training.augment import CTFM_VIEW_AUGMENTATION, ViewAugmentation
 from ctfm_engine.training.data import random_crops
-from ctfm_engine.volume import CTVolume, read_volume
+from ctfm_engine.volume import CTVolume
 
 # The reference semantic-search app's window: 16x64x64 voxels at 3x1x1 mm, overlap 0.625 (facts §6.1).
 APP_WINDOWS = PatchWindows((16, 64, 64), 0.625)

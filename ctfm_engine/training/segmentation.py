@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 from ctfm_engine.errors import CTFMError
 from ctfm_engine.models.registry import load_encoder_into
 from ctfm_engine.preprocess import Preprocessing, preprocess, read_labels_on
+from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.segment import predict_model_space
 from ctfm_engine.training.data import ManifestEntry, pad_to_patch
-from ctfm_engine.volume import read_volume
 
 
 def segmentation_config(out_channels: int = 118, init_filters: int = 32, dsdepth: int = 4) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from ctfm_engine.io import atomic_output
 from ctfm_engine.models.registry import load_encoder_into
 from ctfm_engine.models.triage import TriageClassifier
 from ctfm_engine.models.triage import triage_config as triage_config  # re-exported: recipes and tests import it here
+from ctfm_engine.readers import read_volume
 from ctfm_engine.training.data import ManifestEntry, read_manifest
-from ctfm_engine.volume import read_volume
 
 log = logging.getLogger(__name__)
 
