@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 # CPU wheel of PyTorch; on a CUDA machine see README ("GPU") for the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages used by tests: dcm2niix (independent DICOM -> NIfTI converter), dicom3tools (dciodvfy, the
-# DICOM validator), orthanc + orthanc-dicomweb (the real PACS the end-to-end tests start in a network namespace).
-APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb
+# DICOM validator), orthanc + orthanc-dicomweb (the real PACS the end-to-end tests start in a network namespace),
+# iproute2 (`ip`) and util-linux (`unshare`, `nsenter`) to make that namespace.
+APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb iproute2 util-linux
 
 .PHONY: demo test lint apt clean
 
