@@ -3,19 +3,22 @@ the exact method equal to the reference splitter, the cache, and clear refusals.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_ENCODER, TS_DICOM, run_cli
+from monai.inferers import SlidingWindowSplitter
 
 from ctfm_engine.errors import InputError, UsageError
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import preprocess, resample
 from ctfm_engine.progress import Cancelled
 from ctfm_engine.readers import read_volume
-from ctfm_engine.tasks.embed import Embedder, PatchWindows
 from ctfm_engine.tasks.search import (
     FeatureCache,
     SearchSettings,
@@ -105,30 +108,97 @@ def test_matches_do_not_depend_on_how_the_target_is_stored(encoder, sample, tmp_
     assert result.targets[0].matches[0].similarity == pytest.approx(result.targets[1].matches[0].similarity, abs=1e-4)
 
 
-def test_exact_method_equals_the_reference_splitter(encoder, sample):
-    """Every exact window embedding is the encoder's embedding of that splitter window (zero end-padding)."""
+# The reference semantic-search app's target splitter (MONAI SlidingWindowSplitter as the app sets it up),
+# re-implemented here: 16x64x64 (z, y, x) windows of the 3x1x1 mm model grid with overlap 0.625.
+APP_WINDOW_ZYX = (16, 64, 64)
+APP_OVERLAP = 0.625
+
+
+def app_splitter(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The app's windows of ``image``: corners (N, 3) in (z, y, x) row-major order and windows (N, 16, 64, 64).
+
+    Steps are int(size * (1 - overlap)) = (6, 24, 24) voxels; corners start at 0 and go on until a window reaches
+    the end of the axis; what the last window holds past the end is zero (end padding with 0).
+    """
+    steps = [int(size * (1.0 - APP_OVERLAP)) for size in APP_WINDOW_ZYX]
+    per_axis = []
+    for length, size, step in zip(image.shape, APP_WINDOW_ZYX, steps, strict=True):
+        corners = [0]
+        while corners[-1] + size < length:
+            corners.append(corners[-1] + step)
+        per_axis.append(corners)
+    corners = np.array(list(itertools.product(*per_axis)))
+    padded = np.zeros([axis[-1] + size for axis, size in zip(per_axis, APP_WINDOW_ZYX, strict=True)], np.float32)
+    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
+    windows = np.stack([padded[z : z + APP_WINDOW_ZYX[0], y : y + APP_WINDOW_ZYX[1], x : x + APP_WINDOW_ZYX[2]]
+                        for z, y, x in corners])
+    return corners, windows
+
+
+def app_embeddings(network: torch.nn.Module, windows: np.ndarray) -> np.ndarray:
+    """Unit embeddings of the windows as the app computes them: the encoder's last feature map, average-pooled."""
+    vectors = []
+    with torch.inference_mode():
+        for first in range(0, len(windows), 4):
+            batch = torch.from_numpy(windows[first : first + 4])[:, None]
+            vectors.append(F.adaptive_avg_pool3d(network(batch)[-1], 1).flatten(1).double().numpy())
+    vectors = np.concatenate(vectors)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_exact_method_equals_the_reference_splitter(encoder):
+    """Every exact window embedding and window centre is that of the app's splitter window (re-implemented above)."""
     network, _ = encoder
     search = searcher(encoder)
+    assert (search.settings.patch_voxels_zyx, search.settings.overlap) == (APP_WINDOW_ZYX, APP_OVERLAP)
     target = preprocess(read_volume(HEART), search.settings.preprocessing)
-    windows = search.exact_windows(target)
-    reference, centres = Embedder(network).patch_vectors(target, PatchWindows(search.settings.patch_voxels_zyx,
-                                                                              search.settings.overlap), batch_size=4)
-    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
-    assert windows.vectors.reshape(-1, reference.shape[1]).shape == reference.shape
-    np.testing.assert_allclose(windows.vectors.reshape(reference.shape), reference, atol=1e-5)
-    # and the lattice puts each window's centre where the reference splitter says
-    lattice = np.array(np.unravel_index(np.arange(len(centres)), windows.vectors.shape[:3])).T
-    centre_lps = target.grid.zyx_index_to_lps(windows.first_zyx + lattice * windows.step_zyx)
-    np.testing.assert_allclose(centre_lps, centres, atol=1e-3)
+    corners, windows = app_splitter(target.image)
+    # the re-implementation is the splitter the app uses
+    monai_windows = list(SlidingWindowSplitter(APP_WINDOW_ZYX, overlap=APP_OVERLAP, pad_mode="constant",
+                                               pad_value=0)(torch.from_numpy(target.image)[None, None]))
+    np.testing.assert_array_equal(corners, [location for _, location in monai_windows])
+    np.testing.assert_array_equal(windows, np.stack([patch[0, 0].numpy() for patch, _ in monai_windows]))
+    assert len(corners) > 10 and (corners[:, 0].max() + 16 > target.image.shape[0])  # the last z windows are padded
+
+    exact = search.exact_windows(target)
+    lattice_shape = tuple(len(np.unique(corners[:, axis])) for axis in range(3))
+    assert exact.vectors.shape[:3] == lattice_shape
+    np.testing.assert_allclose(exact.vectors.reshape(len(corners), -1), app_embeddings(network, windows), atol=1e-5)
+    # a window's centre is the middle of its voxels, corner + (size - 1) / 2, in model voxel indices (the app itself
+    # reports corner + size // 2, half a voxel further)
+    lattice = np.array(np.unravel_index(np.arange(len(corners)), lattice_shape)).T
+    np.testing.assert_allclose(exact.first_zyx + lattice * exact.step_zyx,
+                               corners + (np.array(APP_WINDOW_ZYX) - 1) / 2.0, atol=1e-9)
 
 
 def test_exact_search_through_the_api_reports_window_matches(encoder, sample):
-    result = searcher(encoder, top_k=2).search(sample.volume, sample.centroid_lps(LIVER), [read_volume(HEART)],
-                                               method="exact")
+    """Each match is an app window centre with that window's cosine similarity to the app's query patch (the patch
+    centred on the point, zero-padded), recomputed here; the first is the most similar window."""
+    network, _ = encoder
+    search = searcher(encoder, top_k=2)
+    point = sample.centroid_lps(LIVER)
+    result = search.search(sample.volume, point, [read_volume(HEART)], method="exact")
     target = result.targets[0]
-    assert result.method == "exact" and not target.cached and target.windows > 10
-    assert target.matches[0].similarity >= target.matches[1].similarity
-    assert -1.0 <= target.matches[1].similarity <= 1.0
+    assert result.method == "exact" and not target.cached
+
+    source = preprocess(sample.volume, search.settings.preprocessing)
+    size = np.array(APP_WINDOW_ZYX)
+    corner = np.rint(source.grid.lps_to_zyx_index(np.array(point))).astype(int) - size // 2
+    inside = [slice(max(c, 0), min(c + n, length)) for c, n, length in zip(corner, size, source.image.shape,
+                                                                            strict=True)]
+    query = np.zeros(APP_WINDOW_ZYX, dtype=np.float32)
+    query[tuple(slice(piece.start - c, piece.stop - c) for piece, c in zip(inside, corner, strict=True))] = \
+        source.image[tuple(inside)]
+    heart = preprocess(read_volume(HEART), search.settings.preprocessing)
+    corners, windows = app_splitter(heart.image)
+    similarity = app_embeddings(network, windows) @ app_embeddings(network, query[None])[0]
+    centres_lps = heart.grid.zyx_index_to_lps(corners + (size - 1) / 2.0)
+    assert target.windows == len(corners)
+    np.testing.assert_allclose(target.matches[0].point_lps, centres_lps[np.argmax(similarity)], atol=1e-4)
+    for match in target.matches:
+        window = int(np.argmin(np.linalg.norm(centres_lps - np.array(match.point_lps), axis=1)))
+        np.testing.assert_allclose(match.point_lps, centres_lps[window], atol=1e-4)
+        assert match.similarity == pytest.approx(similarity[window], abs=1e-5)
 
 
 def test_a_repeated_query_is_answered_from_the_cache(encoder, sample, tmp_path):
