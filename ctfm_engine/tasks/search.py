@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -337,7 +336,6 @@ class SemanticSearch:
         self.settings = settings
         self.cache = cache if cache is not None else FeatureCache()
         self.memory_budget_bytes = memory_budget_bytes
-        self._keys: weakref.WeakKeyDictionary[CTVolume, str] = weakref.WeakKeyDictionary()
 
     # -- public API --
 
@@ -352,11 +350,15 @@ class SemanticSearch:
         heatmap_grid: str = "source",
         progress: Progress | None = None,
         cancel: CancelCheck | None = None,
+        source_key: str | None = None,
+        target_keys: Sequence[str] | None = None,
     ) -> SearchResult:
         """Search the patch at ``point_lps`` of ``source`` in every target (see the module docstring).
 
         ``heatmap_grid``: ``source`` puts each heatmap on its target's voxel grid (files, figures); ``model`` leaves
         it on the model grid it is computed on (``TargetResult.heatmap_grid``), for viewers that reslice.
+        ``source_key`` and ``target_keys`` (one per target) are the scans' feature-cache keys (:meth:`key`) for a
+        caller that keeps its scans across queries and has keyed them once; without them each scan is hashed.
         """
         if heatmap_grid not in ("source", "model"):
             raise UsageError(f"heatmap_grid must be 'source' or 'model', got {heatmap_grid!r}")
@@ -364,12 +366,14 @@ class SemanticSearch:
             raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         if not targets:
             raise UsageError("no target scans to search in: give at least one target")
+        if target_keys is not None and len(target_keys) != len(targets):
+            raise ValueError(f"{len(target_keys)} target keys for {len(targets)} targets")
         point = check_point_inside(source, point_lps)
         notes = []
         steps = len(targets) + 1
         check_cancelled(cancel)
         if method == "fast":
-            source_features = self.features(source)
+            source_features = self.features(source, key=source_key)
             query = self.fast_query(source_features, point)
         else:
             source_input = preprocess(source, self.settings.preprocessing)
@@ -384,8 +388,9 @@ class SemanticSearch:
             check_cancelled(cancel)
             started = time.perf_counter()
             if method == "fast":
-                cached = self.cache.get(self.key(target)) is not None
-                similarity_field = self.fast_field(self.features(target), query)
+                key = target_keys[index] if target_keys is not None else self.key(target)
+                cached = self.cache.get(key) is not None
+                similarity_field = self.fast_field(self.features(target, key=key), query)
                 windows = similarity_field.values.size
             else:
                 cached = False
@@ -407,20 +412,15 @@ class SemanticSearch:
         return SearchResult(source.source, tuple(float(v) for v in point), method, self.settings, results, notes)
 
     def key(self, volume: CTVolume) -> str:
-        """The scan's feature-cache key (:func:`volume_key`).  Hashing a 512x512x300 scan takes ~0.2 s, so the key
-        is remembered for a volume whose voxels are read-only (a long-lived worker's scans): repeated queries on
-        it hash nothing.  Writable voxels could change in place, so theirs is computed each time."""
-        frozen = not volume.voxels.flags.writeable
-        if frozen and volume in self._keys:
-            return self._keys[volume]
-        key = volume_key(volume, self.settings.preprocessing, self.weights_sha256)
-        if frozen:
-            self._keys[volume] = key
-        return key
+        """The scan's feature-cache key (:func:`volume_key`: a hash of its voxels, geometry, the preprocessing and
+        the weights).  Hashing a 512x512x300 scan takes ~0.2 s: a caller that keeps scans across queries keys each
+        once and passes the key to :meth:`features` and :meth:`search`."""
+        return volume_key(volume, self.settings.preprocessing, self.weights_sha256)
 
-    def features(self, volume: CTVolume) -> DenseFeatures:
-        """The scan's dense last feature map, from the cache or computed (and cached)."""
-        key = self.key(volume)
+    def features(self, volume: CTVolume, key: str | None = None) -> DenseFeatures:
+        """The scan's dense last feature map, from the cache or computed (and cached) under ``key``, the scan's
+        :meth:`key` when the caller has it (else it is computed here)."""
+        key = key if key is not None else self.key(volume)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
