@@ -122,7 +122,7 @@ def test_ctvolume_round_trips_through_a_volume_node(scene, path: Path) -> None:
 
 
 def test_int16_ct_travels_to_a_worker_at_half_the_size_and_arrives_as_the_same_float32_voxels(scene, tmp_path):
-    jobs = importlib.import_module("CTFMLib.jobs")
+    protocol = importlib.import_module("CTFMLib.protocol")
     volume = read_volume(SMALL_CT)
     node = adapters.ctvolume_to_volume_node(volume, scene, "ct")
     slicer.util.updateVolumeFromArray(node, volume.voxels.astype(np.int16))  # as Slicer loads a DICOM CT
@@ -131,8 +131,8 @@ def test_int16_ct_travels_to_a_worker_at_half_the_size_and_arrives_as_the_same_f
     small = adapters.volume_node_to_ctvolume(node, keep_small_integers=True)
     assert float_copy.voxels.dtype == np.float32 and small.voxels.dtype == np.int16
     assert small.voxels.nbytes * 2 == float_copy.voxels.nbytes
-    jobs.write_volume(small, tmp_path)
-    arrived = jobs._read_volume(tmp_path)
+    protocol.write_volume(small, tmp_path)
+    arrived = protocol.read_volume(tmp_path)
     assert arrived.voxels.dtype == np.float32 and np.array_equal(arrived.voxels, float_copy.voxels)
     assert arrived.grid.matches(float_copy.grid, tolerance_mm=1e-9)
 

@@ -1,44 +1,21 @@
 """Inference jobs that run in a worker process, so Slicer's UI thread never waits on CT-FM and a crash cannot take
-Slicer down.  Slicer-free and Qt-free: the widget polls a :class:`Job` from a QTimer; tests poll it from a loop.
+Slicer down: the client side.  Slicer-free and Qt-free: the widget polls a :class:`Job` from a QTimer; tests poll
+it from a loop.  The worker is :mod:`CTFMLib.worker`; what the two exchange is :mod:`CTFMLib.protocol`.
 
 Why a subprocess speaking JSON lines, not ``multiprocessing``: inside Slicer ``sys.executable`` is the Slicer
 application, so a "spawn" child would start another Slicer unless the executable is patched per platform; a plain
-subprocess running this very file with ``PythonSlicer`` (or any Python that has ``ctfm_engine``) is what Slicer's
+subprocess running ``worker.py`` with ``PythonSlicer`` (or any Python that has ``ctfm_engine``) is what Slicer's
 own ``launchConsoleProcess`` does, lives in its own process group so a cancel kills the whole tree, and its protocol
 can be read in a log.
 
-Protocol.  The client writes the input volume (``volume.npy`` + ``volume.json``: voxels (z, y, x) in HU and their
-LPS geometry) and ``request.json`` into a private job folder, then runs ``python jobs.py TASK FOLDER``.  The worker
-prints one JSON object per line on stdout (anything else it or a library prints goes to stderr):
-
-``{"event": "started", "pid": int}``
-    the engine is imported; the job is running (until then it is queued).
-``{"event": "progress", "done": int, "total": int, "stage": str}``
-    stages are ``reading input``, ``loading model``, then the task's own (``segmenting`` counts sliding windows).
-``{"event": "log", "level": str, "message": str}``
-    an engine log record (the engine logs no patient-identifying data).
-``{"event": "result", ..., "arrays": {name: file}, "scales": {name: float}}``
-    the task's result; arrays are ``.npy`` files written atomically in the job folder, loaded by the reader thread.
-    An array named in ``scales`` travels as uint8 codes and means ``code * scale`` (float32): search heatmaps, in
-    [0, 1], go at steps of 1/255 (finer than a 256-entry colour map shows), a quarter of the bytes of float32 (a
-    512 x 512 x 300 scan's heatmap on the model grid: 17 MB, not 66 MB, per click).
-``{"event": "error", "exit_code": int, "message": str, "kind": str}``
-    the engine's error (exit codes as the ``ctfm`` command: 2 usage, 3 input, 4 model, 1 other, 130 cancelled).
-
-The client appends ``{"event": "cancelled"}`` and, for a worker that dies without an error event, an ``error``
-event of its own.  A job folder is removed when the job ends whatever the outcome, so no partial output remains.
-
-The persistent :class:`SearchWorker` runs ``python jobs.py search-worker FOLDER`` and also reads requests, one JSON
-object per line, on its stdin (``load`` a volume and compute its features, ``search`` a point, ``close``); it keeps
-the encoder and the feature maps in memory, so a click costs one similarity pass.  Its events carry the request id.
+:class:`Job` runs one task (``start_segmentation``, ``start_triage``, ``start_search_features``); the persistent
+:class:`SearchWorker` keeps the encoder and the feature maps in memory, so a click costs one similarity pass.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
-import logging
 import os
 import queue
 import shutil
@@ -54,22 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
+from CTFMLib import protocol
+from CTFMLib.protocol import grid_from_event, write_volume
 
 if TYPE_CHECKING:
     from ctfm_engine.volume import CTVolume
 
-log = logging.getLogger(__name__)
+__all__ = ["CANCEL_GRACE_S", "FINISHED", "STATES", "Job", "JobError", "JobProgress", "SearchWorker",
+           "default_python", "grid_from_event", "kill_tree", "start_search_features", "start_segmentation",
+           "start_triage"]
 
 STATES = ("queued", "running", "cancelling", "cancelled", "failed", "done")
 FINISHED = frozenset({"cancelled", "failed", "done"})
-TASKS = ("segment", "triage", "features")
-SEARCH_WORKER = "search-worker"
-ENGINE_MODULES = {"segment": "ctfm_engine.tasks.segment", "triage": "ctfm_engine.tasks.triage",
-                  "features": "ctfm_engine.tasks.search", SEARCH_WORKER: "ctfm_engine.tasks.search"}
 CANCEL_GRACE_S = 0.5  # the worker may stop at its next cancel check; after this the whole tree is killed
-CANCELLED_EXIT_CODE = 130
-HEATMAP_CODES = 255  # search heatmaps travel as uint8 codes: value = code / 255 (see the protocol above)
+WORKER_SCRIPT = Path(__file__).resolve().with_name("worker.py")
 _END = object()  # end of a worker stream
 
 
@@ -104,36 +79,6 @@ def default_python() -> str:
     return sys.executable
 
 
-def grid_to_event(grid: Any) -> dict[str, Any]:
-    """A ``Grid`` as a target entry's ``heatmap_grid`` (JSON); :func:`grid_from_event` reads it back."""
-    return {"shape_zyx": list(grid.shape_zyx), "spacing_xyz_mm": list(grid.spacing_xyz_mm),
-            "origin_lps_mm": list(grid.origin_lps_mm), "direction": np.asarray(grid.direction, dtype=float).tolist()}
-
-
-def grid_from_event(entry: dict[str, Any]) -> Any:
-    """The ``Grid`` (patient LPS) a search result's heatmap sits on, from a target entry's ``heatmap_grid``."""
-    from ctfm_engine.volume import Grid
-
-    geometry = entry["heatmap_grid"]
-    return Grid(tuple(geometry["shape_zyx"]), tuple(geometry["spacing_xyz_mm"]), tuple(geometry["origin_lps_mm"]),
-                np.array(geometry["direction"], dtype=float))
-
-
-def write_volume(volume: CTVolume, folder: Path, stem: str = "volume") -> None:
-    """Store a CTVolume losslessly in ``folder``: ``<stem>.npy`` (voxels (z, y, x)) and ``<stem>.json`` (LPS
-    geometry, source, series UID and the non-identifying DICOM references)."""
-    np.save(folder / f"{stem}.npy", np.ascontiguousarray(volume.voxels), allow_pickle=False)
-    geometry = {
-        "spacing_xyz_mm": list(volume.spacing_xyz_mm),
-        "origin_lps_mm": list(volume.origin_lps_mm),
-        "direction": np.asarray(volume.direction, dtype=float).tolist(),
-        "source": volume.source,
-        "series_instance_uid": volume.series_instance_uid,
-        "dicom": volume.dicom,
-    }
-    (folder / f"{stem}.json").write_text(json.dumps(geometry, default=str))
-
-
 def _job_folder(prefix: str, work_dir: str | Path | None) -> Path:
     """A new private folder for one worker, inside ``work_dir`` (created when missing) or the system temp."""
     if work_dir is not None:
@@ -147,7 +92,7 @@ def _absolute(path: str | Path | None) -> str | None:
 
 
 def _popen(python: str, task: str, folder: Path, stdin: bool) -> subprocess.Popen:
-    command = [python, str(Path(__file__).resolve()), task, str(folder)]
+    command = [python, str(WORKER_SCRIPT), task, str(folder)]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     options: dict[str, Any] = {}
     if os.name == "nt":
@@ -216,40 +161,19 @@ class _WorkerProcess:
 
     def _read_protocol(self, stream: IO[str]) -> None:
         for line in stream:
-            line = line.strip()
-            if not line:
+            event = protocol.read_event(line)
+            if event is None:
                 continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = {"event": "log", "level": "STDOUT", "message": line}
-            if not isinstance(event, dict) or "event" not in event:
-                event = {"event": "log", "level": "STDOUT", "message": line}
-            if event["event"] == "result":
-                event = self._load_arrays(event)
+            if event["event"] == protocol.RESULT:  # arrays load here, in this reader thread, not the UI thread
+                event = protocol.load_arrays(event, self.folder)
             self.events.put(event)
         self.events.put(_END)
 
     def _read_stderr(self, stream: IO[str]) -> None:
         for line in stream:
             if line.strip():
-                self.events.put({"event": "log", "level": "STDERR", "message": line.rstrip()})
+                self.events.put({"event": protocol.LOG, "level": "STDERR", "message": line.rstrip()})
         self.events.put(_END)
-
-    def _load_arrays(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Replace the result's array files by the arrays (in this reader thread, not the UI thread)."""
-        scales = dict(event.pop("scales", {}))
-        for name, file in dict(event.pop("arrays", {})).items():
-            path = self.folder / Path(file).name
-            try:
-                event[name] = np.load(path, allow_pickle=False)
-                if name in scales:
-                    event[name] = np.multiply(event[name], np.float32(scales[name]), dtype=np.float32)
-            except (OSError, ValueError) as error:
-                return {"event": "error", "exit_code": 1, "kind": "CTFMError", "request": event.get("request"),
-                        "message": f"the worker's result {path.name} is unreadable ({error})"}
-            path.unlink(missing_ok=True)
-        return event
 
     def drain(self) -> tuple[list[dict[str, Any]], bool]:
         """(events so far, whether both streams have ended); never blocks."""
@@ -286,8 +210,8 @@ class Job:
 
     def __init__(self, task: str, volume: CTVolume, request: dict[str, Any], *, python: str | None = None,
                  work_dir: str | Path | None = None) -> None:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if task not in protocol.TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(protocol.TASKS)}")
         self.task = task
         self.state = "queued"
         self.progress: JobProgress | None = None
@@ -299,7 +223,7 @@ class Job:
         folder = _job_folder(f"ctfm-{task}-", work_dir)
         try:
             write_volume(volume, folder)
-            (folder / "request.json").write_text(json.dumps(request))
+            (folder / protocol.REQUEST_FILE).write_text(json.dumps(request))
             self._worker = _WorkerProcess(task, folder, python, stdin=True)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -323,7 +247,7 @@ class Job:
         return _process_tree(self.pid) if self._worker.exited() is None else []
 
     def poll(self) -> list[dict[str, Any]]:
-        """New events since the last call (see the module docstring); non-blocking."""
+        """New events since the last call (:mod:`CTFMLib.protocol` lists them); non-blocking."""
         if self.finished:
             return []
         events, ended = self._worker.drain()
@@ -343,7 +267,7 @@ class Job:
         if self.finished or self.state == "cancelling":
             return
         self.state = "cancelling"
-        if not self._worker.send({"op": "cancel"}):
+        if not self._worker.send({"op": protocol.CANCEL}):
             self._worker.kill()
             return
         self._kill_timer = threading.Timer(CANCEL_GRACE_S, self._worker.kill)
@@ -360,15 +284,15 @@ class Job:
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind = event["event"]
-        if kind == "started" and self.state == "queued":
+        if kind == protocol.STARTED and self.state == "queued":
             self.state = "running"
-        elif kind == "progress":
+        elif kind == protocol.PROGRESS:
             self.progress = JobProgress(int(event["done"]), int(event["total"]), str(event.get("stage", "")))
-        elif kind == "log":
+        elif kind == protocol.LOG:
             self.log.append(f"{event.get('level', 'INFO')}: {event.get('message', '')}")
-        elif kind == "result":
+        elif kind == protocol.RESULT:
             self.result = {key: value for key, value in event.items() if key != "event"}
-        elif kind == "error":
+        elif kind == protocol.ERROR:
             self.error = JobError(int(event.get("exit_code", 1)), str(event.get("message", "")),
                                   str(event.get("kind", "CTFMError")))
 
@@ -379,7 +303,7 @@ class Job:
         self.finished_at = time.monotonic()
         if self.state == "cancelling":
             self.state, self.result = "cancelled", None
-            return [{"event": "cancelled"}]
+            return [{"event": protocol.CANCELLED}]
         if code == 0 and self.result is not None and self.error is None:
             self.state = "done"
             return []
@@ -387,7 +311,7 @@ class Job:
         if self.error is None:
             self.error = JobError(code or 1, f"the CT-FM worker stopped unexpectedly (exit code {code}) without "
                                              f"a result; see the log above for the reason", "WorkerCrash")
-            return [{"event": "error", "exit_code": self.error.exit_code, "message": self.error.message,
+            return [{"event": protocol.ERROR, "exit_code": self.error.exit_code, "message": self.error.message,
                      "kind": self.error.kind}]
         return []
 
@@ -403,12 +327,12 @@ def start_segmentation(
     python: str | None = None,
     work_dir: str | Path | None = None,
 ) -> Job:
-    """Whole-body segmentation of ``volume`` in a worker (``ctfm_engine.tasks.segment``).
+    """Whole-body segmentation of ``volume`` in a worker (the engine's ``run_segmentation``).
 
-    ``weights`` is a SegResNetDS checkpoint folder (None: the bundled ``ctfm-mini-wholebody-seg``); ``roi_size_zyx``
-    and ``overlap`` override the checkpoint's window.  Result: ``labels`` (uint8 (z, y, x) on ``volume``'s grid),
-    ``names`` ({value: TotalSegmentator name}), ``structures`` (label, name, voxels, volume_ml), ``weights``
-    ({name, sha256}), ``model``, ``seconds``.
+    ``weights`` is a SegResNetDS checkpoint folder or hub repo id (None: the engine's weights policy chooses, down to
+    its demonstration model); ``roi_size_zyx`` and ``overlap`` override the checkpoint's window.  Result: ``labels``
+    (uint8 (z, y, x) on ``volume``'s grid), ``names`` ({value: TotalSegmentator name}), ``structures`` (label, name,
+    voxels, volume_ml), ``weights`` ({name, sha256, demonstration}), ``model``, ``device``, ``seconds``.
     """
     request = {"weights": _absolute(weights), "device": device,
                "roi_size_zyx": None if roi_size_zyx is None else [int(v) for v in roi_size_zyx],
@@ -426,10 +350,11 @@ def start_triage(
     python: str | None = None,
     work_dir: str | Path | None = None,
 ) -> Job:
-    """Head-CT triage of ``volume`` in a worker (``ctfm_engine.tasks.triage``): the scan is screened as a head CT
-    before the model loads.  ``model`` None: ``$CTFM_TRIAGE_WEIGHTS`` or the cache.  Result: ``probability``,
-    ``decision``, ``threshold``, ``threshold_source``, ``checks`` (what the input screen found), ``weights``."""
-    request = {"model": _absolute(model), "device": device, "threshold": threshold,
+    """Head-CT triage of ``volume`` in a worker (the engine's ``run_triage``): the scan is screened as a head CT
+    before the model loads.  ``model`` None: the engine's weights policy (``$CTFM_TRIAGE_WEIGHTS``, the cache).
+    Result: ``probability``, ``decision``, ``threshold``, ``threshold_source``, ``checks`` (what the input screen
+    found), ``notes``, ``weights``."""
+    request = {"weights": _absolute(model), "device": device, "threshold": threshold,
                "accept_partial": bool(accept_partial)}
     return Job("triage", volume, request, python=python, work_dir=work_dir)
 
@@ -456,7 +381,8 @@ class SearchWorker:
     ``add_volume`` sends a scan once (its features are computed then); ``query`` asks for the patch at an LPS point
     of one loaded scan in others and returns a request id; ``poll`` returns events, and a ``result`` event (also
     stored in ``results[request]``) carries per target its ``matches`` (``point_lps``, ``similarity``, best first)
-    and, with heatmaps, the ``heatmap_<i>`` array ((z, y, x) float32 in [0, 1] on that target's grid).
+    and, with heatmaps, the ``heatmap_<i>`` array ((z, y, x) float32 in [0, 1] on that target's grid), and the
+    ``weights`` of the encoder.  ``weights`` None: the engine's weights policy chooses the encoder.
     """
 
     def __init__(
@@ -471,7 +397,7 @@ class SearchWorker:
     ) -> None:
         self.state = "queued"
         self.error: JobError | None = None
-        self.weights: dict[str, str] | None = None
+        self.weights: dict[str, Any] | None = None
         self.loaded: dict[str, dict[str, Any]] = {}  # volume key -> its "loaded" event
         self.results: dict[int, dict[str, Any]] = {}
         self.errors: dict[int, JobError] = {}
@@ -482,8 +408,8 @@ class SearchWorker:
         try:
             request = {"weights": _absolute(weights), "device": device, "top_k": int(top_k),
                        "cache_dir": _absolute(cache_dir)}
-            (folder / "request.json").write_text(json.dumps(request))
-            self._worker = _WorkerProcess(SEARCH_WORKER, folder, python, stdin=True)
+            (folder / protocol.REQUEST_FILE).write_text(json.dumps(request))
+            self._worker = _WorkerProcess(protocol.SEARCH_WORKER, folder, python, stdin=True)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -507,7 +433,7 @@ class SearchWorker:
         stem = f"volume-{request}"
         write_volume(volume, self._worker.folder, stem)
         self._sent[key] = request
-        self._worker.send({"op": "load", "request": request, "key": key, "stem": stem})
+        self._worker.send({"op": protocol.LOAD, "request": request, "key": key, "stem": stem})
         return key
 
     def query(self, source: str, point_lps: Sequence[float], targets: Sequence[str], *,
@@ -521,7 +447,7 @@ class SearchWorker:
         if not self.alive:
             raise RuntimeError("the search worker has stopped; start a new one")
         request = next(self._requests)
-        self._worker.send({"op": "search", "request": request, "source": source,
+        self._worker.send({"op": protocol.SEARCH, "request": request, "source": source,
                            "point_lps": [float(v) for v in point_lps], "targets": list(targets),
                            "heatmaps": bool(heatmaps), "heatmap_grid": heatmap_grid})
         return request
@@ -531,15 +457,15 @@ class SearchWorker:
         events, ended = self._worker.drain()
         for event in events:
             kind, request = event["event"], event.get("request")
-            if kind == "ready":
+            if kind == protocol.READY:
                 self.state, self.weights = "running", event.get("weights")
-            elif kind == "loaded":
+            elif kind == protocol.LOADED:
                 self.loaded[event["key"]] = event
-            elif kind == "result":
+            elif kind == protocol.RESULT:
                 self.results[int(request)] = event
-            elif kind == "log":
+            elif kind == protocol.LOG:
                 self.log.append(f"{event.get('level', 'INFO')}: {event.get('message', '')}")
-            elif kind == "error":
+            elif kind == protocol.ERROR:
                 error = JobError(int(event.get("exit_code", 1)), str(event.get("message", "")),
                                  str(event.get("kind", "CTFMError")))
                 if request is None:
@@ -554,271 +480,7 @@ class SearchWorker:
     def close(self) -> None:
         """Stop the worker (its process tree) and remove its folder; returns at once."""
         if self.alive:
-            self._worker.send({"op": "close"})
+            self._worker.send({"op": protocol.CLOSE})
             self._worker.kill()
             self.state = "cancelled" if self.error is None else "failed"
         self._worker.remove_folder()
-
-
-# --- the worker side: runs in the subprocess, imports the engine -----------------------------------------------
-
-
-class _Protocol:
-    """Writes events to the protocol stream (the worker's original stdout), one JSON object per line."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.lock = threading.Lock()
-
-    def emit(self, event: str, **fields: Any) -> None:
-        with self.lock:
-            self.stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-            self.stream.flush()
-
-    def progress(self, stage: str, done: int, total: int) -> None:
-        self.emit("progress", done=int(done), total=int(total), stage=stage)
-
-
-class _LogToProtocol(logging.Handler):
-    def __init__(self, protocol: _Protocol) -> None:
-        super().__init__(logging.INFO)
-        self.protocol = protocol
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.protocol.emit("log", level=record.levelname, message=record.getMessage())
-
-
-def _read_volume(folder: Path, stem: str = "volume") -> CTVolume:
-    from ctfm_engine.volume import CTVolume, check_hounsfield
-
-    geometry = json.loads((folder / f"{stem}.json").read_text())
-    voxels = np.load(folder / f"{stem}.npy", allow_pickle=False).astype(np.float32, copy=False)  # int16 from Slicer
-    volume = CTVolume(voxels=voxels, spacing_xyz_mm=tuple(geometry["spacing_xyz_mm"]),
-                      origin_lps_mm=tuple(geometry["origin_lps_mm"]), direction=np.array(geometry["direction"]),
-                      source=geometry["source"], series_instance_uid=geometry.get("series_instance_uid"),
-                      dicom=geometry.get("dicom") or {})
-    check_hounsfield(volume.voxels, volume.source)
-    return volume
-
-
-def _save_array(folder: Path, name: str, array: np.ndarray) -> str:
-    from ctfm_engine.io import atomic_output
-
-    path = folder / f"{name}.npy"
-    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
-        np.save(stream, array, allow_pickle=False)
-    return path.name
-
-
-def _run_segment(folder: Path, request: dict[str, Any], protocol: _Protocol, cancel: threading.Event) -> None:
-    from ctfm_engine.errors import ModelError
-    from ctfm_engine.models.registry import bundled_weights
-    from ctfm_engine.models.segmentation import inference_network
-    from ctfm_engine.runtime.backends import TorchBackend
-    from ctfm_engine.runtime.device import resolve_device
-    from ctfm_engine.tasks.segment import check_window, open_segmentation_model, segment
-
-    protocol.progress("reading input", 0, 1)
-    volume = _read_volume(folder)
-    if request.get("roi_size_zyx") is not None or request.get("overlap") is not None:
-        check_window(request.get("roi_size_zyx") or (16, 16, 16), request.get("overlap") or 0.0)
-    device = resolve_device(request.get("device") or "cpu")
-    protocol.progress("loading model", 0, 1)
-    weights = request.get("weights") or bundled_weights("ctfm-mini-wholebody-seg")
-    if weights is None:
-        raise ModelError("no segmentation model: choose a checkpoint folder (e.g. a local copy of "
-                         "project-lighter/whole_body_segmentation) in the Model section")
-    model = open_segmentation_model(weights)
-    roi = tuple(request["roi_size_zyx"]) if request.get("roi_size_zyx") else model.roi_size_zyx
-    overlap = model.overlap if request.get("overlap") is None else float(request["overlap"])
-    module, head = inference_network(model.network)
-    started = time.perf_counter()
-    result = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=roi, overlap=overlap,
-                     backend=TorchBackend(module, device), head=head,
-                     largest_component=bool(request.get("largest_component")),
-                     progress=lambda done, total: protocol.progress("segmenting", done, total), cancel=cancel)
-    seconds = time.perf_counter() - started
-    protocol.progress("writing result", 0, 1)
-    labels = _save_array(folder, "labels", result.labels)
-    protocol.emit("result", arrays={"labels": labels}, names={str(k): v for k, v in model.names.items()},
-                  structures=result.structures(model.names), weights=model.checkpoint.identity,
-                  model={**model.describe(), "roi_size_zyx": list(roi), "overlap": overlap}, device=str(device),
-                  seconds=round(seconds, 3))
-
-
-def _run_triage(folder: Path, request: dict[str, Any], protocol: _Protocol, cancel: threading.Event) -> None:
-    from ctfm_engine.runtime.backends import TorchBackend
-    from ctfm_engine.runtime.device import resolve_device
-    from ctfm_engine.tasks.triage import (
-        decision_threshold,
-        load_triage_model,
-        require_head_ct,
-        resolve_triage_weights,
-        triage,
-        triage_input,
-    )
-
-    protocol.progress("reading input", 0, 1)
-    volume = _read_volume(folder)
-    accept_partial = bool(request.get("accept_partial"))
-    screened = require_head_ct(volume, accept_partial=accept_partial)  # the input is judged before a model loads
-    device = resolve_device(request.get("device") or "cpu")
-    protocol.progress("loading model", 0, 1)
-    network, checkpoint = load_triage_model(resolve_triage_weights(request.get("model")))
-    threshold, threshold_source = decision_threshold(network, request.get("threshold"))
-    model_input = triage_input(volume, network.preprocessing, screened=screened)
-    result = triage(volume, TorchBackend(network, device), network.preprocessing, threshold, model_input=model_input,
-                    accept_partial=accept_partial, progress=lambda d, t: protocol.progress("triage", d, t),
-                    cancel=cancel)
-    document = result.as_dict()
-    document.pop("input", None)
-    protocol.emit("result", **document, threshold_source=threshold_source, weights=checkpoint.identity,
-                  notes=list(model_input.checks.notes), device=str(device))
-
-
-def _searcher(request: dict[str, Any], protocol: _Protocol) -> tuple[Any, Any]:
-    from ctfm_engine.models.registry import bundled_weights, cache_dir, load_encoder
-    from ctfm_engine.runtime.device import resolve_device
-    from ctfm_engine.tasks.search import FeatureCache, SearchSettings, SemanticSearch
-
-    device = resolve_device(request.get("device") or "cpu")
-    protocol.progress("loading model", 0, 1)
-    encoder, checkpoint = load_encoder(request.get("weights") or bundled_weights("ctfm-mini"))
-    cache = FeatureCache(Path(request.get("cache_dir") or cache_dir() / "features"))
-    settings = SearchSettings(top_k=int(request.get("top_k") or 5))
-    return SemanticSearch(encoder, checkpoint.sha256, device=device, settings=settings, cache=cache), checkpoint
-
-
-def _run_features(folder: Path, request: dict[str, Any], protocol: _Protocol, cancel: threading.Event) -> None:
-    from ctfm_engine.progress import check_cancelled
-    from ctfm_engine.tasks.search import volume_key
-
-    protocol.progress("reading input", 0, 1)
-    volume = _read_volume(folder)
-    searcher, checkpoint = _searcher(request, protocol)
-    check_cancelled(cancel)
-    key = volume_key(volume, searcher.settings.preprocessing, searcher.weights_sha256)
-    cached = searcher.cache.get(key) is not None
-    protocol.progress("features", 0, 1)
-    features = searcher.features(volume)
-    protocol.progress("features", 1, 1)
-    protocol.emit("result", key=key, cached=cached, feature_shape=list(features.features.shape),
-                  weights=checkpoint.identity)
-
-
-def _serve_search(folder: Path, request: dict[str, Any], protocol: _Protocol, requests: queue.Queue) -> None:
-    """The persistent search worker's loop: answer requests from stdin until ``close`` or end of input."""
-    from ctfm_engine.errors import CTFMError
-
-    searcher, checkpoint = _searcher(request, protocol)
-    protocol.emit("ready", weights=checkpoint.identity)
-    volumes: dict[str, CTVolume] = {}
-    while True:
-        message = requests.get()
-        if message is None or message.get("op") == "close":
-            return
-        number = message.get("request")
-        started = time.perf_counter()
-        try:
-            if message["op"] == "load":
-                volume = _read_volume(folder, message["stem"])
-                volume.voxels.flags.writeable = False  # kept for later clicks: the searcher hashes it only once
-                for suffix in (".npy", ".json"):
-                    (folder / f"{message['stem']}{suffix}").unlink(missing_ok=True)
-                searcher.features(volume)
-                volumes[message["key"]] = volume
-                protocol.emit("loaded", request=number, key=message["key"],
-                              seconds=round(time.perf_counter() - started, 3))
-            elif message["op"] == "search":
-                _answer_search(folder, message, volumes, searcher, protocol, started)
-        except CTFMError as error:
-            protocol.emit("error", request=number, exit_code=error.exit_code, message=str(error),
-                          kind=type(error).__name__)
-
-
-def _answer_search(folder: Path, message: dict[str, Any], volumes: dict[str, CTVolume], searcher: Any,
-                   protocol: _Protocol, started: float) -> None:
-    from ctfm_engine.errors import UsageError
-
-    missing = [key for key in (message["source"], *message["targets"]) if key not in volumes]
-    if missing:
-        raise UsageError(f"the search worker could not load {', '.join(missing)}; add the volumes again")
-    result = searcher.search(volumes[message["source"]], message["point_lps"],
-                             [volumes[key] for key in message["targets"]], method="fast",
-                             heatmaps=bool(message.get("heatmaps", True)),
-                             heatmap_grid=message.get("heatmap_grid", "source"))
-    arrays, scales, targets = {}, {}, []
-    for index, (key, target) in enumerate(zip(message["targets"], result.targets, strict=True)):
-        if target.heatmap is not None:
-            name = f"heatmap_{index}"
-            codes = np.rint(np.clip(target.heatmap, 0.0, 1.0) * HEATMAP_CODES).astype(np.uint8)
-            arrays[name], scales[name] = _save_array(folder, f"{name}-{message['request']}", codes), 1 / HEATMAP_CODES
-        entry = {"key": key, "matches": [{"point_lps": list(m.point_lps), "similarity": m.similarity}
-                                         for m in target.matches],
-                 "flat": target.flat, "cached": target.cached, "windows": target.windows}
-        if target.heatmap_grid is not None:
-            entry["heatmap_grid"] = grid_to_event(target.heatmap_grid)
-        targets.append(entry)
-    protocol.emit("result", request=message["request"], point_lps=list(result.point_lps), targets=targets,
-                  notes=result.notes, arrays=arrays, scales=scales, seconds=round(time.perf_counter() - started, 3))
-
-
-def _read_requests(requests: queue.Queue, cancel: threading.Event) -> None:
-    """The worker's stdin: ``cancel`` sets the event the engine checks; other requests are queued."""
-    for line in sys.stdin:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if message.get("op") == "cancel":
-            cancel.set()
-        else:
-            requests.put(message)
-    requests.put(None)
-
-
-def worker_main(argv: Sequence[str]) -> int:
-    """Entry point of the worker process: ``jobs.py TASK FOLDER``; returns the exit code."""
-    if len(argv) != 2 or argv[0] not in (*TASKS, SEARCH_WORKER):
-        print(f"usage: jobs.py {{{','.join((*TASKS, SEARCH_WORKER))}}} JOB_FOLDER", file=sys.stderr)
-        return 2
-    task, folder = argv[0], Path(argv[1])
-    protocol = _Protocol(os.fdopen(os.dup(1), "w", encoding="utf-8"))
-    os.dup2(2, 1)  # whatever the engine or a library prints must not corrupt the protocol
-    sys.stdout = sys.stderr
-    engine_log = logging.getLogger("ctfm_engine")
-    engine_log.setLevel(logging.INFO)
-    engine_log.addHandler(_LogToProtocol(protocol))
-    cancel, requests = threading.Event(), queue.Queue()
-    threading.Thread(target=_read_requests, args=(requests, cancel), daemon=True).start()
-    try:
-        from ctfm_engine.errors import CTFMError
-
-        importlib.import_module(ENGINE_MODULES[task])  # torch and MONAI load while the job is still queued
-    except ImportError as error:
-        protocol.emit("error", exit_code=4, kind="ModelError",
-                      message=f"{sys.executable} cannot import the CT-FM engine ({error}); install the module's "
-                              f"dependencies (Model section, Install) and try again")
-        return 4
-    try:
-        request = json.loads((folder / "request.json").read_text())
-        protocol.emit("started", pid=os.getpid(), task=task)
-        if task == SEARCH_WORKER:
-            _serve_search(folder, request, protocol, requests)
-        else:
-            {"segment": _run_segment, "triage": _run_triage, "features": _run_features}[task](
-                folder, request, protocol, cancel)
-    except CTFMError as error:
-        protocol.emit("error", exit_code=error.exit_code, message=str(error), kind=type(error).__name__)
-        return error.exit_code
-    except Exception as error:  # the worker reports every failure as one event; the traceback goes to stderr
-        import traceback
-
-        traceback.print_exc()
-        protocol.emit("error", exit_code=1, message=f"{type(error).__name__}: {error}", kind=type(error).__name__)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
