@@ -2,7 +2,8 @@
 
 Thin by design (SlicerNNUnet's layout): the widget wires ``Resources/UI/CTFM.ui`` and runs a small state machine
 (Idle, Running, Cancelling) whose QTimer polls a worker job; the logic delegates to ``CTFMLib``: ``jobs`` runs the
-engine in a worker process (the UI thread never waits on it), ``install`` sets up packages and weights, and
+engine in a worker process (``worker``; the UI thread never waits on it), ``session`` turns results into nodes and
+status lines, ``install`` sets up packages and weights, and
 ``mrml_adapters`` converts between MRML nodes (RAS) and the engine (patient LPS, arrays (z, y, x)).  Nothing heavy
 is imported at module load: torch and ctfm_engine live in the worker, and the adapters load after the dependency
 check.
@@ -185,7 +186,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.statusLabel.setText(self.logic.describeSegmentation(job.result))
                 else:
                     self.ui.triageResultLabel.setText(self.logic.describeTriage(job.result))
-                    self.ui.statusLabel.setText(_("Triage finished."))
+                    self.ui.statusLabel.setText(self.logic.triageStatus(job.result))
                 self.ui.activeModelLabel.setText(self.logic.describeWeights(job.result.get("weights")))
             except Exception as error:
                 slicer.util.errorDisplay(_("Importing the result failed: ") + str(error))
@@ -328,7 +329,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.addLog(event.get("message", ""))
             elif kind == "result" and event.get("request") == self.searchRequest:
                 self.ui.searchResultLabel.setText(self.logic.showSearchResult(event))
-                self.ui.statusLabel.setText(_("Search answered in {0:.2f} s.").format(event.get("seconds", 0.0)))
+                self.ui.statusLabel.setText(self.logic.searchStatus(event))
             elif kind == "error":
                 self.ui.statusLabel.setText(event.get("message", ""))
         if not worker.alive:
@@ -452,6 +453,12 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
 
         return session.describe_triage(result)
 
+    @staticmethod
+    def triageStatus(result: dict[str, Any]) -> str:
+        from CTFMLib import session
+
+        return session.triage_status(result)
+
     # -- semantic search --
 
     @property
@@ -487,6 +494,12 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
     def showSearchResult(self, event: dict[str, Any]) -> str:
         """Heatmap per target, the best one overlaid, views on the best match; a summary."""
         return self.search.show_result(event)
+
+    @staticmethod
+    def searchStatus(event: dict[str, Any]) -> str:
+        from CTFMLib import session
+
+        return session.search_status(event)
 
     def stopSearchWorker(self) -> None:
         if self.search is not None:

@@ -29,6 +29,7 @@ from test_slicer_adapters import _nodes, _segment_array, _tag, slicer_scene  # n
 HEART = SHARED / "ct-nifti" / "s0335.nii.gz"
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"  # 93 slices of 1.5 mm: 140 mm along S
 LIVER = 5
+DEMONSTRATION = "demonstration model {}, not CT-FM, not for clinical use"
 
 
 @pytest.fixture
@@ -86,10 +87,14 @@ def test_a_segmentation_job_becomes_a_named_coded_automatic_segmentation_in_the_
     node.SetName("my segmentation")
     again = session.import_segmentation(job.result, ct, scene, replace=node)
     assert again.GetName() == "my segmentation" and len(_nodes(scene, "vtkMRMLSegmentationNode")) == 1
+    # The shipped model is a demonstration model: the status line says so, and so did the engine in the log.
+    assert job.result["weights"]["demonstration"] is True
     summary = session.describe_segmentation(job.result)
-    assert summary.startswith(f"{len(present)} structures in ") and session.NOT_CLINICAL in summary
+    assert summary.startswith(f"{len(present)} structures in ")
+    assert summary.endswith(f"Made with the {DEMONSTRATION.format('ctfm-mini-wholebody-seg')}.")
     assert session.describe_weights(job.result["weights"]) == (
-        f"ctfm-mini-wholebody-seg (sha256 {job.result['weights']['sha256'][:12]})")
+        f"ctfm-mini-wholebody-seg (sha256 {job.result['weights']['sha256'][:12]}), a demonstration model")
+    assert f"WARNING: {DEMONSTRATION.format('ctfm-mini-wholebody-seg')}" in job.log
 
 
 def test_search_session_answers_clicks_with_heatmaps_overlay_and_views_across_orientations(scene, tmp_path) -> None:
@@ -113,6 +118,8 @@ def test_search_session_answers_clicks_with_heatmaps_overlay_and_views_across_or
         event = search.worker.results[request]
         summary = search.show_result(event)
         assert "chest: cosine" in summary and "chest reoriented: cosine" in summary
+        assert event["weights"] == search.worker.weights and event["weights"]["demonstration"] is True
+        assert session.search_status(event).endswith(f"Made with the {DEMONSTRATION.format('ctfm-mini')}.")
 
         # One heatmap per target, on the model grid the worker reports (Slicer reslices it), high at the best match.
         for index, target in enumerate((heart, reoriented)):
@@ -186,8 +193,11 @@ def test_a_triage_job_is_shown_with_its_decision_probability_and_what_the_input_
     assert 120 < coverage[0] < 160  # the series spans 140 mm along S
     assert "the scan covers {:.0f} × {:.0f} × {:.0f} mm".format(*coverage) in text
     assert f"over {result['checks']['skull_extent_mm']:.0f} mm along S" in text
-    assert "not a head CT" not in text and session.NOT_CLINICAL in text
-    assert session.describe_weights(result["weights"]).startswith(f"{result['weights']['name']} (sha256 ")
+    assert "not a head CT" not in text and text.endswith(f"<br>{session.NOT_CLINICAL}")
+    assert result["weights"]["demonstration"] is False  # fitted by the test, not a shipped demonstration model
+    assert session.triage_status(result) == f"Triage finished: {result['decision']}. {session.NOT_CLINICAL}"
+    assert session.describe_weights(result["weights"]) == (
+        f"{result['weights']['name']} (sha256 {result['weights']['sha256'][:12]})")
 
     # The abdomen is refused by the input check before any model loads, with the reason the panel shows.
     abdomen = adapters.ctvolume_to_volume_node(read_volume(SAMPLE_CT), scene, "abdomen")
@@ -195,3 +205,18 @@ def test_a_triage_job_is_shown_with_its_decision_probability_and_what_the_input_
     _finish(refused.poll, lambda: refused.finished, 120)
     assert (refused.state, refused.error.exit_code) == ("failed", 3)
     assert "not a head CT" in refused.error.message and "no cranium found" in refused.error.message
+
+
+def test_every_status_line_names_a_demonstration_model_as_one() -> None:
+    """No triage model ships, so a demonstration triage result is built here; the other two come from real jobs."""
+    demonstration = {"name": "ctfm-mini", "sha256": "0" * 64, "demonstration": True}
+    published = {"name": "ct_fm_feature_extractor", "sha256": "1" * 64, "demonstration": False}
+    triage = {"decision": "normal", "probability": 0.2, "threshold": 0.5, "checks": {}}
+    segmentation = {"structures": [{"name": "liver", "volume_ml": 1500.0}], "seconds": 12.0}
+    search = {"seconds": 0.4, "targets": []}
+    for describe, result in ((session.describe_segmentation, segmentation), (session.describe_triage, triage),
+                             (session.triage_status, triage), (session.search_status, search)):
+        assert DEMONSTRATION.format("ctfm-mini") in describe({**result, "weights": demonstration})
+        for weights in (published, None):
+            text = describe({**result, "weights": weights})
+            assert "demonstration" not in text and text.endswith(session.NOT_CLINICAL)

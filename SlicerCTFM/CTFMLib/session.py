@@ -19,6 +19,14 @@ NOT_CLINICAL = "Research use only: CT-FM results are not for clinical decisions.
 HEATMAP_OPACITY = 0.4
 
 
+def provenance(weights: dict[str, Any] | None) -> str:
+    """The sentence every result's status line ends with: a demonstration model is named as such (the engine flags
+    its weights ``demonstration``), anything else is research use only."""
+    if weights and weights.get("demonstration"):
+        return f"Made with the demonstration model {weights['name']}, not CT-FM, not for clinical use."
+    return NOT_CLINICAL
+
+
 # --- segmentation and triage results --------------------------------------------------------------------------
 
 
@@ -38,10 +46,10 @@ def import_segmentation(result: dict[str, Any], volume_node: Any, scene: Any, re
 
 
 def describe_segmentation(result: dict[str, Any]) -> str:
-    """One line for the panel: structure count, time, the three largest structures."""
+    """The status line: structure count, time, the three largest structures, and what made them."""
     rows = result["structures"]
     largest = ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in rows[:3])
-    return f"{len(rows)} structures in {result['seconds']:.0f} s ({largest}). {NOT_CLINICAL}"
+    return f"{len(rows)} structures in {result['seconds']:.0f} s ({largest}). {provenance(result.get('weights'))}"
 
 
 def describe_triage(result: dict[str, Any]) -> str:
@@ -65,12 +73,26 @@ def describe_triage(result: dict[str, Any]) -> str:
     return (f"<b>{result['decision']}</b>: probability {result['probability']:.3f} (threshold "
             f"{result['threshold']:.2f}, {result.get('threshold_source', '')}).<br>Input check: "
             f"{'; '.join(found) or 'nothing recorded'}." + "".join(f"<br>Note: {note}" for note in notes)
-            + f"<br>{NOT_CLINICAL}")
+            + f"<br>{provenance(result.get('weights'))}")
 
 
-def describe_weights(weights: dict[str, str] | None) -> str:
-    """``name (sha256 0123456789ab)`` of the checkpoint a job reported, or empty."""
-    return "" if not weights else f"{weights['name']} (sha256 {weights['sha256'][:12]})"
+def triage_status(result: dict[str, Any]) -> str:
+    """The status line of a finished triage: the decision, and what made it."""
+    return f"Triage finished: {result['decision']}. {provenance(result.get('weights'))}"
+
+
+def search_status(event: dict[str, Any]) -> str:
+    """The status line of an answered search click: how long it took, and what answered it."""
+    return f"Search answered in {event.get('seconds', 0.0):.2f} s. {provenance(event.get('weights'))}"
+
+
+def describe_weights(weights: dict[str, Any] | None) -> str:
+    """``name (sha256 0123456789ab)`` of the checkpoint a job reported (``, a demonstration model`` for one), or
+    empty."""
+    if not weights:
+        return ""
+    return f"{weights['name']} (sha256 {weights['sha256'][:12]})" + (
+        ", a demonstration model" if weights.get("demonstration") else "")
 
 
 # --- semantic search ------------------------------------------------------------------------------------------
