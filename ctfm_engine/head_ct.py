@@ -133,7 +133,7 @@ def head_ct_hu(
     coverage = tuple(float(n * s) for n, s in zip(hu.shape, native_zyx, strict=True))
     resampled = spl_grid(cropped, preprocessing.spacing_zyx_mm)
     hu = resample(hu, cropped, resampled, fill=float(hu.min()))
-    checks = check_head(hu, preprocessing.spacing_zyx_mm, coverage, preprocessing, volume.dicom.get("modality"))
+    checks = check_head(hu, preprocessing.spacing_zyx_mm, coverage, preprocessing, volume.dicom.modality)
     hu, start = pad_and_centre_crop(hu, preprocessing.spatial_size_zyx)
     box = tuple(slice(first, first + size) for first, size in zip(start, preprocessing.spatial_size_zyx, strict=True))
     return hu, crop_grid(resampled, box), checks  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ order; ``spacing_xyz_mm`` is in the same (x, y, z) order.  The voxel array itsel
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,49 @@ class Grid:
         )
 
 
+@dataclass(frozen=True)
+class DicomReferences:
+    """What a CT read from a DICOM series keeps of it: the resolved (never blank) UIDs objects made from it must
+    reference, its acquisition descriptors, and what the reader did -- nothing that identifies the patient.
+
+    Empty for a CT read from an image file.  :meth:`from_dict` refuses unknown keys, so a misspelt or stale key
+    crossing a process boundary (the Slicer worker's job folder) fails loudly instead of being dropped.
+    """
+
+    series_id: str | None = None  # the reader's series key: SeriesInstanceUID, with '#block' for a sub-series
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    sop_instance_uids: tuple[str, ...] = ()  # in volume slice order
+    derived_uids: tuple[str, ...] = ()  # the UID attributes the files left blank and the reader derived
+    sop_class_uid: str | None = None
+    modality: str | None = None
+    manufacturer: str | None = None
+    slice_thickness_mm: float | None = None
+    convolution_kernel: str | None = None
+    image_type: tuple[str, ...] = ()
+    transfer_syntax_uid: str | None = None
+    files: tuple[str, ...] = ()  # the slices' files, in volume slice order
+    gantry_tilt_deg: float | None = None
+    resampled_for_tilt: bool = False
+    hu_offset_applied: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sop_instance_uids", "derived_uids", "image_type", "files"):
+            object.__setattr__(self, name, tuple(str(value) for value in getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DicomReferences:
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DICOM reference field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
 @dataclass(frozen=True, eq=False)
 class CTVolume:
     """A CT scan: voxels in HU, shape (z, y, x), and the geometry that places them in patient LPS space."""
@@ -111,9 +154,11 @@ class CTVolume:
     direction: np.ndarray
     source: str
     series_instance_uid: str | None = None
-    dicom: dict[str, Any] = field(default_factory=dict)
+    dicom: DicomReferences = field(default_factory=DicomReferences)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dicom, DicomReferences):
+            raise TypeError(f"CTVolume.dicom must be DicomReferences, got {type(self.dicom).__name__}")
         if self.voxels.ndim != 3:
             raise ValueError(f"CTVolume voxels must be 3-D (z, y, x), got shape {self.voxels.shape}")
         grid = Grid(self.voxels.shape, self.spacing_xyz_mm, self.origin_lps_mm, self.direction)  # validates

@@ -100,8 +100,8 @@ class VolumeLoaderOperator(Operator):
         volume = read_dicom_series(self.input_folder, series_uid=series.series_id)
         self.record.summary["volume"] = {"size_xyz": list(volume.shape_zyx[::-1]),
                                          "spacing_xyz_mm": [round(v, 4) for v in volume.spacing_xyz_mm],
-                                         "series_instance_uid": volume.dicom.get("series_instance_uid"),
-                                         "derived_uids": volume.dicom.get("derived_uids", [])}
+                                         "series_instance_uid": volume.dicom.series_instance_uid,
+                                         "derived_uids": list(volume.dicom.derived_uids)}
         self.record.timed("read", started)
         op_output.emit(volume, "volume")
 

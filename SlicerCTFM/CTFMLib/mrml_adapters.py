@@ -33,7 +33,7 @@ import vtk
 from slicer.util import arrayFromVolume, arrayFromVTKMatrix, updateVolumeFromArray, vtkMatrixFromArray
 
 from ctfm_engine.labels import Code, Label
-from ctfm_engine.volume import CTVolume, Grid
+from ctfm_engine.volume import CTVolume, DicomReferences, Grid
 
 # diag(-1, -1, 1, 1): maps homogeneous RAS to LPS and LPS to RAS.
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -140,7 +140,7 @@ def volume_node_to_ctvolume(node: slicer.vtkMRMLScalarVolumeNode, *, keep_small_
     CTVolume
         ``voxels`` has shape (k, j, i) of the node's image data; ``source`` is the node name.  A node loaded by
         Slicer's DICOM module carries the attribute ``DICOM.instanceUIDs`` (SOP Instance UIDs, in the order Slicer
-        loaded the files): they are kept as ``dicom["sop_instance_uids"]``, and the series UID of the node's subject
+        loaded the files): they are kept as ``dicom.sop_instance_uids``, and the series UID of the node's subject
         hierarchy item, when there is one, as ``series_instance_uid``.
     """
     grid = grid_of_node(node)
@@ -154,12 +154,8 @@ def volume_node_to_ctvolume(node: slicer.vtkMRMLScalarVolumeNode, *, keep_small_
     small_integers = view.dtype in (np.int8, np.uint8, np.int16, np.uint16)  # exactly representable in float32
     voxels = np.array(view, dtype=view.dtype if keep_small_integers and small_integers else np.float32, copy=True)
     series_uid = _series_instance_uid(node)
-    dicom: dict[str, object] = {}
     instance_uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
-    if instance_uids:
-        dicom["sop_instance_uids"] = instance_uids
-    if series_uid:
-        dicom["series_instance_uid"] = series_uid
+    dicom = DicomReferences(series_instance_uid=series_uid, sop_instance_uids=tuple(instance_uids))
     return CTVolume(
         voxels=voxels,
         spacing_xyz_mm=grid.spacing_xyz_mm,

@@ -95,21 +95,21 @@ def write_volume(volume: CTVolume, folder: Path, stem: str = VOLUME_STEM) -> Non
         "direction": np.asarray(volume.direction, dtype=float).tolist(),
         "source": volume.source,
         "series_instance_uid": volume.series_instance_uid,
-        "dicom": volume.dicom,
+        "dicom": volume.dicom.as_dict(),
     }
     (folder / f"{stem}.json").write_text(json.dumps(geometry, default=str))
 
 
 def read_volume(folder: Path, stem: str = VOLUME_STEM) -> CTVolume:
     """The CTVolume :func:`write_volume` stored, as float32 HU, refused (InputError) when it cannot be CT in HU."""
-    from ctfm_engine.volume import CTVolume, check_hounsfield
+    from ctfm_engine.volume import CTVolume, DicomReferences, check_hounsfield
 
     geometry = json.loads((folder / f"{stem}.json").read_text())
     voxels = np.load(folder / f"{stem}.npy", allow_pickle=False).astype(np.float32, copy=False)
     volume = CTVolume(voxels=voxels, spacing_xyz_mm=tuple(geometry["spacing_xyz_mm"]),
                       origin_lps_mm=tuple(geometry["origin_lps_mm"]), direction=np.array(geometry["direction"]),
                       source=geometry["source"], series_instance_uid=geometry.get("series_instance_uid"),
-                      dicom=geometry.get("dicom") or {})
+                      dicom=DicomReferences.from_dict(geometry.get("dicom") or {}))
     check_hounsfield(volume.voxels, volume.source)
     return volume
 

@@ -80,7 +80,7 @@ PATIENT_STUDY_KEYWORDS = (
     "StudyDate",
     "StudyTime",
 )
-# UIDs shared by all slices that the series reader resolves when the files leave them blank: volume.dicom keys.
+# UIDs shared by all slices that the series reader resolves when the files leave them blank: volume.dicom fields.
 SERIES_UID_KEYS = {
     "StudyInstanceUID": "study_instance_uid",
     "SeriesInstanceUID": "series_instance_uid",
@@ -409,7 +409,7 @@ def quiet_identifying_warnings() -> Iterator[None]:
 
 
 def _source_files(volume: CTVolume, needed_by: str) -> list[str]:
-    files = volume.dicom.get("files") if volume.dicom else None
+    files = volume.dicom.files
     if not files:
         kind = file_format(Path(volume.source)) or "non-DICOM"
         raise InputError(
@@ -454,7 +454,7 @@ def source_headers(volume: CTVolume, needed_by: str = "a DICOM-SEG") -> list[Dat
     """
     files = _source_files(volume, needed_by)
     references = volume.dicom
-    sop_uids = list(references.get("sop_instance_uids") or [])
+    sop_uids = list(references.sop_instance_uids)
     if len(sop_uids) != len(files):
         sop_uids = [""] * len(files)
     headers = []
@@ -465,10 +465,10 @@ def source_headers(volume: CTVolume, needed_by: str = "a DICOM-SEG") -> list[Dat
             raise InputError(f"{file}: cannot be read again to reference it from a DICOM object ({error})") from None
         _fill(header, "SOPInstanceUID", sop_uid, file)
         file_meta = getattr(header, "file_meta", None) or Dataset()
-        _fill(header, "SOPClassUID", str(references.get("sop_class_uid") or file_meta.get(
+        _fill(header, "SOPClassUID", str(references.sop_class_uid or file_meta.get(
             "MediaStorageSOPClassUID", "")), file)
         for keyword, key in SERIES_UID_KEYS.items():
-            _fill(header, keyword, str(references.get(key) or ""), file)
+            _fill(header, keyword, str(getattr(references, key) or ""), file)
         for keyword in PATIENT_STUDY_KEYWORDS:
             if keyword not in header:
                 setattr(header, keyword, None)
@@ -575,7 +575,7 @@ def _tolerance_mm(volume: CTVolume) -> float:
 
 def _slices_are_grid(volume: CTVolume, sources: list[Dataset]) -> bool:
     """True when slice k of the source is slice k of ``volume``'s grid (same pixels at the same LPS points)."""
-    if volume.dicom.get("resampled_for_tilt"):
+    if volume.dicom.resampled_for_tilt:
         return False
     first = sources[0]
     if volume.shape_zyx != (len(sources), int(first.Rows), int(first.Columns)):

@@ -19,7 +19,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -32,7 +31,7 @@ from ctfm_engine.dicom.uids import MissingUIDPolicy, SeriesUIDs, check_policy, r
 from ctfm_engine.dicom.uids import header_text as _text
 from ctfm_engine.dicom.uids import header_values as _values
 from ctfm_engine.errors import InputError
-from ctfm_engine.volume import CTVolume
+from ctfm_engine.volume import CTVolume, DicomReferences
 
 log = logging.getLogger(__name__)
 
@@ -610,31 +609,31 @@ def _log_resolved_uids(folder: Path, series_id: str, uids: SeriesUIDs) -> None:
 
 def _references(
     series_id: str, stack: _Stack, whole_series: list[DicomFile], uids: SeriesUIDs, offset: float
-) -> dict[str, Any]:
+) -> DicomReferences:
     """Non-identifying provenance of the series: resolved UIDs, acquisition descriptors and what this reader did."""
     first = stack.files[0].header
     file_meta = getattr(first, "file_meta", None) or Dataset()
     thickness = first.get("SliceThickness")
     sop_uid_of = {file.path: uid for file, uid in zip(whole_series, uids.sop_instance_uids, strict=True)}
-    return {
-        "series_id": series_id,
-        "study_instance_uid": uids.study_instance_uid,
-        "series_instance_uid": uids.series_instance_uid,
-        "frame_of_reference_uid": uids.frame_of_reference_uid,
-        "sop_instance_uids": [sop_uid_of[file.path] for file in stack.files],
-        "derived_uids": list(uids.derived),
-        "sop_class_uid": sop_class_uid(first),
-        "modality": _text(first, "Modality"),
-        "manufacturer": _text(first, "Manufacturer"),
-        "slice_thickness_mm": float(thickness) if thickness not in (None, "") else None,
-        "convolution_kernel": "\\".join(_values(first, "ConvolutionKernel")),
-        "image_type": _values(first, "ImageType"),
-        "transfer_syntax_uid": _text(file_meta, "TransferSyntaxUID"),
-        "files": [str(file.path) for file in stack.files],
-        "gantry_tilt_deg": stack.tilt_deg,
-        "resampled_for_tilt": stack.sheared,
-        "hu_offset_applied": offset,
-    }
+    return DicomReferences(
+        series_id=series_id,
+        study_instance_uid=uids.study_instance_uid,
+        series_instance_uid=uids.series_instance_uid,
+        frame_of_reference_uid=uids.frame_of_reference_uid,
+        sop_instance_uids=tuple(sop_uid_of[file.path] for file in stack.files),
+        derived_uids=tuple(uids.derived),
+        sop_class_uid=sop_class_uid(first),
+        modality=_text(first, "Modality"),
+        manufacturer=_text(first, "Manufacturer"),
+        slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
+        convolution_kernel="\\".join(_values(first, "ConvolutionKernel")),
+        image_type=tuple(_values(first, "ImageType")),
+        transfer_syntax_uid=_text(file_meta, "TransferSyntaxUID"),
+        files=tuple(str(file.path) for file in stack.files),
+        gantry_tilt_deg=stack.tilt_deg,
+        resampled_for_tilt=bool(stack.sheared),
+        hu_offset_applied=offset,
+    )
 
 
 def _floats(header: Dataset, keyword: str) -> np.ndarray:

@@ -66,12 +66,15 @@ def demonstration_sha256s() -> frozenset[str]:
 
 
 def checkpoint_name(folder: Path) -> str:
-    """A readable name: the hub repo id for hub-cache snapshots, else the folder name."""
-    parts = folder.resolve().parts
-    for part in parts:
+    """A readable name: the hub repo id for a Hugging Face cache snapshot or a ctfm cache folder (``models/
+    owner--name``, where ``ctfm weights pull`` puts it), else the folder name."""
+    resolved = folder.resolve()
+    for part in resolved.parts:
         if part.startswith("models--"):
             return part[len("models--") :].replace("--", "/")
-    return folder.resolve().name
+    if resolved.parent.name == "models" and resolved.name.count("--") == 1:
+        return resolved.name.replace("--", "/")
+    return resolved.name
 
 
 def sha256_of(path: Path) -> str:

@@ -161,7 +161,7 @@ def run_segmentation(request: SegmentationRequest) -> SegmentationOutcome:
     """Segment ``request.input``: validate settings and input, load the model, run, map back to the source grid."""
     request.check()
     volume = read_scan(as_source(request.input, request.series_uid, request.hu_offset))
-    if request.needs_dicom and not volume.dicom.get("files"):
+    if request.needs_dicom and not volume.dicom.files:
         raise InputError(f"{volume.source}: a DICOM-SEG needs the DICOM series it describes, and this input is an "
                          f"image file; give the series folder")
     from ctfm_engine.runtime.device import resolve_device
