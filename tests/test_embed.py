@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SAMPLE_CT, SHARED, TS_DICOM, run_cli
+from conftest import SAMPLE_CT, SHARED, TS_DICOM, require, run_cli
 
 from ctfm_engine.readers import read_volume
 
@@ -65,8 +65,8 @@ def _nifti_with_sitk(folder, out_dir):
 
 
 def _nifti_with_dcm2niix(folder, out_dir):
-    if shutil.which("dcm2niix") is None:
-        pytest.skip("dcm2niix (Debian package dcm2niix, installed by `make test` as root) is not available")
+    require(shutil.which("dcm2niix"), "dcm2niix (Debian package dcm2niix, installed by `make test` as root) is not "
+            "available")
     subprocess.run(["dcm2niix", "-z", "y", "-b", "n", "-f", "scan", "-o", str(out_dir), str(folder)],
                    check=True, capture_output=True)
     return out_dir / "scan.nii.gz"

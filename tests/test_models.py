@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_CT, randomise_batchnorm, run_cli
+from conftest import SAMPLE_CT, randomise_batchnorm, require_module, run_cli
 from safetensors.torch import load_file, save_file
 
 from ctfm_engine.errors import ModelError
@@ -20,7 +20,7 @@ from ctfm_engine.models.registry import cached_repo_folder, load_encoder, resolv
 from ctfm_engine.preprocess import preprocess
 from ctfm_engine.readers import read_volume
 
-lighter_zoo = pytest.importorskip("lighter_zoo", reason="lighter-zoo (test-only dependency) is not installed")
+lighter_zoo = require_module("lighter_zoo", "lighter-zoo (test-only dependency) is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import SHARED, WEIGHTS, run_cli
+from conftest import SHARED, WEIGHTS, require_module, run_cli
 
 from ctfm_engine.errors import InputError, ModelError
 from ctfm_engine.tasks.archive_builder import index_scans, read_manifest
@@ -27,7 +27,7 @@ CT_IDS = ["heart", "head", "pelvis"]
 
 
 def faiss_or_skip() -> None:
-    pytest.importorskip("faiss", reason="FAISS is not installed (pip install 'ctfm-engine[faiss]')")
+    require_module("faiss", "FAISS is not installed (pip install 'ctfm-engine[faiss]')")
 
 
 def write_manifest(path, rows=MANIFEST_ROWS):
@@ -294,7 +294,7 @@ def test_manifest_problems_are_named_and_an_all_bad_archive_leaves_nothing(tmp_p
 
 
 def test_ray_engine_builds_the_same_index_as_the_local_engine(built, tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ctfm-engine[ray]')")
+    require_module("ray", "Ray is not installed (pip install 'ctfm-engine[ray]')")
     manifest = write_manifest(tmp_path / "manifest.csv", [("heart", HEART), ("mr", MR), ("head", HEAD)])
     result = run_cli("index", "build", tmp_path / "index", "--manifest", manifest, "--weights", MINI, "--engine",
                      "ray", "--workers", 1, "--cpus-per-worker", 1, "--batch-size", 2, "--json")

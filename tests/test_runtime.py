@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_SEG, randomise_batchnorm, run_cli
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_SEG, randomise_batchnorm, require_module, run_cli
 
 from ctfm_engine.errors import ModelError, UsageError
 from ctfm_engine.models.checkpoint import read_checkpoint, save_checkpoint
@@ -29,7 +29,7 @@ from ctfm_engine.runtime.onnx_backend import (
 from ctfm_engine.runtime.onnx_export import export_onnx, onnx_for, validation_sample
 from ctfm_engine.tasks.segment import open_segmentation_model, sliding_window_labels
 
-pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
+require_module("onnxruntime", "the [onnx] extra (onnx, onnxruntime) is not installed")
 
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"
 WINDOW = ("32", "64", "64")  # model voxels at 3x1x1 mm: small enough for 2 busy CPU cores
@@ -139,7 +139,7 @@ def test_ctfm_segment_with_the_onnx_backend_exports_once_into_the_cache_and_find
 @pytest.fixture(scope="module")
 def triage_checkpoint(tmp_path_factory) -> Path:
     """A narrow head-CT triage classifier (init_filters 8) on a coarse grid: input 4x16 x 32 x 32."""
-    pytest.importorskip("lightning", reason="the [train] extra (lightning) is not installed")
+    require_module("lightning", "the [train] extra (lightning) is not installed")
     from ctfm_engine.head_ct import HeadCTPreprocessing
     from ctfm_engine.training.triage import TriageClassifier, triage_config
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_SEG, randomise_batchnorm, run_cli
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_SEG, randomise_batchnorm, require_module, run_cli
 from monai.networks.nets import SegResNetDS
 from test_preprocess import stored_differently
 
@@ -211,7 +211,7 @@ def test_wrong_class_count_and_non_ct_inputs_are_refused(narrow_segmenter, tmp_p
 
 
 def test_the_published_whole_body_layout_gets_its_training_recipe(tmp_path):
-    lighter_zoo = pytest.importorskip("lighter_zoo", reason="lighter-zoo (test-only dependency) is not installed")
+    lighter_zoo = require_module("lighter_zoo", "lighter-zoo (test-only dependency) is not installed")
     from ctfm_engine.tasks.segment import open_segmentation_model
 
     # project-lighter/whole_body_segmentation as lighter-zoo writes it: SegResNetDS arguments only in config.json.

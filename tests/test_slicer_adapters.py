@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, TS_DICOM
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, TS_DICOM, require_module
 
 from ctfm_engine.labels import label_table, totalsegmentator_names
 from ctfm_engine.readers import read_volume
 from ctfm_engine.volume import CTVolume, Grid
 
-pytest.importorskip("slicer_core", reason="the MRML adapter tests need the PyPI package slicer-core (Qt-free MRML)")
+require_module("slicer_core", "the MRML adapter tests need the PyPI package slicer-core (Qt-free MRML)")
 slicer = importlib.import_module("slicer")
 vtk = importlib.import_module("vtk")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerCTFM"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER, SHIPPED_SEG
+from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER, SHIPPED_SEG, require_module
 
 from ctfm_engine.errors import InputError
 from ctfm_engine.readers import read_volume
@@ -53,7 +53,7 @@ def poll_until_finished(job: jobs.Job, timeout: float) -> tuple[list[dict], list
 
 
 def gone(pids: list[int], timeout: float = 1.0) -> bool:
-    psutil = pytest.importorskip("psutil", reason="psutil checks that the worker's process tree is gone")
+    psutil = require_module("psutil", "psutil checks that the worker's process tree is gone")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         alive = [pid for pid in pids if psutil.pid_exists(pid)

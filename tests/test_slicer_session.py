@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_ENCODER, SHIPPED_SEG
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_ENCODER, SHIPPED_SEG, require_module
 
 from ctfm_engine.readers import read_volume
 from ctfm_engine.volume import CTVolume
 
-pytest.importorskip("slicer_core", reason="the Slicer session tests need the PyPI package slicer-core (Qt-free MRML)")
+require_module("slicer_core", "the Slicer session tests need the PyPI package slicer-core (Qt-free MRML)")
 slicer = importlib.import_module("slicer")
 vtk = importlib.import_module("vtk")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerCTFM"))

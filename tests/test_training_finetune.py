@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_CT, SAMPLE_LABELS, run_cli
+from conftest import SAMPLE_CT, SAMPLE_LABELS, require_module, run_cli
 
 from ctfm_engine.preprocess import CTFM_PREPROCESSING
 from ctfm_engine.training.data import ManifestEntry
 
-pytest.importorskip("lightning", reason="the [train] extra (lightning) is not installed")
+require_module("lightning", "the [train] extra (lightning) is not installed")
 from ctfm_engine.training.segmentation import LabelledPatches, dice_per_class  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "finetune_seg_mini_cpu.yaml"
@@ -57,7 +57,7 @@ def test_cpu_fine_tuning_from_an_encoder_checkpoint_exports_a_published_layout_m
 
     _, narrow = load_encoder(narrow_weights)
     assert document["encoder_sha256"] == narrow.sha256
-    lighter_zoo = pytest.importorskip("lighter_zoo")
+    lighter_zoo = require_module("lighter_zoo", "lighter-zoo (test-only dependency) is not installed")
     network = lighter_zoo.SegResNet.from_pretrained(str(tmp_path / "model")).eval()
     assert network.up_layers[-1].head.out_channels == 118
     # ...and ctfm segment reads how it was trained to see CT from the file beside config.json.

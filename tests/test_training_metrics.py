@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, CLIResult
+from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, CLIResult, require_module
 from monai.metrics import compute_dice, compute_roc_auc
 
 from ctfm_engine.training import metrics, paper_evaluation
@@ -160,7 +160,7 @@ def test_wald_interval_reproduces_the_published_sinoct_intervals():
 
 
 def test_paired_wilcoxon_counts_the_pairs_it_drops():
-    pytest.importorskip("scipy")
+    require_module("scipy", "SciPy (the [train] extra) is not installed")
     result = metrics.paired_wilcoxon([1.0, 2.0, 3.0, np.nan, 5.0, 6.0], [1.5, 2.5, 2.0, 4.0, 6.0, 7.5])
     assert (result.pairs, result.dropped_pairs) == (5, 1)
     assert 0.0 < result.p_value <= 1.0
@@ -186,7 +186,7 @@ def test_auc_equals_sklearn_and_monai_with_ties():
     scores = np.round(generator.random(300) + 0.3 * labels, 1)  # many ties
     ours = metrics.roc_auc(labels, scores)
     assert ours == pytest.approx(float(compute_roc_auc(torch.tensor(scores), torch.tensor(labels))))
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    sklearn_metrics = require_module("sklearn.metrics", "scikit-learn (the [train] extra) is not installed")
     assert ours == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores))
     assert metrics.f1_at_threshold(labels, scores, 0.7) == pytest.approx(sklearn_metrics.f1_score(labels,
                                                                                                    scores >= 0.7))
@@ -228,7 +228,7 @@ def test_paper_ap_at_k_is_normalised_by_hits_and_differs_from_standard_ap():
 
 
 def test_full_ranking_ap_and_the_3dmir_top10_ap_match_sklearn():
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    sklearn_metrics = require_module("sklearn.metrics", "scikit-learn (the [train] extra) is not installed")
     generator = np.random.default_rng(5)
     relevance = generator.random((6, 25)) < 0.3
     relevance[:, 0] = True  # every query has a hit in its top 10

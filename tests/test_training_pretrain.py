@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_CT, SHARED, run_cli
+from conftest import SAMPLE_CT, SHARED, require_module, run_cli
 from safetensors.torch import load_file
 
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, preprocess
@@ -21,7 +21,7 @@ from ctfm_engine.training.data import (
     read_manifest,
 )
 
-pytest.importorskip("lightning", reason="the [train] extra (lightning) is not installed")
+require_module("lightning", "the [train] extra (lightning) is not installed")
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "pretrain_ctfm_mini_cpu.yaml"
 # A few minutes of CPU at most: a tiny patch, few crops, few epochs.

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_CT, SHARED, run_cli
+from conftest import SAMPLE_CT, SHARED, require_module, run_cli
 from safetensors.torch import load_file
 
 from ctfm_engine.errors import InputError, UsageError
@@ -21,7 +21,7 @@ from ctfm_engine.models.checkpoint import load_state_strict, read_checkpoint
 from ctfm_engine.readers import read_volume
 from ctfm_engine.training.recipe import load_recipe, select_training_volumes
 
-pytest.importorskip("lightning", reason="the [train] extra (lightning) is not installed")
+require_module("lightning", "the [train] extra (lightning) is not installed")
 from ctfm_engine.training.triage import (  # noqa: E402
     HeadCTScans,
     TriageAugmentation,

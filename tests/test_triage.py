@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_CT, SHARED, run_cli
+from conftest import SAMPLE_CT, SHARED, require_module, run_cli
 from safetensors.torch import load_file
 
 from ctfm_engine.errors import InputError, ModelError
@@ -208,7 +208,7 @@ def test_human_output_names_probability_decision_threshold_and_checks(triage_mod
 
 
 def test_the_onnx_backend_gives_the_same_probability(triage_model):
-    pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnxruntime) is not installed")
+    require_module("onnxruntime", "the [onnx] extra (onnxruntime) is not installed")
     torch_document = triage_json(SLICER_HEAD, "--model", triage_model)
     onnx_document = triage_json(SLICER_HEAD, "--model", triage_model, "--backend", "onnx")
     assert onnx_document["backend"].startswith("onnxruntime:")
