@@ -163,7 +163,11 @@ def test_paired_wilcoxon_counts_the_pairs_it_drops():
     require_module("scipy", "SciPy (the [train] extra) is not installed")
     result = metrics.paired_wilcoxon([1.0, 2.0, 3.0, np.nan, 5.0, 6.0], [1.5, 2.5, 2.0, 4.0, 6.0, 7.5])
     assert (result.pairs, result.dropped_pairs) == (5, 1)
-    assert 0.0 < result.p_value <= 1.0
+    # differences -0.5, -0.5, 1, -1, -1.5: ranks of |d| 1.5, 1.5, 3.5, 3.5, 5; the one positive difference has 3.5
+    assert result.statistic == 3.5
+    from scipy.stats import wilcoxon
+
+    assert result.p_value == pytest.approx(wilcoxon([1.0, 2.0, 3.0, 5.0, 6.0], [1.5, 2.5, 2.0, 6.0, 7.5]).pvalue)
 
 
 # --- classification ----------------------------------------------------------------------------------------------
@@ -426,14 +430,14 @@ def test_medmnist_retrieval_runner_on_real_adrenal_volumes(tmp_path, narrow_weig
     assert result.code == 0, result.stderr
     summary = json.loads(output.read_text())["summary"]
     assert summary["queries"] == 24  # val + test, 12 each
+    rows = list(csv.DictReader(open(output.with_suffix(".cases.csv"))))
+    assert len(rows) == 24 and {row["split"] for row in rows} == {"val", "test"}
     for k in (3, 5, 10):
-        values = [summary[f"{name}@{k}"] for name in ("ap_paper", "ap", "hr", "f1_paper", "precision")]
-        assert all(0.0 <= value <= 1.0 for value in values)
+        for name in ("ap_paper", "ap", "hr", "f1_paper", "precision"):  # each a mean over the cases
+            assert summary[f"{name}@{k}"] == pytest.approx(np.mean([float(row[f"{name}@{k}"]) for row in rows]))
         assert summary[f"hr@{k}"] >= summary[f"ap_paper@{k}"] >= summary[f"ap@{k}"]
         assert summary[f"hr@{k}"] >= summary[f"precision@{k}"]
     assert summary["hr@3"] <= summary["hr@5"] <= summary["hr@10"]
-    rows = list(csv.DictReader(open(output.with_suffix(".cases.csv"))))
-    assert len(rows) == 24 and {row["split"] for row in rows} == {"val", "test"}
     for row in rows:
         for k in (3, 5, 10):
             ap, hr, f1 = (float(row[f"{name}@{k}"]) for name in ("ap_paper", "hr", "f1_paper"))

@@ -62,7 +62,6 @@ def test_a_real_head_ct_gets_the_sigmoid_of_the_networks_logit(triage_model):
             "device"} <= set(document)
     assert document["command"] == "triage" and document["input"] == str(SLICER_HEAD)
     probability = document["probability"]
-    assert 0.0 <= probability <= 1.0
     assert probability == pytest.approx(independent_probability(triage_model, SLICER_HEAD), abs=1e-6)
     assert probability == pytest.approx(1 / (1 + np.exp(-document["logit"])), abs=1e-12)
     assert document["threshold"] == 0.5 and document["threshold_source"] == "default"
@@ -158,7 +157,7 @@ def test_a_partial_head_is_refused_unless_accepted(triage_model):
     refused = run_cli("triage", PARTIAL_HEAD, "--model", triage_model)
     assert refused.code == 3 and "covers only 56 mm along S" in refused.stderr and "--accept-partial" in refused.stderr
     accepted = triage_json(PARTIAL_HEAD, "--model", triage_model, "--accept-partial")
-    assert 0.0 <= accepted["probability"] <= 1.0
+    assert accepted["probability"] == pytest.approx(independent_probability(triage_model, PARTIAL_HEAD), abs=1e-6)
     assert any("covers 56 mm along S" in note for note in accepted["checks"]["notes"])
 
 
@@ -232,4 +231,5 @@ def test_inference_runs_without_the_training_extra(triage_model, tmp_path):
                             env={"CTFM_CACHE": str(tmp_path), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
                                  "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 0.0 <= json.loads(result.stdout)["probability"] <= 1.0
+    assert json.loads(result.stdout)["probability"] == pytest.approx(
+        independent_probability(triage_model, SLICER_HEAD), abs=1e-6)
