@@ -14,12 +14,12 @@ from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import preprocess
 from ctfm_engine.readers import read_volume
 from ctfm_engine.tasks.embed import Embedder, PatchWindows
+from ctfm_engine.tasks.ocd import organ_centroid_distances
+from ctfm_engine.tasks.search import SearchSettings, SemanticSearch
 from ctfm_engine.training.augment import ViewAugmentation
 from ctfm_engine.training.evaluation import (
     LabelledScan,
-    organ_search,
     patch_label_transfer,
-    shared_organs,
     structure_group,
     view_matching,
 )
@@ -43,15 +43,16 @@ def test_labels_of_a_y_flipped_nifti_land_on_the_dicom_grid():
     assert scan.label_at(np.array([1e4, 1e4, 1e4])) == 0  # outside the scan
 
 
-def test_organ_search_reports_a_mask_lookup_and_a_distance(narrow_weights):
+def test_organ_search_on_labelled_scans_reports_a_mask_lookup_and_a_distance(narrow_weights):
     scan = LabelledScan.read(TS_DICOM, DICOM_LABELS)
-    organs = shared_organs(scan, scan)
-    assert {LIVER, 1, 52} <= set(organs)  # liver, spleen, aorta
-    encoder, _ = load_encoder(narrow_weights)
-    results = organ_search(Embedder(encoder), scan, scan, [LIVER], PatchWindows((16, 64, 64), 0.0))
-    [result] = results
-    assert result.organ == LIVER and -1.0 <= result.similarity <= 1.0 and result.distance_mm >= 0
-    assert isinstance(result.hit, bool)
+    encoder, checkpoint = load_encoder(narrow_weights)
+    searcher = SemanticSearch(encoder, checkpoint.sha256, settings=SearchSettings(overlap=0.0))
+    [result] = organ_centroid_distances(searcher, scan.volume, scan.labels, scan.volume, scan.labels,
+                                        names={LIVER: "liver"}, organs=[LIVER], method="exact")
+    assert result.label == LIVER and -1.0 <= result.similarity <= 1.0
+    match = np.array(result.match_lps)
+    assert np.isclose(result.distance_mm, np.linalg.norm(match - scan.centroid_lps(LIVER)))
+    assert result.hit == (scan.label_at(match) == LIVER)
 
 
 def test_structure_groups_ignore_side_level_and_lobe_only():

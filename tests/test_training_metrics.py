@@ -18,8 +18,9 @@ import torch
 from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, CLIResult, require_module
 from monai.metrics import compute_dice, compute_roc_auc
 
+from ctfm_engine.tasks.ocd import OrganQuery
 from ctfm_engine.training import metrics, paper_evaluation
-from ctfm_engine.training.evaluation import LabelledScan, SearchResult
+from ctfm_engine.training.evaluation import LabelledScan
 
 ROOT = Path(__file__).resolve().parents[1]
 ROI_SUBSET = SHARED / "totalsegmentator" / "example_seg_roi_subset.nii.gz"
@@ -281,7 +282,9 @@ def test_paper_inside_test_on_real_labels_disagrees_with_the_engine_lookup():
 
 
 def test_ocd_summary_is_in_mm_with_a_true_inside_fraction():
-    results = [SearchResult(51, True, 10.0, 0.9), SearchResult(51, False, 20.0, 0.8), SearchResult(51, True, 30.0, 0.7)]
+    origin = (0.0, 0.0, 0.0)
+    results = [OrganQuery(51, "heart", 900, 900, origin, origin, origin, distance_mm, hit, 0.9)
+               for distance_mm, hit in ((10.0, True), (20.0, False), (30.0, True))]
     summary = metrics.ocd_summary(results, **FEW)
     assert summary["distance_mm"]["value"] == pytest.approx(20.0)
     assert summary["distance_sd_mm"] == pytest.approx(10.0)

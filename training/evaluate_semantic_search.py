@@ -5,8 +5,9 @@ JPEG 2000 DICOM series (31 labels); labels are TotalSegmentator predictions (sil
 
 1. Held-out view matching (label-free): the pre-training task on these unseen scans -- random crops, two augmented
    views each, a hit when a view's nearest view (cosine of pooled encoder features) is its own crop's.
-2. Organ search: each organ's centroid patch in one scan searched exhaustively in the other (both directions); a
-   hit is a best match inside the same organ; distance from the match to that organ's centroid in mm.
+2. Organ search (the engine's OCD, ``ctfm_engine.tasks.ocd``, exact method): each organ's centroid patch in one
+   scan searched exhaustively in the other (both directions); a hit is a best match inside the same organ;
+   distance from the match to that organ's centroid in mm.
 3. Dense structure transfer: every labelled window of one scan matched to the other's windows; a hit is the same
    kind of structure.  Run on a 1.5 x 1 x 1 mm grid, because the DICOM series is only 40 mm long: at 3 mm every
    16-slice window would be a third zero padding.
@@ -32,12 +33,12 @@ from ctfm_engine.models.encoder import build_encoder  # noqa: E402
 from ctfm_engine.models.registry import load_encoder  # noqa: E402
 from ctfm_engine.preprocess import Preprocessing, preprocess  # noqa: E402
 from ctfm_engine.tasks.embed import Embedder  # noqa: E402
+from ctfm_engine.tasks.ocd import organ_centroid_distances  # noqa: E402
+from ctfm_engine.tasks.search import SemanticSearch  # noqa: E402
 from ctfm_engine.training.evaluation import (  # noqa: E402
     LabelledScan,
     TransferResult,
-    organ_search,
     patch_label_transfer,
-    shared_organs,
     view_matching,
 )
 
@@ -46,16 +47,19 @@ NAMES = json.loads((SHARED / "labels" / "label_map_totalsegmentator_v2.json").re
 TRANSFER_GRID = Preprocessing(spacing_zyx_mm=(1.5, 1.0, 1.0))
 
 
-def evaluate(encoder: torch.nn.Module, scans: dict[str, LabelledScan], rounds: int) -> dict:
+def evaluate(encoder: torch.nn.Module, identity: str, scans: dict[str, LabelledScan], rounds: int) -> dict:
+    """The three checks for one encoder; ``identity`` names its weights (the search's cache key)."""
     embedder = Embedder(encoder)
+    searcher = SemanticSearch(encoder, identity)
     (name_a, scan_a), (name_b, scan_b) = scans.items()
     pairs = ((scan_a, scan_b, f"{name_a}->{name_b}"), (scan_b, scan_a, f"{name_b}->{name_a}"))
     views = {name: view_matching(encoder, preprocess(scan.volume).image, rounds=rounds)
              for name, scan in scans.items()}
-    organs = shared_organs(scan_a, scan_b)
-    searches = [{"direction": label, "organ": NAMES[str(result.organ)], "hit": result.hit,
-                 "distance_mm": result.distance_mm}
-                for source, target, label in pairs for result in organ_search(embedder, source, target, organs)]
+    names = {int(value): name for value, name in NAMES.items()}
+    searches = [{"direction": label, "organ": result.name, "hit": result.hit, "distance_mm": result.distance_mm}
+                for source, target, label in pairs
+                for result in organ_centroid_distances(searcher, source.volume, source.labels, target.volume,
+                                                       target.labels, names=names, method="exact")]
     transfers = {label: patch_label_transfer(embedder, target, source, NAMES, preprocessing=TRANSFER_GRID)
                  for source, target, label in pairs}
     return {
@@ -101,9 +105,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     random = build_encoder(dict(checkpoint.config)).eval()
     results = {}
-    for label, encoder in ((f"{checkpoint.name} (sha256 {checkpoint.sha256[:12]})", trained.eval()),
-                           (f"random init, seed {args.seed}", random)):
-        results[label] = evaluate(encoder, scans, args.rounds)
+    for label, identity, encoder in ((f"{checkpoint.name} (sha256 {checkpoint.sha256[:12]})", checkpoint.sha256,
+                                      trained.eval()),
+                                     (f"random init, seed {args.seed}", f"random-init-{args.seed}", random)):
+        results[label] = evaluate(encoder, identity, scans, args.rounds)
         print(f"{label}\n{summary(results[label])}", flush=True)
     if args.json:
         with atomic_output(args.json) as temporary:

@@ -68,6 +68,19 @@ def read_label_map(path: str | Path, volume: CTVolume) -> np.ndarray:
     return labels
 
 
+def centroid_lps(volume: CTVolume, labels: np.ndarray, label: int) -> np.ndarray:
+    """The centroid (LPS mm) of the voxels of ``labels`` (on ``volume``'s grid) that hold ``label``."""
+    return volume.zyx_index_to_lps(np.argwhere(labels == label).mean(axis=0))
+
+
+def label_at(volume: CTVolume, labels: np.ndarray, point_lps: np.ndarray) -> int:
+    """The label of the voxel nearest to ``point_lps`` (a true mask lookup); 0 when the point is outside the scan."""
+    index = np.rint(volume.lps_to_zyx_index(point_lps)).astype(int)
+    if np.any(index < 0) or np.any(index >= np.array(labels.shape)):
+        return 0
+    return int(labels[tuple(index)])
+
+
 def label_counts(labels: np.ndarray) -> dict[int, int]:
     values, counts = np.unique(labels, return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
@@ -113,15 +126,13 @@ def organ_centroid_distances(
     results = []
     for done, label in enumerate(shared):
         check_cancelled(cancel)
-        query_point = source.zyx_index_to_lps(np.argwhere(source_labels == label).mean(axis=0))
+        query_point = centroid_lps(source, source_labels, label)
         query = (searcher.fast_query(source_features, query_point) if method == "fast"
                  else searcher.exact_query(source_input, query_point))
         best = windows.field(query).matches(1, patch, refine=method == "fast")[0]
         match = np.array(best.point_lps)
-        centroid = target.zyx_index_to_lps(np.argwhere(target_labels == label).mean(axis=0))
-        index = np.rint(target.lps_to_zyx_index(match)).astype(int)
-        inside = bool(np.all(index >= 0) and np.all(index < np.array(target_labels.shape)))
-        hit = inside and int(target_labels[tuple(index)]) == label
+        centroid = centroid_lps(target, target_labels, label)
+        hit = label_at(target, target_labels, match) == label
         results.append(OrganQuery(label, names.get(label, f"label {label}"), in_source[label], in_target[label],
                                   _point(query_point), _point(match), _point(centroid),
                                   float(np.linalg.norm(match - centroid)), hit, best.similarity))

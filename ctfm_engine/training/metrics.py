@@ -4,7 +4,7 @@ Segmentation (facts §4.1, §4.4): Dice per class, average surface distance in m
 over cases, paired Wilcoxon.  Triage (§4.3): AUC-ROC and F1 with the paper's Wald CI and a bootstrap CI.
 Retrieval (§5): AP@k as the paper computed it and as it is usually defined, HR@k, F1@k, P@k and full-ranking AP
 over cosine similarity.  Semantic search (§6.2): the OCD summary in mm over
-:func:`ctfm_engine.training.evaluation.organ_search` results, and the paper's coordinate-wise "inside" test, kept
+:func:`ctfm_engine.tasks.ocd.organ_centroid_distances` results, and the paper's coordinate-wise "inside" test, kept
 only to show how it differs from a mask lookup.  Each deliberate departure from the paper's code is stated in the
 docstring of the function that makes it.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance
 
-from ctfm_engine.training.evaluation import SearchResult
+from ctfm_engine.tasks.ocd import OrganQuery
 
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
@@ -574,18 +574,18 @@ def paper_inside_label(point_zyx: Sequence[int], mask: np.ndarray) -> bool:
     ``torch.tensor(point) in argwhere(mask)`` compares the point with every mask voxel coordinate by coordinate
     and is true when ANY single coordinate equals that of some mask voxel in the same axis, so a point far
     outside the organ counts as inside when it shares, say, one z slice with it.  The correct test is a lookup
-    of the label at the point: :meth:`ctfm_engine.training.evaluation.LabelledScan.label_at`, which
-    :func:`~ctfm_engine.training.evaluation.organ_search` uses for ``SearchResult.hit``.
+    of the label at the point: :func:`ctfm_engine.tasks.ocd.label_at`, which
+    :func:`~ctfm_engine.tasks.ocd.organ_centroid_distances` uses for ``OrganQuery.hit``.
     """
     return bool(np.any(np.argwhere(mask) == np.asarray(point_zyx)))
 
 
 def ocd_summary(
-    results: Sequence[SearchResult], *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
+    results: Sequence[OrganQuery], *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
 ) -> dict:
     """OCD over organ-search results: distance (mm, not the paper's cm) from the match to the organ centroid,
     mean with bootstrap CI, SD (sample, ddof 1; the paper printed np.std, ddof 0, also given), median, and the
-    fraction of matches inside the organ by a true mask lookup (``SearchResult.hit``)."""
+    fraction of matches inside the organ by a true mask lookup (``OrganQuery.hit``)."""
     if not results:
         raise ValueError("no search results to summarise")
     distances = np.array([result.distance_mm for result in results], dtype=np.float64)
