@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ctfm_engine import __version__
 from ctfm_engine.errors import InputError, UsageError
 from ctfm_engine.labels import Label
@@ -90,7 +92,8 @@ class SegmentationOutcome:
     largest_component: bool
 
     @property
-    def labels(self):  # noqa: ANN201 - numpy array (z, y, x) on the source grid
+    def labels(self) -> np.ndarray:
+        """The label map (z, y, x) on the input's own grid."""
         return self.segmentation.labels
 
     @property
