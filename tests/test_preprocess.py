@@ -66,8 +66,13 @@ def test_foreground_crop_on_raw_hu_is_tight_and_loses_nothing_above_0_hu():
     image = model_input.image
     uncropped = spl_grid(volume.grid, (3.0, 1.0, 1.0))
     full_hu = resample(volume.voxels, volume.grid, uncropped, fill=-1024)
-    assert image.dtype == np.float32 and image.min() >= 0.0 and image.max() <= 1.0
     assert image.size < full_hu.size
+    # the model input is the window [-1024, 2048] HU (clipped to [0, 1]) of the resampled scan inside the box
+    corner = uncropped.lps_to_zyx_index(model_input.grid.zyx_index_to_lps(np.zeros(3)))
+    np.testing.assert_allclose(corner, np.rint(corner), atol=1e-6)
+    box = tuple(slice(int(c), int(c) + n) for c, n in zip(np.rint(corner), image.shape, strict=True))
+    assert image.dtype == np.float32
+    np.testing.assert_allclose(image, np.clip((full_hu[box] + 1024.0) / 3072.0, 0.0, 1.0), atol=1e-6)
     # every voxel above 0 HU of the resampled scan falls inside the cropped grid ...
     index = model_input.grid.lps_to_zyx_index(uncropped.zyx_index_to_lps(np.argwhere(full_hu > 0)))
     assert index.min() > -1e-6 and np.all(index.max(axis=0) < np.array(image.shape) - 1 + 1e-6)
