@@ -42,7 +42,7 @@ except ImportError:  # Slicer < 5.4 has no translation helpers
 
 
 POLL_INTERVAL_MS = 100
-WEIGHT_SOURCES = ("bundled", "folder", "hub")
+WEIGHT_SOURCES = ("auto", "folder", "hub")
 NOT_CLINICAL = "Research use only: CT-FM results are not for clinical decisions."
 
 
@@ -404,7 +404,7 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
     def setupDependencies(self, engineSource: str | None = None, confirm: Any = None) -> list[str]:
         return install.ensure_dependencies(engineSource, confirm=confirm, log=self.logCallback)
 
-    def chooseWeights(self, task: str, source: str = "bundled", segmentationFolder: str | None = None,
+    def chooseWeights(self, task: str, source: str = "auto", segmentationFolder: str | None = None,
                       searchFolder: str | None = None, allowDownload: bool = False) -> install.WeightsChoice:
         folder = segmentationFolder if task == "segmentation" else searchFolder
         return install.choose_weights(task, source, folder=folder, allow_download=allowDownload)
@@ -570,7 +570,7 @@ class CTFMTest(ScriptedLoadableModuleTest):
         if missing:
             return "missing " + ", ".join(missing)
         try:
-            install.choose_weights(task, "bundled")
+            install.choose_weights(task, "auto")
         except Exception as error:
             return str(error)
         return None

@@ -4,65 +4,24 @@ scan it keeps for search once."""
 
 from __future__ import annotations
 
-import ast
 import io
 import queue
-import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
 from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER
+from CTFMLib import jobs, protocol, worker
 
 from ctfm_engine.readers import read_volume
 from ctfm_engine.volume import CTVolume
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "SlicerCTFM"
-sys.path.insert(0, str(MODULE))
-from CTFMLib import jobs, protocol, worker  # noqa: E402
 
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"  # 93 slices of 1.5 mm: 140 mm along S
-# What a face must leave to the task layer: checkpoint readers, model loaders, the default model, preprocessing.
-ASSEMBLY_MODULES = ("ctfm_engine.models", "ctfm_engine.preprocess")
-ASSEMBLY_NAMES = {"read_checkpoint", "load_encoder", "open_segmentation_model", "load_triage_model",
-                  "bundled_weights", "models", "preprocess"}
-# Getting weights onto the machine is weights management, not a task; install.py's hub choice still finds and
-# downloads a published checkpoint with the registry's own functions.
-WEIGHTS_MANAGEMENT = {("install.py", "ctfm_engine.models.registry", "pull_weights"),
-                      ("install.py", "ctfm_engine.models.registry", "resolve_weights")}
-
-
-def _imports(path: Path) -> list[tuple[str, str]]:
-    """(module, name) of every import in ``path``, function-local ones included (name "" for ``import module``)."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, "") for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found += [(node.module, alias.name) for alias in node.names]
-    return found
-
-
-def test_slicer_lib_calls_only_the_task_layer():
-    files = sorted((MODULE / "CTFMLib").glob("*.py")) + [MODULE / "CTFM.py"]
-    assert {"jobs.py", "protocol.py", "worker.py", "session.py"} <= {path.name for path in files}
-    offending = []
-    for path in files:
-        for module, name in _imports(path):
-            engine = module == "ctfm_engine" or module.startswith("ctfm_engine.")
-            assembles = module.startswith(ASSEMBLY_MODULES) or (engine and name in ASSEMBLY_NAMES)
-            if assembles and (path.name, module, name) not in WEIGHTS_MANAGEMENT:
-                offending.append(f"{path.name}: {module} {name}".strip())
-    assert not offending, offending
-    worker_imports = {module for module, _ in _imports(MODULE / "CTFMLib" / "worker.py")}
-    assert "ctfm_engine.pipelines" in worker_imports
-    # the client side never imports the engine at module level: the module loads before the engine is installed
-    for name in ("jobs.py", "protocol.py"):
-        top_level = ast.parse((MODULE / "CTFMLib" / name).read_text()).body
-        assert not [node for node in top_level if isinstance(node, (ast.Import, ast.ImportFrom))
-                    and (getattr(node, "module", "") or "").startswith("ctfm_engine")], name
+# (that the module's files import only the task layer is checked for every face in test_faces.py)
 
 
 def test_client_and_worker_are_separate_files_speaking_one_protocol():

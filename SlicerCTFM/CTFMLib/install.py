@@ -8,16 +8,17 @@ installed and are skipped when ctfm-engine's metadata asks for them.  PyTorch co
 ``slicer.packaging.pip_ensure(..., skip_packages=...)``; older releases with ``slicer.util.pip_install``:
 ctfm-engine with ``--no-deps``, then the listed requirements, which already leave Slicer's packages out.
 
-Weights.  A task's checkpoint comes from the bundled demonstration models (``ctfm_engine/weights``), a local folder
-(``config.json`` + ``model.safetensors``), or the Hugging Face hub (downloaded only when asked and online).  Each
-choice is identified as the engine identifies results: checkpoint name and sha256 of ``model.safetensors``.
+Weights.  A task's checkpoint comes from the engine's weights policy (``auto``: the published CT-FM checkpoint when
+the cache holds it, else the bundled demonstration model, which then says so), a local folder (``config.json`` +
+``model.safetensors``), or the Hugging Face hub (downloaded only when asked and online).  Each choice is identified
+as the engine identifies results: checkpoint name, sha256 of ``model.safetensors`` and whether it is a
+demonstration model.
 
 Everything here runs without Slicer except :func:`ensure_dependencies`, whose Slicer calls are imported inside it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -33,12 +34,10 @@ SLICER_OWNED_PACKAGES = ("SimpleITK", "numpy", "requests", "pydicom", "highdicom
 MINIMUM_TORCH = ">=2.3"
 PACKAGING_SLICER_VERSION = (5, 12)  # slicer.packaging (pip_ensure with skip_packages) first shipped here
 
-TASKS = ("segmentation", "search", "triage")
-BUNDLED = {"segmentation": "ctfm-mini-wholebody-seg", "search": "ctfm-mini"}
-PUBLISHED = {"segmentation": "project-lighter/whole_body_segmentation",
-             "search": "project-lighter/ct_fm_feature_extractor"}
-SOURCES = ("bundled", "folder", "hub")
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# The module's tasks and the engine's model kind each one needs.
+MODEL_KINDS = {"segmentation": "segmentation", "search": "encoder", "triage": "triage"}
+TASKS = tuple(MODEL_KINDS)
+SOURCES = ("auto", "folder", "hub")
 
 
 def normalise(name: str) -> str:
@@ -176,79 +175,53 @@ def _pip_ensure(requirements: Sequence[str], log: Callable[[str], None]) -> None
 
 @dataclass(frozen=True)
 class WeightsChoice:
-    """The checkpoint a task uses: its folder, readable name and sha256 of ``model.safetensors``, and its origin."""
+    """The checkpoint a task uses: its folder, readable name, sha256 of ``model.safetensors``, whether it is a
+    demonstration model, and its origin."""
 
     task: str
     source: str
     folder: Path
     name: str
     sha256: str
+    demonstration: bool = False
 
     def short(self) -> str:
-        """``name (sha256 0123456789ab)`` for the module panel."""
-        return f"{self.name} (sha256 {self.sha256[:12]})"
-
-
-_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def weights_sha256(folder: str | Path) -> str:
-    """sha256 of ``folder/model.safetensors`` (remembered per path, size and modification time)."""
-    path = Path(folder) / WEIGHTS_FILE
-    status = path.stat()
-    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
-    if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-        _SHA256_CACHE[key] = digest.hexdigest()
-    return _SHA256_CACHE[key]
+        """``name (sha256 0123456789ab)`` for the module panel, marked when it is a demonstration model."""
+        return f"{self.name} (sha256 {self.sha256[:12]})" + (", a demonstration model" if self.demonstration else "")
 
 
 def choose_weights(
     task: str,
-    source: str = "bundled",
+    source: str = "auto",
     *,
     folder: str | Path | None = None,
     repo_id: str | None = None,
     allow_download: bool = False,
 ) -> WeightsChoice:
-    """The checkpoint ``task`` (segmentation, search, triage) uses from ``source``: ``bundled`` (demo models
-    shipped with ctfm_engine), ``folder`` (``folder``), or ``hub`` (``repo_id``, default the published CT-FM repo;
-    taken from the local caches, downloaded only with ``allow_download``).  ModelError saying what to do otherwise.
+    """The checkpoint ``task`` (segmentation, search, triage) uses from ``source``: ``auto`` (the engine's weights
+    policy), ``folder`` (``folder``), or ``hub`` (``repo_id``, default the published CT-FM repo; taken from the
+    local caches, downloaded only with ``allow_download``).  ModelError saying what to do otherwise.
     """
     from ctfm_engine.errors import ModelError
+    from ctfm_engine.pipelines.weights import locate_weights, published_repo, pull_checkpoint
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if source == "bundled":
-        if task not in BUNDLED:
-            raise ModelError(f"no demonstration {task} model ships with CT-FM: choose a local checkpoint folder")
-        import ctfm_engine
-
-        checkpoint = Path(ctfm_engine.__file__).resolve().parent / "weights" / BUNDLED[task]
-    elif source == "folder":
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    kind = MODEL_KINDS[task]
+    spec: str | Path | None = None
+    if source == "folder":
         if folder is None:
             raise ModelError("choose the checkpoint folder (config.json + model.safetensors)")
-        checkpoint = Path(folder).expanduser().resolve()
+        spec = Path(folder).expanduser().resolve()
+        if not spec.is_dir():
+            raise ModelError(f"{spec}: no such folder; choose a folder holding config.json and model.safetensors")
     elif source == "hub":
-        checkpoint = _hub_checkpoint(task, repo_id, allow_download)
-    else:
-        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (checkpoint / name).is_file()]
-    if missing:
-        raise ModelError(f"{checkpoint}: not a CT-FM checkpoint folder (no {' or '.join(missing)}); choose a folder "
-                         f"holding config.json and model.safetensors")
-    name = checkpoint.name if source != "hub" else (repo_id or PUBLISHED[task])
-    return WeightsChoice(task, source, checkpoint, name, weights_sha256(checkpoint))
-
-
-def _hub_checkpoint(task: str, repo_id: str | None, allow_download: bool) -> Path:
-    from ctfm_engine.errors import ModelError
-    from ctfm_engine.models.registry import pull_weights, resolve_weights
-
-    if repo_id is None and task not in PUBLISHED:
-        raise ModelError(f"no published CT-FM {task} model: give the hub repo id of one")
-    repo = repo_id or PUBLISHED[task]
-    return Path(pull_weights(repo) if allow_download else resolve_weights(repo))
+        spec = repo_id or published_repo(kind)
+        if spec is None:
+            raise ModelError(f"no published CT-FM {task} model: give the hub repo id of one")
+        if allow_download:
+            spec = pull_checkpoint(spec).folder
+    location = locate_weights(spec, kind)
+    return WeightsChoice(task, source, location.folder, location.name, location.sha256, location.demonstration)
