@@ -16,9 +16,14 @@ LIVER = 5
 LIVER_DICE_FLOOR = 0.5
 
 
-def test_bundled_sample_is_a_real_ct():
+def test_bundled_sample_is_the_real_totalsegmentator_ct():
+    """The sample reads as TotalSegmentator's example_ct_sm (shared/data) read by SimpleITK: same HU, same grid."""
     volume = read_volume(sample_ct_path())
-    assert volume.shape_zyx == (30, 101, 122) and volume.spacing_xyz_mm == (3.0, 3.0, 3.0)
+    reference = sitk.ReadImage(str(SHARED / "totalsegmentator" / "example_ct_sm.nii.gz"))
+    np.testing.assert_array_equal(volume.voxels, sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(volume.spacing_xyz_mm, reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(volume.origin_lps_mm, reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(np.ravel(volume.direction), reference.GetDirection(), atol=1e-6)
 
 
 def test_demo_uses_the_shipped_demonstration_models_by_default(tmp_path):
