@@ -90,9 +90,9 @@ def test_the_app_writes_a_valid_seg_that_holds_the_engines_segmentation_of_the_h
     np.testing.assert_array_equal(labels, expected)
     seg = pydicom.dcmread(seg_path)
     referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
-    assert referenced == set(volume.dicom["sop_instance_uids"]) and len(referenced) == 93
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.dicom["series_instance_uid"]
-    assert seg.StudyInstanceUID == volume.dicom["study_instance_uid"]
+    assert referenced == set(volume.dicom.sop_instance_uids) and len(referenced) == 93
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.dicom.series_instance_uid
+    assert seg.StudyInstanceUID == volume.dicom.study_instance_uid
     present = set(np.unique(expected)) - {0}
     assert len(seg.SegmentSequence) == len(present)  # empty structures are omitted
     summary = json.loads((out / "ctfm-results.json").read_text())
@@ -130,8 +130,8 @@ def test_the_app_handles_a_jpeg2000_series_with_blank_uids_and_declines_triage_o
     expected, volume = engine_labels(TS_DICOM)
     labels, _ = read_dicom_seg(seg_path, volume)
     np.testing.assert_array_equal(labels, expected)
-    assert {"StudyInstanceUID", "SeriesInstanceUID"} <= set(volume.dicom["derived_uids"])
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.dicom["series_instance_uid"]
+    assert {"StudyInstanceUID", "SeriesInstanceUID"} <= set(volume.dicom.derived_uids)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.dicom.series_instance_uid
     summary = json.loads((out / "ctfm-results.json").read_text())
     assert "head" in summary["triage"]["skipped"].lower()
 

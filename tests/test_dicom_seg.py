@@ -35,9 +35,9 @@ UID_KEYS = ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid
 
 def resolved_uids(volume: CTVolume) -> CTVolume:
     """The volume, once checked that the series reader resolved every UID a SEG or SR needs (derived where blank)."""
-    blank = [key for key in UID_KEYS if not volume.dicom.get(key)]
+    blank = [key for key in UID_KEYS if not getattr(volume.dicom, key)]
     assert not blank, f"{volume.source}: read_dicom_series leaves {blank} blank"
-    sop_instance_uids = volume.dicom.get("sop_instance_uids") or []
+    sop_instance_uids = volume.dicom.sop_instance_uids
     assert len(sop_instance_uids) == volume.shape_zyx[0] and all(sop_instance_uids), (
         f"{volume.source}: read_dicom_series gives {len(sop_instance_uids)} SOP instance UIDs for "
         f"{volume.shape_zyx[0]} slices, blank ones included")
@@ -149,11 +149,11 @@ def test_seg_references_every_source_instance(ts_segs: dict[SegEncoding, SegInfo
                                               encoding: SegEncoding) -> None:
     seg = pydicom.dcmread(ts_segs[encoding].path)
     (series,) = seg.ReferencedSeriesSequence
-    assert series.SeriesInstanceUID == ts_volume.dicom["series_instance_uid"]
+    assert series.SeriesInstanceUID == ts_volume.dicom.series_instance_uid
     referenced = [item.ReferencedSOPInstanceUID for item in series.ReferencedInstanceSequence]
-    assert sorted(referenced) == sorted(ts_volume.dicom["sop_instance_uids"])
-    assert seg.StudyInstanceUID == ts_volume.dicom["study_instance_uid"]
-    assert seg.FrameOfReferenceUID == ts_volume.dicom["frame_of_reference_uid"]
+    assert sorted(referenced) == sorted(ts_volume.dicom.sop_instance_uids)
+    assert seg.StudyInstanceUID == ts_volume.dicom.study_instance_uid
+    assert seg.FrameOfReferenceUID == ts_volume.dicom.frame_of_reference_uid
     frame_sources = {source.ReferencedSOPInstanceUID for frame in seg.PerFrameFunctionalGroupsSequence
                      for derivation in frame.DerivationImageSequence for source in derivation.SourceImageSequence}
     assert frame_sources <= set(referenced)
@@ -269,7 +269,7 @@ def test_reading_a_seg_against_another_series_is_refused() -> None:
 def test_gantry_tilt_frames_place_a_ball_at_its_lps_position(table: dict[int, Label], tmp_path: Path) -> None:
     series_uid = str(pydicom.dcmread(TILT_DICOM / "01.dcm", stop_before_pixels=True).SeriesInstanceUID)
     volume = read_dicom_series(TILT_DICOM, series_uid=f"{series_uid}#4mm")
-    assert volume.dicom["resampled_for_tilt"]
+    assert volume.dicom.resampled_for_tilt
     grid = volume.grid
     centre = grid.zyx_index_to_lps(np.array(volume.shape_zyx) / 2.0)
     radius_mm = 20.0
@@ -282,7 +282,7 @@ def test_gantry_tilt_frames_place_a_ball_at_its_lps_position(table: dict[int, La
     shared = seg.SharedFunctionalGroupsSequence[0]
     cosines = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
     row_mm, column_mm = np.array(shared.PixelMeasuresSequence[0].PixelSpacing, dtype=float)
-    sources = {path.name: pydicom.dcmread(path, stop_before_pixels=True) for path in map(Path, volume.dicom["files"])}
+    sources = {path.name: pydicom.dcmread(path, stop_before_pixels=True) for path in map(Path, volume.dicom.files)}
     source_cosines = {tuple(np.round(np.array(h.ImageOrientationPatient, dtype=float), 4)) for h in sources.values()}
     assert source_cosines == {tuple(np.round(cosines, 4))}, "frames must lie in the tilted source planes"
     source_positions = [np.array(h.ImagePositionPatient, dtype=float) for h in sources.values()]
@@ -304,14 +304,14 @@ def test_gantry_tilt_frames_place_a_ball_at_its_lps_position(table: dict[int, La
 
 def test_seg_of_a_series_without_frame_of_reference(table: dict[int, Label], tmp_path: Path) -> None:
     volume = resolved_uids(read_dicom_series(HEAD_DICOM))
-    assert "FrameOfReferenceUID" not in pydicom.dcmread(volume.dicom["files"][0], stop_before_pixels=True)
+    assert "FrameOfReferenceUID" not in pydicom.dcmread(volume.dicom.files[0], stop_before_pixels=True)
     skull = {label.name: value for value, label in table.items()}["skull"]
     labels = np.where(volume.voxels > 300, skull, 0).astype(np.uint8)
     info = write_dicom_seg(labels, volume, table, tmp_path / "head.dcm", algorithm=ALGORITHM)
     assert validate(info.path) == []
     seg = pydicom.dcmread(info.path, stop_before_pixels=True)
-    assert seg.FrameOfReferenceUID == volume.dicom["frame_of_reference_uid"]
-    assert "FrameOfReferenceUID" in volume.dicom.get("derived_uids", [])
+    assert seg.FrameOfReferenceUID == volume.dicom.frame_of_reference_uid
+    assert "FrameOfReferenceUID" in volume.dicom.derived_uids
     np.testing.assert_array_equal(read_dicom_seg(info.path, volume)[0], labels)
 
 
@@ -354,7 +354,7 @@ def test_triage_sr_round_trip(logit: float, head_volume: CTVolume, tmp_path: Pat
     assert report["probability"] == result.probability
     assert report["threshold"] == pytest.approx(0.5)
     assert report["decision"] == result.decision == ("abnormal" if logit > 0 else "normal")
-    assert report["referenced_series_uid"] == volume.dicom["series_instance_uid"]
+    assert report["referenced_series_uid"] == volume.dicom.series_instance_uid
     again = write_triage_sr(result, volume, tmp_path / "again.dcm", algorithm=ALGORITHM)
     assert again.sop_instance_uid == info.sop_instance_uid
     other = write_triage_sr(replace(result, probability=0.5 * result.probability), volume, tmp_path / "other.dcm",
@@ -374,9 +374,9 @@ def test_triage_sr_lists_the_seg_as_evidence(table: dict[int, Label], head_volum
     assert validate(info.path) == []
     evidence = pydicom.dcmread(info.path).CurrentRequestedProcedureEvidenceSequence
     series = {item.SeriesInstanceUID for study in evidence for item in study.ReferencedSeriesSequence}
-    assert series == {volume.dicom["series_instance_uid"], seg.series_instance_uid}
+    assert series == {volume.dicom.series_instance_uid, seg.series_instance_uid}
     assert read_triage_sr(info.path)["decision"] == "normal"
-    assert read_triage_sr(info.path)["referenced_series_uid"] == volume.dicom["series_instance_uid"]
+    assert read_triage_sr(info.path)["referenced_series_uid"] == volume.dicom.series_instance_uid
     with pytest.raises(InputError, match="not a readable Comprehensive 3D SR"):
         read_triage_sr(seg.path)
 

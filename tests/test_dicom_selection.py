@@ -175,7 +175,7 @@ def test_default_rules_pick_the_largest_axial_ct_and_say_why_others_were_skipped
     assert {entry["reason"] for entry in document["skipped"]} == set(reasons.values())
     volume = read_dicom_series(mixed_folder, series_uid=selection.chosen.series_id)
     assert volume.shape_zyx == (93, 64, 64)
-    assert [Path(path) for path in volume.dicom["files"]] == sorted(
+    assert [Path(path) for path in volume.dicom.files] == sorted(
         selection.chosen.files, key=lambda p: int(p.stem[6:])
     )
 
@@ -287,9 +287,9 @@ def test_blank_uids_are_derived_deterministically_and_sop_uids_come_from_the_fil
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ctfm_engine.dicom.series"):
         first = read_dicom_series(TS_DICOM)
-    info = first.dicom
+    info = first.dicom.as_dict()
     keys = ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "sop_instance_uids")
-    assert {key: info[key] for key in keys} == {key: second.dicom[key] for key in keys}
+    assert {key: info[key] for key in keys} == {key: second.dicom.as_dict()[key] for key in keys}
     assert info["derived_uids"] == ["StudyInstanceUID", "SeriesInstanceUID"]
     assert len({info["study_instance_uid"], info["series_instance_uid"], info["frame_of_reference_uid"]}) == 3
     for uid in (info["study_instance_uid"], info["series_instance_uid"], *info["sop_instance_uids"]):
@@ -318,10 +318,10 @@ def test_refuse_policy_names_a_file_and_the_missing_uid() -> None:
 
 def test_missing_frame_of_reference_is_derived_or_refused() -> None:
     volume = read_dicom_series(HEAD)
-    assert volume.dicom["derived_uids"] == ["FrameOfReferenceUID"]
-    assert UID(volume.dicom["frame_of_reference_uid"]).is_valid
-    assert volume.dicom["series_instance_uid"] == series_uid_of(HEAD)
-    assert volume.dicom["frame_of_reference_uid"] == derived_uid("FrameOfReferenceUID", series_uid_of(HEAD))
+    assert volume.dicom.derived_uids == ("FrameOfReferenceUID",)
+    assert UID(volume.dicom.frame_of_reference_uid).is_valid
+    assert volume.dicom.series_instance_uid == series_uid_of(HEAD)
+    assert volume.dicom.frame_of_reference_uid == derived_uid("FrameOfReferenceUID", series_uid_of(HEAD))
     with pytest.raises(InputError, match=r"CTHead1\.dcm: has no FrameOfReferenceUID"):
         read_dicom_series(HEAD, missing_uids="refuse")
 
@@ -337,14 +337,14 @@ def test_sop_and_series_uids_without_file_meta_copies_are_derived_from_position(
         dataset.save_as(folder / path.name, enforce_file_format=False)
     volume = read_dicom_series(folder)
     again = read_dicom_series(folder)
-    info = volume.dicom
+    info = volume.dicom.as_dict()
     assert info["derived_uids"] == ["SeriesInstanceUID", "SOPInstanceUID"]
     assert len(set(info["sop_instance_uids"])) == 3
     assert all(UID(uid).is_valid for uid in info["sop_instance_uids"])
-    assert info["sop_instance_uids"] == again.dicom["sop_instance_uids"]
+    assert info["sop_instance_uids"] == list(again.dicom.sop_instance_uids)
     assert info["series_instance_uid"] == derived_uid("SeriesInstanceUID", *sorted(info["sop_instance_uids"]))
     original = read_dicom_series(CT_3SLICE)
-    assert info["study_instance_uid"] == original.dicom["study_instance_uid"]  # present: kept
+    assert info["study_instance_uid"] == original.dicom.study_instance_uid  # present: kept
     np.testing.assert_array_equal(volume.voxels, original.voxels)
 
 
@@ -366,14 +366,14 @@ def test_each_thickness_block_reads_de_sheared(block: str, step_mm: float, names
     volume = read_dicom_series(TILT, series_uid=f"{TILT_UID}#{block}")
     assert volume.shape_zyx[0] == 14
     assert volume.spacing_xyz_mm[2] == pytest.approx(step_mm, abs=0.01)
-    assert volume.dicom["resampled_for_tilt"] is True
-    assert volume.dicom["gantry_tilt_deg"] == pytest.approx(18.5, abs=0.05)
-    assert volume.dicom["slice_thickness_mm"] == step_mm
-    assert volume.dicom["series_id"] == f"{TILT_UID}#{block}"
-    assert volume.dicom["series_instance_uid"] == TILT_UID
-    assert sorted(Path(p).name for p in volume.dicom["files"]) == [f"{k:02d}.dcm" for k in names]
-    sop_uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in volume.dicom["files"]]
-    assert volume.dicom["sop_instance_uids"] == sop_uids
+    assert volume.dicom.resampled_for_tilt is True
+    assert volume.dicom.gantry_tilt_deg == pytest.approx(18.5, abs=0.05)
+    assert volume.dicom.slice_thickness_mm == step_mm
+    assert volume.dicom.series_id == f"{TILT_UID}#{block}"
+    assert volume.dicom.series_instance_uid == TILT_UID
+    assert sorted(Path(p).name for p in volume.dicom.files) == [f"{k:02d}.dcm" for k in names]
+    sop_uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in volume.dicom.files]
+    assert list(volume.dicom.sop_instance_uids) == sop_uids
 
 
 def test_block_reads_as_the_same_slices_alone(tmp_path: Path) -> None:
@@ -402,7 +402,7 @@ def test_real_jpeg2000_series_agrees_with_an_independent_decoder() -> None:
     """SimpleITK/GDCM (the reader) and pylibjpeg-openjpeg (through pydicom) decode the same HU values."""
     require_module("openjpeg", "pylibjpeg-openjpeg (the [dicom] extra) is needed as the independent decoder")
     volume = read_dicom_series(TS_DICOM)
-    for k, path in enumerate(volume.dicom["files"]):
+    for k, path in enumerate(volume.dicom.files):
         dataset = pydicom.dcmread(path)
         hu = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
         np.testing.assert_array_equal(volume.voxels[k], hu.astype(np.float32))
@@ -421,10 +421,10 @@ def test_lossless_transfer_syntaxes_read_identically(tmp_path: Path, source: Pat
             missing_real_part(f"pydicom cannot encode {syntax.name} here (the [dicom] extra's encoders): {error}")
         dataset.save_as(folder / path.name)
     original, compressed = read_dicom_series(source), read_dicom_series(folder)
-    assert compressed.dicom["transfer_syntax_uid"] == syntax
+    assert compressed.dicom.transfer_syntax_uid == syntax
     assert [c.transfer_syntax for c in list_series(folder)] == [syntax.name]
     assert os.path.getsize(folder / dicom_files(source)[0].name) < dicom_files(source)[0].stat().st_size
     np.testing.assert_array_equal(compressed.voxels, original.voxels)
     assert compressed.grid.matches(original.grid, tolerance_mm=1e-9)
-    assert compressed.dicom["sop_instance_uids"] == original.dicom["sop_instance_uids"]
-    assert compressed.dicom["hu_offset_applied"] == original.dicom["hu_offset_applied"]
+    assert compressed.dicom.sop_instance_uids == original.dicom.sop_instance_uids
+    assert compressed.dicom.hu_offset_applied == original.dicom.hu_offset_applied

@@ -100,7 +100,7 @@ def test_jpeg2000_series_reads_in_hu_with_header_geometry(ts_volume: CTVolume) -
     assert float(ts_volume.voxels.min()) == pytest.approx(-1024, abs=1)
     assert float(ts_volume.voxels.max()) == pytest.approx(1839, abs=1)
     assert ts_volume.series_instance_uid is None  # blank in the files; not invented here
-    info = ts_volume.dicom
+    info = ts_volume.dicom.as_dict()
     # Blank in the files: derived deterministically (Study, Series) or taken from the file meta (SOP instances).
     assert info["derived_uids"] == ["StudyInstanceUID", "SeriesInstanceUID"]
     assert all(UID(uid).is_valid for uid in info["sop_instance_uids"]) and len(set(info["sop_instance_uids"])) == 20
@@ -118,7 +118,7 @@ def test_jpeg2000_series_reads_in_hu_with_header_geometry(ts_volume: CTVolume) -
 
 def test_untilted_geometry_agrees_with_simpleitk(ts_volume: CTVolume) -> None:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(ts_volume.dicom["files"])
+    reader.SetFileNames(list(ts_volume.dicom.files))
     image = reader.Execute()
     assert Grid.of_image(image).matches(ts_volume.grid, tolerance_mm=1e-3)
     np.testing.assert_allclose(image.GetSpacing(), ts_volume.spacing_xyz_mm, atol=1e-3)
@@ -143,7 +143,7 @@ def test_same_physical_grid_as_the_y_flipped_totalsegmentator_label(shared_data:
 
 def test_slices_are_ordered_by_position_not_by_file_name(shared_data: Path) -> None:
     volume = read_dicom_series(shared_data / HEAD_SERIES)
-    files = [Path(name) for name in volume.dicom["files"]]
+    files = [Path(name) for name in volume.dicom.files]
     assert [f.name for f in files[:3]] == ["CTHead1.dcm", "CTHead2.dcm", "CTHead3.dcm"]
     assert sorted(files) != files  # CTHead10 sorts before CTHead2 by name
     heights = [
@@ -162,7 +162,7 @@ def test_hu_plus_1024_storage_is_detected_and_shifted(shared_data: Path, caplog:
     with caplog.at_level(logging.WARNING, logger="ctfm_engine.dicom.series"):
         volume = read_dicom_series(shared_data / HEAD_SERIES)
     assert float(volume.voxels.min()) == -1024.0
-    assert volume.dicom["hu_offset_applied"] == -1024.0
+    assert volume.dicom.hu_offset_applied == -1024.0
     brain = volume.voxels[40:61, 28:36, 28:36]  # centre of the head, mid-brain slices
     assert 0.0 < float(np.median(brain)) < 80.0
     assert "HU+1024" in caplog.text
@@ -173,7 +173,7 @@ def test_hu_plus_1024_storage_is_detected_and_shifted(shared_data: Path, caplog:
 def test_hu_offset_zero_keeps_stored_values(shared_data: Path) -> None:
     raw = read_dicom_series(shared_data / HEAD_SERIES, hu_offset=0)
     assert float(raw.voxels.min()) >= 0.0
-    assert raw.dicom["hu_offset_applied"] == 0.0
+    assert raw.dicom.hu_offset_applied == 0.0
     shifted = read_dicom_series(shared_data / HEAD_SERIES)
     np.testing.assert_array_equal(raw.voxels - 1024, shifted.voxels)
 
@@ -210,8 +210,8 @@ def test_gantry_tilt_is_resampled_without_misplacing_anything(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="ctfm_engine.dicom.series"):
         volume = read_dicom_series(uniform_tilted_block[0].parent)
-    assert volume.dicom["resampled_for_tilt"] is True
-    assert volume.dicom["gantry_tilt_deg"] == pytest.approx(18.5, abs=0.05)
+    assert volume.dicom.resampled_for_tilt is True
+    assert volume.dicom.gantry_tilt_deg == pytest.approx(18.5, abs=0.05)
     assert "gantry tilt of 18.5 degrees" in caplog.text
     assert volume.shape_zyx[0] == 14
     assert volume.shape_zyx[2] == 512
