@@ -19,9 +19,9 @@ from ctfm_engine.head_ct import (
 )
 from ctfm_engine.models.checkpoint import load_state_strict, read_checkpoint
 from ctfm_engine.readers import read_volume
-from ctfm_engine.training.recipe import load_recipe, select_training_volumes
 
 require_module("lightning", "the [train] extra (lightning) is not installed")
+from ctfm_engine.training.recipe import SegmentationData, load_recipe, read_section, select_training_volumes  # noqa: E402
 from ctfm_engine.training.triage import (  # noqa: E402
     HeadCTScans,
     TriageAugmentation,
@@ -181,10 +181,10 @@ def test_few_shot_subsets_are_the_first_rows_or_a_seeded_nested_sample():
     rows = list(range(20))
 
     def pick(k, seed="absent"):
-        data = {"train_volumes": k} if seed == "absent" else {"train_volumes": k, "subset_seed": seed}
-        return select_training_volumes(rows, {"data": data})
+        given = {"manifest": "rows.csv", "train_volumes": k} | ({} if seed == "absent" else {"subset_seed": seed})
+        return select_training_volumes(rows, read_section(SegmentationData, given, RECIPE, "data"))
 
-    assert select_training_volumes(rows, {"data": {}}) == rows
+    assert select_training_volumes(rows, SegmentationData(manifest="rows.csv")) == rows
     assert pick(5) == pick(5, None) == [0, 1, 2, 3, 4]  # the paper: first rows, unshuffled
     five, ten = pick(5, 0), pick(10, 0)
     assert len(five) == 5 and five == sorted(five) and five == pick(5, 0) and set(five) < set(ten)
@@ -205,9 +205,10 @@ def test_more_few_shot_volumes_than_the_manifest_holds_is_a_usage_error(tmp_path
 
 def test_the_paper_recipe_is_consistent():
     recipe = load_recipe(TRAINING / "finetune_triage_sinoct_paper.yaml")
-    assert recipe["task"] == "triage" and recipe["data"]["spatial_size_zyx"] == [48, 128, 128]
-    assert recipe["trainer"]["devices"] * recipe["data"]["batch_size"] == 64 and recipe["trainer"]["max_epochs"] == 40
-    assert recipe["optim"]["learning_rate"] == 1e-4 and recipe["optim"]["end_learning_rate"] == 1e-6
+    assert recipe.task == "triage" and recipe.data.spatial_size_zyx == (48, 128, 128)
+    trainer = recipe.trainer.lightning
+    assert trainer["devices"] * recipe.data.batch_size == 64 and trainer["max_epochs"] == 40
+    assert recipe.optim.learning_rate == 1e-4 and recipe.optim.end_learning_rate == 1e-6
 
 
 def test_manifest_builder_reproduces_ct_fm_splits(tmp_path):

@@ -7,43 +7,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 
-from ctfm_engine.errors import UsageError
 from ctfm_engine.io import atomic_output
 from ctfm_engine.models.checkpoint import CARD_FILE, WEIGHTS_FILE, read_checkpoint, save_checkpoint, sha256_of
 from ctfm_engine.training.data import ManifestEntry
-
-WEIGHT_DTYPES = {"float32": None, "float16": torch.float16}
+from ctfm_engine.training.recipe import WEIGHT_DTYPES, Recipe
 
 
 def export_model(
     network: nn.Module,
     config: dict[str, Any],
-    recipe: dict[str, Any],
+    recipe: Recipe,
     entries: Sequence[ManifestEntry],
     results: dict[str, Any],
     kind: str,
 ) -> dict[str, Any]:
     """Save ``network`` to the recipe's ``output.export`` folder with its model card; the export's identity."""
-    output = recipe.get("output") or {}
-    folder = Path(output["export"])
-    dtype_name = str(output.get("weights_dtype", "float32"))
-    if dtype_name not in WEIGHT_DTYPES:
-        raise UsageError(f"output.weights_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype_name!r}")
+    folder = Path(str(recipe.output.export))
+    dtype_name = recipe.output.weights_dtype
     save_checkpoint(network.cpu(), folder, config, dtype=WEIGHT_DTYPES[dtype_name])
     write_model_card(folder, recipe, entries, {**results, "weights_dtype": dtype_name}, kind=kind)
     return {"weights": read_checkpoint(folder).identity, "export": str(folder)}
 
 
 def write_model_card(
-    folder: Path, recipe: dict[str, Any], entries: Sequence[ManifestEntry], results: dict[str, Any], kind: str
+    folder: Path, recipe: Recipe, entries: Sequence[ManifestEntry], results: dict[str, Any], kind: str
 ) -> Path:
     """Write ``README.md`` into a checkpoint folder: data, recipe, results, sha256, and the clinical-use warning."""
-    name = section_name(recipe, folder)
-    recipe_text = yaml.safe_dump({k: v for k, v in recipe.items() if not k.startswith("_")}, sort_keys=False)
+    name = recipe.output.name or folder.name
+    recipe_text = yaml.safe_dump(dict(recipe.given), sort_keys=False)
     data_lines = "\n".join(f"- `{entry.path.name}`" + (f" (labels `{entry.labels.name}`)" if entry.labels else "")
                            for entry in entries)
     card = f"""---
@@ -74,7 +68,3 @@ real CT scans listed below, to show the pipeline working offline; it is not CT-F
     with atomic_output(path) as temporary:
         temporary.write_text(card)
     return path
-
-
-def section_name(recipe: dict[str, Any], folder: Path) -> str:
-    return str((recipe.get("output") or {}).get("name") or folder.name)

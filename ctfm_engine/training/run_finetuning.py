@@ -19,10 +19,9 @@ from ctfm_engine.tasks.segment import write_inference_settings
 from ctfm_engine.training.data import EpochSampler, read_manifest
 from ctfm_engine.training.model_card import export_model
 from ctfm_engine.training.recipe import (
+    Recipe,
     fit,
     read_metrics,
-    recipe_path,
-    section,
     select_training_volumes,
     start_run,
     trainer_for,
@@ -40,29 +39,27 @@ LABEL_NAMES_FILE = Path(__file__).resolve().parents[1] / "data" / "totalsegmenta
 
 
 def run_finetuning(
-    recipe: dict[str, Any], resume: str | None = None, accelerator: str | None = None, quiet: bool = False
+    recipe: Recipe, resume: str | None = None, accelerator: str | None = None, quiet: bool = False
 ) -> dict:
     seed, manifest, preprocessing = start_run(recipe)
-    data, model, optim = section(recipe, "data"), section(recipe, "model"), section(recipe, "optim")
+    data, model, optim = recipe.data, recipe.model, recipe.optim
     # Few-shot: only data.train_volumes of the training scans (data.subset_seed says which).
-    train_entries = select_training_volumes(read_manifest(manifest, split="train"), recipe)
-    dataset = LabelledPatches(train_entries, preprocessing, data.get("patch_size_zyx", (96, 160, 160)), seed,
-                              visits_per_epoch=int(data.get("visits_per_epoch", 1)))
-    loader = DataLoader(dataset, batch_size=int(data.get("batch_size", 2)), sampler=EpochSampler(len(dataset), seed),
-                        num_workers=int(data.get("num_workers", 0)))
+    train_entries = select_training_volumes(read_manifest(manifest, split="train"), data)
+    dataset = LabelledPatches(train_entries, preprocessing, data.patch_size_zyx, seed,
+                              visits_per_epoch=data.visits_per_epoch)
+    loader = DataLoader(dataset, batch_size=data.batch_size, sampler=EpochSampler(len(dataset), seed),
+                        num_workers=data.num_workers)
     trainer = trainer_for(recipe, accelerator, quiet)
-    encoder_weights = model.get("encoder_weights")
-    config = segmentation_config(int(model.get("out_channels", 118)), int(model.get("init_filters", 32)),
-                                 int(model.get("dsdepth", 4)))
+    config = segmentation_config(model.out_channels, model.init_filters, model.dsdepth)
     module = SegmentationFinetuning(
         config,
-        encoder_weights=None if not encoder_weights else str(recipe_path(recipe, encoder_weights)),
-        learning_rate=float(optim.get("learning_rate", 2e-4)),
-        weight_decay=float(optim.get("weight_decay", 1e-5)),
-        warmup_epochs=int(optim.get("warmup_epochs", 3)),
-        schedule_epochs=int(optim.get("schedule_epochs") or trainer.max_epochs),
-        roi_size_zyx=tuple(data.get("roi_size_zyx", (96, 160, 160))),
-        overlap=float(data.get("overlap", 0.625)),
+        encoder_weights=None if not model.encoder_weights else str(recipe.path(model.encoder_weights)),
+        learning_rate=optim.learning_rate,
+        weight_decay=optim.weight_decay,
+        warmup_epochs=optim.warmup_epochs,
+        schedule_epochs=optim.schedule_epochs or trainer.max_epochs,
+        roi_size_zyx=data.roi_size_zyx,
+        overlap=data.overlap,
     )
     fit(trainer, module, loader, resume)
     losses = [float(row["train/loss_epoch"]) for row in read_metrics(trainer) if row.get("train/loss_epoch")]
@@ -70,14 +67,14 @@ def run_finetuning(
         "command": "finetune",
         "task": "segmentation",
         "encoder_sha256": module.hparams.encoder_sha256,
-        **training_subset(recipe, train_entries),
+        **training_subset(data, train_entries),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "epoch_losses": losses,
         "held_out_dice": held_out_dice(module, manifest, preprocessing),
         "checkpoint": str(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"),
     }
-    if section(recipe, "output").get("export") and trainer.is_global_zero:
+    if recipe.output.export and trainer.is_global_zero:
         document.update(export_model(module.network, config, recipe, train_entries, document, kind="segmentation"))
         # ctfm_inference.json says how the model sees CT, so ctfm segment uses it as it was trained.
         inference = {**preprocessing.describe(), "roi_size_zyx": list(module.hparams.roi_size_zyx),

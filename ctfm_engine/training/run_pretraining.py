@@ -8,7 +8,6 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from ctfm_engine.models.encoder import encoder_config
-from ctfm_engine.training.augment import ViewAugmentation
 from ctfm_engine.training.data import (
     EpochSampler,
     IntraSampleCrops,
@@ -18,42 +17,40 @@ from ctfm_engine.training.data import (
 )
 from ctfm_engine.training.model_card import export_model
 from ctfm_engine.training.pretrain import IntraSamplePretraining
-from ctfm_engine.training.recipe import fit, read_metrics, section, start_run, trainer_for
+from ctfm_engine.training.recipe import Recipe, fit, read_metrics, start_run, trainer_for
 
 
 def run_pretraining(
-    recipe: dict[str, Any], resume: str | None = None, accelerator: str | None = None, quiet: bool = False
+    recipe: Recipe, resume: str | None = None, accelerator: str | None = None, quiet: bool = False
 ) -> dict:
     seed, manifest, preprocessing = start_run(recipe)
-    data, method, optim = section(recipe, "data"), section(recipe, "method"), section(recipe, "optim")
-    entries = read_manifest(manifest, split=data.get("split"))
-    scans = PreprocessedScans(entries, preprocessing, keep=data.get("cache", "memory") == "memory")
-    augmentation = ViewAugmentation(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in section(recipe, "augmentation").items()})
-    dataset = IntraSampleCrops(scans, data.get("patch_size_zyx", (24, 128, 128)), int(data.get("crops_per_scan", 20)),
-                               augmentation, seed, visits_per_epoch=int(data.get("visits_per_epoch", 1)))
+    data, method, optim, model = recipe.data, recipe.method, recipe.optim, recipe.model
+    entries = read_manifest(manifest, split=data.split)
+    scans = PreprocessedScans(entries, preprocessing, keep=data.cache == "memory")
+    dataset = IntraSampleCrops(scans, data.patch_size_zyx, data.crops_per_scan, recipe.augmentation, seed,
+                               visits_per_epoch=data.visits_per_epoch)
     loader = DataLoader(
         dataset,
-        batch_size=int(data.get("scans_per_batch", 4)),
+        batch_size=data.scans_per_batch,
         sampler=EpochSampler(len(dataset), seed=seed),
         collate_fn=collate_skipping_unreadable,
-        num_workers=int(data.get("num_workers", 0)),
+        num_workers=data.num_workers,
     )
     trainer = trainer_for(recipe, accelerator, quiet)
-    config = encoder_config(int(section(recipe, "model").get("init_filters", 32)))
+    config = encoder_config(model.init_filters)
     module = IntraSamplePretraining(
         encoder_config=config,
-        method=method.get("name", "simclr"),
-        temperature=float(method.get("temperature", 0.1)),
-        symmetric=bool(method.get("symmetric", True)),
-        bn_per_crop_call=bool(method.get("bn_per_crop_call", True)),
-        head_hidden_dim=int(method.get("head_hidden_dim", 256)),
-        head_out_dim=int(method.get("head_out_dim", 128)),
-        predictor_hidden_dim=int(method.get("predictor_hidden_dim", 512)),
-        learning_rate=float(optim.get("learning_rate", 1e-4)),
-        weight_decay=float(optim.get("weight_decay", 1e-6)),
-        warmup_epochs=int(optim.get("warmup_epochs", 10)),
-        schedule_epochs=int(optim.get("schedule_epochs") or trainer.max_epochs),
+        method=method.name,
+        temperature=method.temperature,
+        symmetric=method.symmetric,
+        bn_per_crop_call=method.bn_per_crop_call,
+        head_hidden_dim=method.head_hidden_dim,
+        head_out_dim=method.head_out_dim,
+        predictor_hidden_dim=method.predictor_hidden_dim,
+        learning_rate=optim.learning_rate,
+        weight_decay=optim.weight_decay,
+        warmup_epochs=optim.warmup_epochs,
+        schedule_epochs=optim.schedule_epochs or trainer.max_epochs,
     )
     fit(trainer, module, loader, resume)
     metrics = read_metrics(trainer)
@@ -67,6 +64,6 @@ def run_pretraining(
         "checkpoint": str(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"),
         "metrics": str(Path(trainer.loggers[0].log_dir) / "metrics.csv"),
     }
-    if section(recipe, "output").get("export") and trainer.is_global_zero:
+    if recipe.output.export and trainer.is_global_zero:
         document.update(export_model(module.encoder, config, recipe, entries, document, kind="encoder"))
     return document

@@ -8,6 +8,7 @@ of "abnormal" from the final model (or the best-AUROC one with ``output.export_f
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,14 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
 from ctfm_engine.errors import InputError, UsageError
-from ctfm_engine.head_ct import HEAD_CT_PREPROCESSING, HeadCTPreprocessing
+from ctfm_engine.head_ct import HeadCTPreprocessing
 from ctfm_engine.training.data import EpochSampler
 from ctfm_engine.training.model_card import export_model
 from ctfm_engine.training.recipe import (
+    Recipe,
+    TriageData,
     fit,
     read_metrics,
-    recipe_path,
-    section,
     select_training_volumes,
     start_run,
     trainer_for,
@@ -31,7 +32,6 @@ from ctfm_engine.training.recipe import (
 )
 from ctfm_engine.training.triage import (
     HeadCTScans,
-    TriageAugmentation,
     TriageFinetuning,
     TriageRow,
     collate_labelled,
@@ -39,28 +39,21 @@ from ctfm_engine.training.triage import (
     triage_config,
 )
 
-EXPORT_FROM = ("last", "best")
-
 
 def run_triage(
-    recipe: dict[str, Any], resume: str | None = None, accelerator: str | None = None, quiet: bool = False
+    recipe: Recipe, resume: str | None = None, accelerator: str | None = None, quiet: bool = False
 ) -> dict:
     seed, manifest, _ = start_run(recipe)
-    data, model, optim = section(recipe, "data"), section(recipe, "model"), section(recipe, "optim")
-    output, predict = section(recipe, "output"), section(recipe, "predict")
+    data, model, optim, output, predict = recipe.data, recipe.model, recipe.optim, recipe.output, recipe.predict
     preprocessing = head_ct_preprocessing(data)
-    augmentation = _options(TriageAugmentation, section(recipe, "augmentation"), "augmentation",
-                            windows=len(preprocessing.windows))
-    export_from = str(output.get("export_from", "last"))
-    if export_from not in EXPORT_FROM:
-        raise UsageError(f"output.export_from must be one of {EXPORT_FROM}, got {export_from!r}")
+    augmentation = replace(recipe.augmentation, windows=len(preprocessing.windows))
     rows = read_triage_manifest(manifest)
-    train_rows = select_training_volumes(labelled_rows(rows, "train", manifest, required=True), recipe)
+    train_rows = select_training_volumes(labelled_rows(rows, "train", manifest, required=True), data)
     val_rows = labelled_rows(rows, "val", manifest, required=False)
 
-    cache = str(data.get("cache", "memory"))
-    cache_dir = Path(data.get("cache_dir") or Path(output.get("dir", "runs/ctfm")) / "head_ct_cache")
-    batch_size, workers = int(data.get("batch_size", 16)), int(data.get("num_workers", 0))
+    cache = data.cache
+    cache_dir = Path(data.cache_dir or Path(output.dir) / "head_ct_cache")
+    batch_size, workers = data.batch_size, data.num_workers
 
     def scans(selected: list[TriageRow], augment: bool, visits: int = 1) -> HeadCTScans:
         try:
@@ -69,7 +62,7 @@ def run_triage(
         except ValueError as error:
             raise UsageError(f"recipe section 'data': {error}") from None
 
-    train_set = scans(train_rows, augment=True, visits=int(data.get("visits_per_epoch", 1)))
+    train_set = scans(train_rows, augment=True, visits=data.visits_per_epoch)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=EpochSampler(len(train_set), seed),
                         collate_fn=collate_labelled, num_workers=workers)
     validation, callbacks = None, []
@@ -80,27 +73,26 @@ def run_triage(
         if {row.label for row in val_rows} == {0.0, 1.0}:
             from lightning.pytorch.callbacks import ModelCheckpoint
 
-            callbacks.append(ModelCheckpoint(dirpath=Path(output.get("dir", "runs/ctfm")) / "checkpoints",
+            callbacks.append(ModelCheckpoint(dirpath=Path(output.dir) / "checkpoints",
                                              filename="best-auroc", monitor="val/auroc", mode="max", save_top_k=1,
                                              auto_insert_metric_name=False))
     trainer = trainer_for(recipe, accelerator, quiet, callbacks)
-    encoder_weights = model.get("encoder_weights")
-    config = triage_config(int(model.get("init_filters", 32)), preprocessing)
+    config = triage_config(model.init_filters, preprocessing)
     module = TriageFinetuning(
         config,
-        encoder_weights=None if not encoder_weights else str(recipe_path(recipe, encoder_weights)),
-        learning_rate=float(optim.get("learning_rate", 1e-4)),
-        weight_decay=float(optim.get("weight_decay", 1e-5)),
-        warmup_epochs=int(optim.get("warmup_epochs", 0)),
-        warmup_multiplier=float(optim.get("warmup_multiplier", 0.1)),
-        end_learning_rate=float(optim.get("end_learning_rate", 1e-6)),
-        schedule_epochs=int(optim.get("schedule_epochs") or trainer.max_epochs),
-        freeze_encoder_epochs=int(model.get("freeze_encoder_epochs", 0)),
+        encoder_weights=None if not model.encoder_weights else str(recipe.path(model.encoder_weights)),
+        learning_rate=optim.learning_rate,
+        weight_decay=optim.weight_decay,
+        warmup_epochs=optim.warmup_epochs,
+        warmup_multiplier=optim.warmup_multiplier,
+        end_learning_rate=optim.end_learning_rate,
+        schedule_epochs=optim.schedule_epochs or trainer.max_epochs,
+        freeze_encoder_epochs=model.freeze_encoder_epochs,
     )
     fit(trainer, module, loader, resume, validation)
     metrics = read_metrics(trainer)
     selected = "last"
-    if export_from == "best" and callbacks and callbacks[0].best_model_path:
+    if output.export_from == "best" and callbacks and callbacks[0].best_model_path:
         state = torch.load(callbacks[0].best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
         selected = f"best val/auroc ({float(callbacks[0].best_model_score):.4f})"
@@ -108,7 +100,7 @@ def run_triage(
         "command": "finetune",
         "task": "triage",
         "encoder_sha256": module.hparams.encoder_sha256,
-        **training_subset(recipe, train_rows),
+        **training_subset(data, train_rows),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "epoch_losses": [float(row["train/loss_epoch"]) for row in metrics if row.get("train/loss_epoch")],
@@ -117,18 +109,17 @@ def run_triage(
         "preprocessing": preprocessing.describe(),
         "checkpoint": str(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"),
     }
-    if output.get("purpose"):
-        document["purpose"] = str(output["purpose"])
+    if output.purpose:
+        document["purpose"] = output.purpose
     if not trainer.is_global_zero:
         return document
-    threshold = float(predict.get("threshold", 0.5))
-    splits = predict.get("splits")
+    threshold, splits = predict.threshold, predict.splits
     chosen = [row for row in rows if splits is None or row.split in splits]
     module.to(trainer.strategy.root_device)
     predictions = predict_rows(module, scans(chosen, augment=False), threshold, batch_size)
     document.update(threshold=threshold, metrics_by_split=split_metrics(predictions, threshold),
                     unreadable_rows=[item["row"] for item in predictions if item["probability"] is None])
-    if output.get("export"):
+    if output.export:
         # The card gets the summary, not the per-scan list: file names can identify patients.
         document.update(export_model(module.network, config, recipe, [row.entry for row in train_rows], document,
                                      kind="triage"))
@@ -136,13 +127,10 @@ def run_triage(
     return document
 
 
-def head_ct_preprocessing(data: dict[str, Any]) -> HeadCTPreprocessing:
+def head_ct_preprocessing(data: TriageData) -> HeadCTPreprocessing:
     """The recipe's head-CT grid (``data.spacing_zyx_mm``, ``data.spatial_size_zyx``); UsageError when invalid."""
     try:
-        return HeadCTPreprocessing(
-            spacing_zyx_mm=tuple(data.get("spacing_zyx_mm", HEAD_CT_PREPROCESSING.spacing_zyx_mm)),
-            spatial_size_zyx=tuple(data.get("spatial_size_zyx", HEAD_CT_PREPROCESSING.spatial_size_zyx)),
-        )
+        return HeadCTPreprocessing(spacing_zyx_mm=data.spacing_zyx_mm, spatial_size_zyx=data.spatial_size_zyx)
     except (TypeError, ValueError) as error:
         raise UsageError(f"recipe section 'data': {error}") from None
 
@@ -203,10 +191,3 @@ def split_metrics(predictions: list[dict], threshold: float) -> dict[str, dict]:
             "accuracy": float(binary_accuracy(probabilities, labels, threshold=threshold)),
         }
     return report
-
-
-def _options(kind: type, options: dict[str, Any], name: str, **fixed: Any) -> Any:
-    try:
-        return kind(**options, **fixed)
-    except TypeError as error:
-        raise UsageError(f"recipe section {name!r}: {error}") from None

@@ -16,13 +16,11 @@ def run_recipe(command: str, path: str | Path, overrides: list[str] | tuple[str,
                accelerator: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the recipe in ``path`` for ``ctfm pretrain`` or ``ctfm finetune`` (the recipe's task must fit)."""
     recipe = load_recipe(path, overrides)
-    if recipe["task"] not in COMMAND_TASKS[command]:
-        raise UsageError(
-            f"--config {path}: a {recipe['task']!r} recipe; `ctfm {command}` runs {COMMAND_TASKS[command]}"
-        )
-    if recipe["task"] == "pretrain":
+    if recipe.task not in COMMAND_TASKS[command]:
+        raise UsageError(f"--config {path}: a {recipe.task!r} recipe; `ctfm {command}` runs {COMMAND_TASKS[command]}")
+    if recipe.task == "pretrain":
         from ctfm_engine.training.run_pretraining import run_pretraining as run
-    elif recipe["task"] == "triage":
+    elif recipe.task == "triage":
         from ctfm_engine.training.run_triage import run_triage as run
     else:
         from ctfm_engine.training.run_finetuning import run_finetuning as run
