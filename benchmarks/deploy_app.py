@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ctfm_engine.dicom.series import read_dicom_series
+from ctfm_engine.models.segmentation import inference_network
+from ctfm_engine.runtime.backends import TorchBackend
+from ctfm_engine.tasks.segment import open_segmentation_model, segment
 
-from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
-from ctfm_engine.models.segmentation import inference_network  # noqa: E402
-from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
-from ctfm_engine.tasks.segment import open_segmentation_model, segment  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data"
 SERIES = SHARED / "dicom" / "ts_abdomen_20slices_j2k"

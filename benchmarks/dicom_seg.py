@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ctfm_engine.dicom.seg import Algorithm, SegEncoding, read_dicom_seg, write_dicom_seg
+from ctfm_engine.dicom.series import read_dicom_series
+from ctfm_engine.dicom.validate import dciodvfy
+from ctfm_engine.errors import CTFMError
+from ctfm_engine.labels import label_table, totalsegmentator_names
+from ctfm_engine.volume import CTVolume
 
-from ctfm_engine.dicom.seg import Algorithm, SegEncoding, read_dicom_seg, write_dicom_seg  # noqa: E402
-from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
-from ctfm_engine.dicom.validate import dciodvfy  # noqa: E402
-from ctfm_engine.errors import CTFMError  # noqa: E402
-from ctfm_engine.labels import label_table, totalsegmentator_names  # noqa: E402
-from ctfm_engine.volume import CTVolume  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_DICOM = SHARED / "dicom" / "ts_abdomen_20slices_j2k"

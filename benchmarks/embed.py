@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,19 +26,18 @@ import psutil
 import SimpleITK as sitk
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ctfm_engine.models.encoder import (  # noqa: E402
+from ctfm_engine.models.encoder import (
     CTFM_ENCODER_CONFIG,
     DEFAULT_MEMORY_BUDGET_BYTES,
     build_encoder,
     scan_embedding,
 )
-from ctfm_engine.models.registry import load_encoder  # noqa: E402
-from ctfm_engine.preprocess import preprocess  # noqa: E402
-from ctfm_engine.readers import read_volume  # noqa: E402
-from ctfm_engine.volume import CTVolume  # noqa: E402
+from ctfm_engine.models.registry import load_encoder
+from ctfm_engine.preprocess import preprocess
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data"
 REAL_SCANS = [

@@ -34,21 +34,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from embed import PeakMemory, stretched_ct
+
+from ctfm_engine.models.checkpoint import save_checkpoint
+from ctfm_engine.models.encoder import build_encoder, encoder_config
+from ctfm_engine.models.registry import load_encoder
+from ctfm_engine.preprocess import preprocess
+from ctfm_engine.readers import read_volume
+from ctfm_engine.tasks.search import FeatureCache, SearchSettings, SemanticSearch
+from ctfm_engine.training.evaluation import LabelledScan
+from ctfm_engine.volume import CTVolume
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from embed import PeakMemory, stretched_ct  # noqa: E402
-
-from ctfm_engine.models.checkpoint import save_checkpoint  # noqa: E402
-from ctfm_engine.models.encoder import build_encoder, encoder_config  # noqa: E402
-from ctfm_engine.models.registry import load_encoder  # noqa: E402
-from ctfm_engine.preprocess import preprocess  # noqa: E402
-from ctfm_engine.readers import read_volume  # noqa: E402
-from ctfm_engine.tasks.search import FeatureCache, SearchSettings, SemanticSearch  # noqa: E402
-from ctfm_engine.training.evaluation import LabelledScan  # noqa: E402
-from ctfm_engine.volume import CTVolume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 WEIGHTS = ROOT / "ctfm_engine" / "weights" / "ctfm-mini"

@@ -22,22 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ctfm_engine.io import atomic_output
+from ctfm_engine.models.registry import load_encoder
+from ctfm_engine.preprocess import preprocess
+from ctfm_engine.readers import read_volume
+from ctfm_engine.tasks.search import APP_PATCH_MM_ZYX, SearchSettings, SemanticSearch, volume_key
+from ctfm_engine.training.evaluation import LabelledScan
 
-from ctfm_engine.io import atomic_output  # noqa: E402
-from ctfm_engine.models.registry import load_encoder  # noqa: E402
-from ctfm_engine.preprocess import preprocess  # noqa: E402
-from ctfm_engine.readers import read_volume  # noqa: E402
-from ctfm_engine.tasks.search import APP_PATCH_MM_ZYX, SearchSettings, SemanticSearch, volume_key  # noqa: E402
-from ctfm_engine.training.evaluation import LabelledScan  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data"
 LABELLED = {

@@ -32,21 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from embed import PeakMemory, large_ct
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import SegResNetDS
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from embed import PeakMemory, large_ct  # noqa: E402
-from monai.inferers import sliding_window_inference  # noqa: E402
-from monai.networks.nets import SegResNetDS  # noqa: E402
-
-from ctfm_engine.models.checkpoint import save_checkpoint  # noqa: E402
-from ctfm_engine.models.segmentation import inference_network  # noqa: E402
-from ctfm_engine.preprocess import preprocess  # noqa: E402
-from ctfm_engine.readers import read_volume  # noqa: E402
-from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
-from ctfm_engine.tasks.segment import (  # noqa: E402
+from ctfm_engine.models.checkpoint import save_checkpoint
+from ctfm_engine.models.segmentation import inference_network
+from ctfm_engine.preprocess import preprocess
+from ctfm_engine.readers import read_volume
+from ctfm_engine.runtime.backends import TorchBackend
+from ctfm_engine.tasks.segment import (
     PUBLISHED_WHOLE_BODY,
     SegmentationModel,
     open_segmentation_model,
@@ -54,7 +49,9 @@ from ctfm_engine.tasks.segment import (  # noqa: E402
     to_source,
     write_inference_settings,
 )
-from ctfm_engine.volume import CTVolume  # noqa: E402
+from ctfm_engine.volume import CTVolume
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data"
 SHIPPED = ROOT / "ctfm_engine" / "weights" / "ctfm-mini-wholebody-seg"

@@ -19,31 +19,29 @@ Measured with real MRML (the PyPI package ``slicer-core``), the real worker and 
   heatmap.  The blocking reference for this size is the in-process inference time of
   ``benchmarks/segment.py`` (minutes on CPU); ``--blocking-large`` runs it here too.
 
-    .venv/bin/python benchmarks/slicer_ui.py
-    .venv/bin/python benchmarks/slicer_ui.py --blocking-large     # also the in-process segmentation of the large CT
+    PYTHONPATH=SlicerCTFM .venv/bin/python benchmarks/slicer_ui.py
+    PYTHONPATH=SlicerCTFM .venv/bin/python benchmarks/slicer_ui.py --blocking-large  # also in-process, large CT
+
+``PYTHONPATH=SlicerCTFM`` makes the module's ``CTFMLib`` importable (it is not an installed package, as in Slicer,
+which puts the module folder on its path); ``ctfm_engine`` is the installed engine.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import slicer  # from slicer-core, Slicer's Qt-free MRML
+import vtk
+from CTFMLib import jobs, mrml_adapters, session
+from embed import large_ct
+
+from ctfm_engine.readers import read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "SlicerCTFM"))
-
-import slicer  # noqa: E402  (slicer-core)
-import vtk  # noqa: E402
-from CTFMLib import jobs, mrml_adapters, session  # noqa: E402
-from embed import large_ct  # noqa: E402
-
-from ctfm_engine.readers import read_volume  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "ctfm_engine" / "data" / "sample_ct.nii.gz"

@@ -12,23 +12,21 @@ Side by side in one process, on real CT crops (TotalSegmentator_0009, CT-FM prep
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from embed import GiB, PeakMemory
+
+from ctfm_engine.models.encoder import encoder_config
+from ctfm_engine.preprocess import preprocess
+from ctfm_engine.readers import read_volume
+from ctfm_engine.training.augment import CTFM_VIEW_AUGMENTATION
+from ctfm_engine.training.data import random_crops
+from ctfm_engine.training.pretrain import IntraSamplePretraining
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.embed import GiB, PeakMemory  # noqa: E402
-from ctfm_engine.models.encoder import encoder_config  # noqa: E402
-from ctfm_engine.preprocess import preprocess  # noqa: E402
-from ctfm_engine.readers import read_volume  # noqa: E402
-from ctfm_engine.training.augment import CTFM_VIEW_AUGMENTATION  # noqa: E402
-from ctfm_engine.training.data import random_crops  # noqa: E402
-from ctfm_engine.training.pretrain import IntraSamplePretraining  # noqa: E402
 
 SCAN = ROOT.parent / "shared" / "data" / "ct-nifti" / "TotalSegmentator_0009_0000.nii.gz"
 

@@ -105,7 +105,6 @@ def test_deploy_app_loads_the_published_layout_by_repo_id(published_cache, tmp_p
 
 
 def test_slicer_worker_takes_the_published_checkpoint_from_the_policy(use_published, small_ct):
-    sys.path.insert(0, str(REPOSITORY / "SlicerCTFM"))
     jobs = importlib.import_module("CTFMLib.jobs")
     job = jobs.start_segmentation(read_volume(small_ct))  # no weights chosen: the policy finds the published one
     deadline = time.monotonic() + 600

@@ -8,7 +8,6 @@ geometry check reads the same NIfTI with MRML's own storage node and with the en
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from ctfm_engine.volume import CTVolume, Grid
 require_module("slicer_core", "the MRML adapter tests need the PyPI package slicer-core (Qt-free MRML)")
 slicer = importlib.import_module("slicer")
 vtk = importlib.import_module("vtk")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerCTFM"))
 adapters = importlib.import_module("CTFMLib.mrml_adapters")
 
 SMALL_CT = SHARED / "ct-nifti" / "s0335.nii.gz"  # direction diag(-1, -1, 1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER, SHIPPED_SEG, require_module
+from CTFMLib import install, jobs
 
 from ctfm_engine.errors import InputError
 from ctfm_engine.readers import read_volume
@@ -25,8 +26,6 @@ from ctfm_engine.volume import CTVolume, check_hounsfield
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "SlicerCTFM"
-sys.path.insert(0, str(MODULE))
-from CTFMLib import install, jobs  # noqa: E402
 
 BUNDLED_SAMPLE_CT = ROOT / "ctfm_engine" / "data" / "sample_ct.nii.gz"
 MR = SHARED / "negative-controls" / "example_mr_sm.nii.gz"

@@ -5,9 +5,7 @@ search session from a point list to heatmap volumes, overlay and slice views, ac
 from __future__ import annotations
 
 import importlib
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from ctfm_engine.volume import CTVolume
 require_module("slicer_core", "the Slicer session tests need the PyPI package slicer-core (Qt-free MRML)")
 slicer = importlib.import_module("slicer")
 vtk = importlib.import_module("vtk")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerCTFM"))
 adapters = importlib.import_module("CTFMLib.mrml_adapters")
 jobs = importlib.import_module("CTFMLib.jobs")
 session = importlib.import_module("CTFMLib.session")

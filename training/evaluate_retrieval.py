@@ -33,12 +33,9 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ctfm_engine.models.registry import load_encoder  # noqa: E402
-from ctfm_engine.runtime.device import resolve_device  # noqa: E402
-from ctfm_engine.training import paper_evaluation as evaluation  # noqa: E402
+from ctfm_engine.models.registry import load_encoder
+from ctfm_engine.runtime.device import resolve_device
+from ctfm_engine.training import paper_evaluation as evaluation
 
 PROGRAM = "evaluate_retrieval"
 COLUMNS = ("ap_paper", "ap", "hr", "f1_paper", "f1", "precision")

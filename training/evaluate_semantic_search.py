@@ -19,28 +19,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ctfm_engine.io import atomic_output  # noqa: E402
-from ctfm_engine.models.encoder import build_encoder  # noqa: E402
-from ctfm_engine.models.registry import load_encoder  # noqa: E402
-from ctfm_engine.preprocess import Preprocessing, preprocess  # noqa: E402
-from ctfm_engine.tasks.embed import Embedder  # noqa: E402
-from ctfm_engine.tasks.ocd import organ_centroid_distances  # noqa: E402
-from ctfm_engine.tasks.search import SemanticSearch  # noqa: E402
-from ctfm_engine.training.evaluation import (  # noqa: E402
+from ctfm_engine.io import atomic_output
+from ctfm_engine.models.encoder import build_encoder
+from ctfm_engine.models.registry import load_encoder
+from ctfm_engine.preprocess import Preprocessing, preprocess
+from ctfm_engine.tasks.embed import Embedder
+from ctfm_engine.tasks.ocd import organ_centroid_distances
+from ctfm_engine.tasks.search import SemanticSearch
+from ctfm_engine.training.evaluation import (
     LabelledScan,
     TransferResult,
     patch_label_transfer,
     view_matching,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "data"
 NAMES = json.loads((SHARED / "labels" / "label_map_totalsegmentator_v2.json").read_text())["total"]

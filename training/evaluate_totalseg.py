@@ -26,12 +26,9 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ctfm_engine.errors import UsageError  # noqa: E402
-from ctfm_engine.training import paper_evaluation as evaluation  # noqa: E402
-from ctfm_engine.training.metrics import DEFAULT_RESAMPLES  # noqa: E402
+from ctfm_engine.errors import UsageError
+from ctfm_engine.training import paper_evaluation as evaluation
+from ctfm_engine.training.metrics import DEFAULT_RESAMPLES
 
 PROGRAM = "evaluate_totalseg"
 

@@ -28,11 +28,8 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ctfm_engine.training import metrics  # noqa: E402
-from ctfm_engine.training import paper_evaluation as evaluation  # noqa: E402
+from ctfm_engine.training import metrics
+from ctfm_engine.training import paper_evaluation as evaluation
 
 PROGRAM = "evaluate_triage"
 

@@ -16,7 +16,10 @@ is a demonstration checkpoint, not a model.
 
 Run::
 
-    .venv/bin/python SlicerCTFM/Testing/make_figures.py --out SlicerCTFM/Resources/Screenshots
+    PYTHONPATH=SlicerCTFM .venv/bin/python SlicerCTFM/Testing/make_figures.py --out SlicerCTFM/Resources/Screenshots
+
+``PYTHONPATH=SlicerCTFM`` makes the module's ``CTFMLib`` importable, as Slicer does by putting the module folder on
+its path; ``ctfm_engine`` is the installed engine.
 
 It writes ``segmentation.png``, ``triage.png`` and ``search.png`` (each atomically; about 1300 x 760 pixels).
 """
@@ -36,19 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from CTFMLib import jobs
+
+from ctfm_engine.dicom.series import read_dicom_series
+from ctfm_engine.figures import CT_DISPLAY_HU, View, new_figure, orthogonal_views, save_figure
+from ctfm_engine.labels import label_table
+from ctfm_engine.readers import read_volume
+from ctfm_engine.volume import CTVolume
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "SlicerCTFM"
-sys.path.insert(0, str(MODULE))
-sys.path.insert(0, str(ROOT))
-
-from CTFMLib import jobs  # noqa: E402
-
-from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
-from ctfm_engine.figures import CT_DISPLAY_HU, View, new_figure, orthogonal_views, save_figure  # noqa: E402
-from ctfm_engine.labels import label_table  # noqa: E402
-from ctfm_engine.readers import read_volume  # noqa: E402
-from ctfm_engine.volume import CTVolume  # noqa: E402
 
 SHARED = Path(os.environ.get("CTFM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SAMPLE_CT = ROOT / "ctfm_engine" / "data" / "sample_ct.nii.gz"
