@@ -1,9 +1,9 @@
-"""Head-CT preprocessing of CT-FM's triage recipe (facts §2, §4.3) and a cheap report of what the scan looks like.
+"""Head-CT preprocessing of CT-FM's triage recipe and a cheap report of what the scan looks like.
 
 Order as in CT-FM's SinoCT/CQ500 configs: SPL orientation (native spacing) -> foreground crop on raw HU > 0
 (CF-raw) -> trilinear resampling to 5x2x2 mm (z, y, x) -> pad to [48, 128, 128] with the minimum -> centre crop ->
 four HU windows (blood, subdural, stroke, bone), each min-max scaled to [0, 1] and clipped, stacked along S into
-one (192, 128, 128) channel: the windows follow each other along z, not as channels (facts §9 item 16).
+one (192, 128, 128) channel: the windows follow each other along z, not as channels (the paper: "width-wise").
 The report (:class:`HeadCTCheck`) never refuses a scan: the triage command decides what to do with it.
 """
 

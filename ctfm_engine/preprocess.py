@@ -20,7 +20,8 @@ _INTERPOLATORS = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """The parameters of the CT-FM pipeline; the defaults are the pre-training ones (facts §2)."""
+    """The parameters of the CT-FM pipeline; the defaults are the pre-training ones (SPL, 3x1x1 mm,
+    crop to HU > 0, HU window [-1024, 2048] to [0, 1])."""
 
     spacing_zyx_mm: tuple[float, float, float] = (3.0, 1.0, 1.0)
     hu_window: tuple[float, float] = (-1024.0, 2048.0)

@@ -176,7 +176,7 @@ def test_concept_map_pictures_are_pngs_of_the_documented_size(heart_and_abdomen,
 
 
 def notebook_flattening(features: list[np.ndarray]) -> np.ndarray:
-    """The meta-concept notebook's ``torch.stack(maps).view(C, -1).T`` (facts §9 item 12), for contrast only."""
+    """The meta-concept notebook's ``torch.stack(maps).view(C, -1).T``, which mixes the scans, for contrast only."""
     channels = features[0].shape[0]
     return np.stack(features).reshape(channels, -1).T
 

@@ -1,6 +1,6 @@
 """Build the head-CT triage manifest (path,label,split) from local copies of SinoCT and CQ500, with CT-FM's splits.
 
-SinoCT (facts §4.3): patient folders sorted by name, shuffled with Python's ``random.seed(0)``, then cut 0.8/0.1/0.1
+SinoCT: patient folders sorted by name, shuffled with Python's ``random.seed(0)``, then cut 0.8/0.1/0.1
 into train/val/test (7,823/978/978 of 9,779); ``labels.csv`` (columns ``patient_id``, ``label``) gives "1,0" =
 normal (0) and "0,1" = abnormal (1).  Rows are written in the shuffled order, so ``data.train_volumes: k`` with
 ``data.subset_seed: null`` takes the same first k training scans as CT-FM's low-data runs.  CQ500 (split

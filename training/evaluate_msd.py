@@ -10,11 +10,11 @@ Expected local data:
   --predictions DIR   one predicted label map per case, any depth, named after the case (liver_10.nii.gz,
                       liver_10_seg.nii.gz or liver_10/<any>.nii.gz), with the task's own label values.
 Obtain the data from the Medical Segmentation Decathlon (http://medicaldecathlon.com, CC-BY-SA 4.0).  MSD's test
-labels are not public, so the paper's test cases are a held-out part of labelsTr (facts §4.4).
+labels are not public, so the paper's test cases are a held-out part of labelsTr.
 
 Tumour class per task (from each task's dataset.json): Task03_Liver 2, Task07_Pancreas 2, Task08_HepaticVessel 2,
 Task06_Lung 1 -- Task06 labels are 0/1, so the paper notebook's hard-coded index 2 does not apply to it.
-Definitions (deliberate differences from the paper notebook, facts §4.4): Dice is reported over every case where
+Definitions (deliberate differences from the paper notebook): Dice is reported over every case where
 the tumour is in either mask (a predicted tumour in a tumour-free case scores 0) and, as "dice_paper_convention",
 over cases with tumour in the ground truth only; ASD is given both one-directional prediction→ground truth (the
 paper's) and symmetric, over cases with tumour in both masks, and cases with an empty prediction are COUNTED

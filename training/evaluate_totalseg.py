@@ -12,7 +12,8 @@ Expected local data:
                       one binary mask per structure, combined here by the v2 names) or one combined label map
                       per case (s0011.nii.gz).  Only cases with a prediction are evaluated.
 Obtain the dataset from Zenodo (TotalSegmentator dataset, concept DOI 10.5281/zenodo.6802613; v2.0.1 has the 117
-v2 structures); the CT-FM test split is the 248-case VISTA3D fold list (facts §4.1).
+v2 structures); the CT-FM test split is the 248-case VISTA3D fold list
+(VISTA3D's TotalSegmentatorV2_5_folds.json).
 
 Definitions: Dice is NaN (not scored) when a structure is absent from both masks, 0 when it is absent from one;
 ASD (mm, ground-truth spacing) is undefined when either mask is empty and such pairs are counted, not averaged.

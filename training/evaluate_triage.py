@@ -13,7 +13,7 @@ Expected local data:
                       abnormal).  SinoCT is the head-CT dataset of the CT-FM paper (see its data availability).
   --cq500-reads CSV   CQ500 reads.csv (http://headctstudy.qure.ai/dataset): a scan is abnormal when any reader
                       marked any finding (any column but the id, default "name", and "Category" is 1), the
-                      paper's rule (facts §4.3).
+                      paper's rule.
 Definitions: positive call = probability >= --threshold (the paper used round(), i.e. > 0.5; they differ only at
 exactly 0.5).  The Wald interval p ± 1.96·sqrt(p(1-p)/n) is what the paper published for AUC and F1 although
 neither is a binomial proportion; the bootstrap CI (positives and negatives resampled separately) is the one to

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Few-shot whole-body segmentation (ctfm-facts §4.2): fine-tune on k TotalSegmentator training volumes, for
+# Few-shot whole-body segmentation (as CT-FM's fewshot.sh): fine-tune on k TotalSegmentator training volumes, for
 # k in 5 10 20, three subsets each (subset seeds 0 1 2), from the CT-FM encoder and from random initialisation;
 # every run is tested on the manifest's test split (held-out Dice in result.json and the model card).
 #

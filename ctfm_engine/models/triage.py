@@ -1,4 +1,4 @@
-"""The head-CT triage classifier (facts §4.3): CT-FM encoder + average-pool MLP head, one logit for "abnormal".
+"""The head-CT triage classifier: CT-FM encoder + average-pool MLP head, one logit for "abnormal".
 
 Pure PyTorch + MONAI, so inference needs no training extra; :mod:`ctfm_engine.training.triage` fine-tunes it.
 """

@@ -1,4 +1,5 @@
-"""PCA concept map: CT-FM's dense features of CTs, coloured so that similar features look alike (facts §7.2).
+"""PCA concept map: CT-FM's dense features of CTs, coloured so that similar features look alike (the
+CT-FM meta-concept notebook, ``notebooks/semantic-eval/meta_concept_analysis.ipynb``).
 
 1. Each CT is preprocessed as in pre-training (SPL, 3x1x1 mm, crop to the box of voxels above 0 HU, HU window
    [-1024, 2048]) and its last feature map is computed in one fully convolutional pass
@@ -17,7 +18,7 @@
 4. The component maps are resampled linearly onto each source grid (the cell grid is the model grid with 16x
    coarser spacing, centred on each block); background -- HU < -500 or outside the foreground crop -- is black.
 
-Choices where the notebook differs (facts §7.2, §9 item 12):
+Choices where the notebook differs:
 
 * The notebook flattened its two stacked maps with ``view(512, -1).T``, which mixes the scans (a "sample" held
   even channels of both); here each sample is one cell of one scan, and the projections go back to that scan.

@@ -4,7 +4,7 @@ For every structure labelled in both a source and a target scan, the query is th
 source; semantic search (:mod:`ctfm_engine.tasks.search`, either method) returns the best match in the target;
 the OCD is the distance from that match to the structure's centroid in the target, and the match is a *hit* when
 it lies inside the structure (a true mask lookup).  This is the CT-FM paper's semantic-search metric with its
-bugs removed (facts §9 items 10-11): millimetres, not centimetres; "inside" by looking up the label at the match,
+bugs removed: millimetres, not centimetres; "inside" by looking up the label at the match,
 not by comparing coordinates axis by axis; labels resampled nearest-neighbour onto each scan's own grid.
 
 A centroid of a curved structure (a rib, the colon) may lie outside it; the query is still its centroid, as in

@@ -1,6 +1,6 @@
 """Occlusion-based feature deviation (OFD) saliency: which parts of a CT its CT-FM embedding depends on most.
 
-The CT-FM paper's method (facts §7.1), as its script ran it with MONAI ``OcclusionSensitivity``:
+The CT-FM paper's method, as its script ``generate_saliency_maps.py`` ran it with MONAI ``OcclusionSensitivity``:
 
 1. Preprocess with the saliency recipe: SPL, 3x3x3 mm, crop to the box of voxels above 0 HU (CF-raw), HU window
    [-1024, 2048] to [0, 1].  The base embedding is the whole volume's last feature map, average-pooled.
@@ -13,7 +13,7 @@ The CT-FM paper's method (facts §7.1), as its script ran it with MONAI ``Occlus
    choice too); its saliency is 1 - cos(base embedding, that mean): 0 where occluding changes nothing, up to 2.
 4. The map is resampled linearly onto the source grid; voxels outside the foreground crop get 0.
 
-Choices where the paper and its code differ (facts §9 item 15), made here:
+Choices where the paper and its code differ, made here:
 
 * Mask size: the code's 10x10x10 voxels at 3 mm (30 mm) is the default, not the paper's "8x8x8 patches"; both
   are a ``mask_size`` away.  A mask larger than the volume along an axis is cut to the volume there.
@@ -55,7 +55,7 @@ from ctfm_engine.preprocess import ModelInput, Preprocessing, preprocess
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.volume import CTVolume
 
-# The saliency script's preprocessing (facts §7.1): isotropic 3 mm, CF-raw, the CT-FM HU window.
+# The saliency script's preprocessing: isotropic 3 mm, CF-raw, the CT-FM HU window.
 SALIENCY_PREPROCESSING = Preprocessing(spacing_zyx_mm=(3.0, 3.0, 3.0), hu_window=(-1024.0, 2048.0),
                                        foreground_above_hu=0.0)
 DEFAULT_MASK_SIZE = 10

@@ -6,7 +6,7 @@ similarity with the embedding of every window of each target scan.  Both scans g
 have any orientation, spacing and field of view.  Two methods:
 
 ``exact``
-    The reference method of the CT-FM semantic-search app (facts §6.1): slide the patch over the target (default
+    The reference method of the CT-FM semantic-search app: slide the patch over the target (default
     16x64x64 voxels = 48x64x64 mm, overlap 0.625, zero end-padding) and embed every window with the encoder.
     A match is a window centre.
 ``fast``
@@ -18,7 +18,7 @@ have any orientation, spacing and field of view.  Two methods:
     query embedding comes from the source's feature map the same way, so query and targets are embedded alike.
     The best window is refined below the lattice step by a parabola through its neighbours along each axis.
 
-Decisions where the reference app is silent or arbitrary (facts §9 item 11):
+Decisions where the reference app is silent or arbitrary:
 
 * The heatmap is the window similarity as a smooth field: window similarities sit on the lattice of window
   centres, are min-max normalised, linearly interpolated onto the model grid (nearest beyond the outermost
@@ -59,7 +59,7 @@ from ctfm_engine.volume import CTVolume, Grid
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "fast")
-# The reference app's patch: 16x64x64 voxels at 3x1x1 mm (S, P, L), overlap 0.625 (facts §6.1).
+# The reference app's patch: 16x64x64 voxels at 3x1x1 mm (S, P, L), overlap 0.625.
 APP_PATCH_MM_ZYX = (48.0, 64.0, 64.0)
 APP_OVERLAP = 0.625
 # The app smooths its heatmap with monai GaussianSmooth(sigma=5.0), in model voxels.

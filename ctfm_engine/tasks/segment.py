@@ -51,7 +51,7 @@ DEFAULT_ROI_ZYX = (32, 128, 128)
 DEFAULT_OVERLAP = 0.5
 INFERENCE_FILE = "ctfm_inference.json"  # beside config.json: how the model sees CT (never passed to SegResNetDS)
 
-# project-lighter/whole_body_segmentation (facts §2, §4.1): TotalSegmentator "processed" data at 1.5 mm isotropic,
+# project-lighter/whole_body_segmentation: TotalSegmentator "processed" data at 1.5 mm isotropic,
 # SPL, CropForeground on the scaled image (> -1024 HU), window -1024..2048, inferred with 96x160x160 windows at 0.625.
 PUBLISHED_WHOLE_BODY = {
     "spacing_zyx_mm": [1.5, 1.5, 1.5], "hu_window": [-1024.0, 2048.0], "foreground_above_hu": -1024.0,

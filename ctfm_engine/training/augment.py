@@ -1,4 +1,4 @@
-"""The view augmentations of CT-FM pre-training (facts §3.2), driven by an explicit random generator.
+"""The view augmentations of CT-FM pre-training (``intrasample_simclr.yaml``), driven by an explicit random generator.
 
 Every random choice comes from the ``numpy.random.Generator`` passed in, so a sample is a pure function of
 (seed, epoch, index): training resumed from a checkpoint sees exactly the views it would have seen.

@@ -31,7 +31,7 @@ from ctfm_engine.training.augment import CTFM_VIEW_AUGMENTATION, ViewAugmentatio
 from ctfm_engine.training.data import random_crops
 from ctfm_engine.volume import CTVolume
 
-# The reference semantic-search app's window: 16x64x64 voxels at 3x1x1 mm, overlap 0.625 (facts §6.1).
+# The reference semantic-search app's window: 16x64x64 voxels at 3x1x1 mm, overlap 0.625.
 APP_WINDOWS = PatchWindows((16, 64, 64), 0.625)
 
 

@@ -1,4 +1,5 @@
-"""Projection and prediction heads of CT-FM pre-training and its ablations (facts §3.3, §3.6).
+"""Projection and prediction heads of CT-FM pre-training and its ablations (lightly's SimCLR, SimSiam and Barlow
+Twins heads as CT-FM's ``models/frameworks/*.py`` build them).
 
 Each head keeps its layers in ``self.layers`` (an ``nn.Sequential``) so that state-dict keys match lightly's heads,
 which CT-FM uses (raw checkpoints hold ``model.projection_head.layers.{0,2}.*``). As in lightly, a Linear followed by

@@ -1,4 +1,4 @@
-"""Intra-sample self-supervised losses of CT-FM pre-training and its ablations (facts §3.4, §3.6, §9 items 4, 24).
+"""Intra-sample self-supervised losses of CT-FM pre-training and its ablations (CT-FM's ``loss/*.py``).
 
 Every loss takes per-view tensors of shape (B, N, D): B scans, N crops per scan, D features. Each scan's crops form
 a batch of their own, as in CT-FM's ``IntraSampleNTXEntLoss`` and ``IntraSampleWrapper``: negatives and batch
@@ -40,7 +40,7 @@ class IntraSampleNTXent(nn.Module):
 
     ``symmetric=True`` (default) is the paper's formula, (l_{1,2} + l_{2,1}) / 2: each ``view1[b, i]`` is also an
     anchor, with positive ``view0[b, i]`` and the same negatives, and both directions are averaged.
-    ``symmetric=False`` reproduces CT-FM's code, which anchors on view 0 only (facts §9 item 4).
+    ``symmetric=False`` reproduces CT-FM's code, which anchors on view 0 only (the paper's formula is symmetric).
     """
 
     def __init__(self, temperature: float = 0.1, symmetric: bool = True) -> None:
@@ -70,7 +70,8 @@ class IntraSampleNTXent(nn.Module):
 
 
 class IntraSampleSimSiam(nn.Module):
-    """SimSiam loss per scan, with the stop-gradient on the projections (facts §3.6, §9 item 24).
+    """SimSiam loss per scan, with the stop-gradient on the projections (CT-FM's final code
+    bypasses both the prediction head and the stop-gradient; its 2024 code, which the ablations ran, had them).
 
     ``z0``, ``p0``, ``z1``, ``p1`` are (B, N, D) projections and predictions of views 0 and 1; N >= 1. Per scan the
     loss is 1/2 NegCos(p0, sg(z1)) + 1/2 NegCos(p1, sg(z0)), NegCos = minus the mean cosine over the scan's crops

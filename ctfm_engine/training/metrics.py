@@ -1,9 +1,9 @@
 """The CT-FM paper's evaluation metrics, defined as the paper defines them, with its evaluation code's bugs fixed.
 
-Segmentation (facts §4.1, §4.4): Dice per class, average surface distance in mm, macro mean with a bootstrap CI
-over cases, paired Wilcoxon.  Triage (§4.3): AUC-ROC and F1 with the paper's Wald CI and a bootstrap CI.
-Retrieval (§5): AP@k as the paper computed it and as it is usually defined, HR@k, F1@k, P@k and full-ranking AP
-over cosine similarity.  Semantic search (§6.2): the OCD summary in mm over
+Segmentation (TotalSegmentator and MSD tumours): Dice per class, average surface distance in mm, macro mean with a
+bootstrap CI over cases, paired Wilcoxon.  Triage (SinoCT, CQ500): AUC-ROC and F1 with the paper's Wald CI and a
+bootstrap CI.  Retrieval (OrganMNIST3D, 3D-MIR): AP@k as the paper computed it and as it is usually defined, HR@k,
+F1@k, P@k and full-ranking AP over cosine similarity.  Semantic search: the OCD summary in mm over
 :func:`ctfm_engine.tasks.ocd.organ_centroid_distances` results, and the paper's coordinate-wise "inside" test, kept
 only to show how it differs from a mask lookup.  Each deliberate departure from the paper's code is stated in the
 docstring of the function that makes it.
@@ -63,7 +63,7 @@ def macro_mean_ci(
 
     The macro mean is the mean over classes of each class's mean over the cases where it is defined (NaN marks
     an undefined entry, e.g. Dice of a structure absent from both masks); classes never defined are left out.
-    The paper's TotalSegmentator CI came from an aggregation notebook that is lost (facts §0), so its resampling
+    The paper's TotalSegmentator CI came from an aggregation notebook that is lost, so its resampling
     unit is unknown; here cases are resampled, because cases, not labels, are the independent samples: each
     resample recomputes every per-class mean on the resampled cases.  A one-column table gives the ordinary mean
     of a per-case metric with its bootstrap CI (the MSD notebook's 10,000 resamples, percentiles 2.5/97.5).
@@ -100,7 +100,7 @@ def bootstrap_mean_ci(
 ) -> Estimate:
     """Mean of finite per-case values with a percentile bootstrap CI; non-finite values are refused.
 
-    The MSD notebook took means with NaN/inf dropped silently (facts §4.4); here the caller decides what an
+    The MSD notebook took means with NaN/inf dropped silently; here the caller decides what an
     undefined case means and reports it, so a NaN reaching this function is an error.
     """
     array = np.asarray(values, dtype=np.float64)
@@ -112,7 +112,7 @@ def bootstrap_mean_ci(
 
 
 def wald_ci(proportion: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The paper's 95% interval p ± z·sqrt(p(1−p)/n), clipped to [0, 1] (facts §4.3).
+    """The paper's 95% interval p ± z·sqrt(p(1−p)/n) (its head-CT evaluation notebook's), clipped to [0, 1].
 
     The paper applied it to AUC and F1 alike; neither is a binomial proportion of n trials, so this interval
     has no coverage guarantee for them.  It is kept to compare with the published numbers; prefer the bootstrap.
@@ -170,7 +170,7 @@ class Overlap:
         ground truth with an empty prediction scores 0 (a missed structure).  This is MONAI's
         ``ignore_empty=False`` convention except for the both-empty case, which MONAI scores 1 and which is
         undefined here.  The paper's TotalSegmentator metric (``DiceHelper(ignore_empty=True)``) and its MSD
-        notebook instead skip every empty-ground-truth case, which hides false positives (facts §4.1, §4.4).
+        notebook instead skip every empty-ground-truth case, which hides false positives.
         """
         total = self.prediction_voxels + self.ground_truth_voxels
         return float("nan") if total == 0 else 2.0 * self.intersection_voxels / total
@@ -244,7 +244,7 @@ def average_surface_distance(
 
     ``spacing_mm`` is per array axis (for a SimpleITK (z, y, x) array: (sz, sy, sx)).  ``symmetric=True`` is the
     usual ASSD (mean over the surface voxels of both masks of the distance to the other surface);
-    ``symmetric=False`` is the paper's MSD metric, prediction surface → ground-truth surface only (facts §4.4).
+    ``symmetric=False`` is the paper's MSD metric, prediction surface → ground-truth surface only (MONAI's default).
     Returns NaN when either mask is empty: the distance is undefined, and the caller counts such cases (see
     :func:`surface_distance_summary`) instead of dropping them silently as the paper's means did.  MONAI computes
     the distances with scipy (a KD-tree on CPU), which the ``train`` and ``dev`` extras install.
@@ -280,7 +280,7 @@ def surface_distance_summary(
 
     ``statuses`` are :attr:`Overlap.status` values, one per case.  An empty prediction of a present structure is
     the worst possible outcome, yet its ASD is undefined; the paper's ``nanmean`` silently left such cases out
-    of the mean (facts §4.4, §9 item 22), rewarding a model for missing a tumour entirely.  They are reported
+    of the mean, rewarding a model for missing a tumour entirely.  They are reported
     here as ``empty_prediction`` so a reader sees how many cases the mean does not cover.
     """
     distances = np.asarray(distances, dtype=np.float64)
@@ -351,7 +351,7 @@ def confusion_at_threshold(
 ) -> ConfusionCounts:
     """Counts when a case is called positive at ``probability >= threshold``.
 
-    The paper thresholded with Python ``round()`` (facts §4.3), which is ``> 0.5`` with round-half-to-even; the
+    The paper thresholded with Python ``round()``, which is ``> 0.5`` with round-half-to-even; the
     two differ only for a probability of exactly 0.5.
     """
     positive, probabilities = _binary(labels, probabilities)
@@ -430,7 +430,7 @@ def cosine_similarity(queries: np.ndarray, corpus: np.ndarray) -> np.ndarray:
     """(Q, N) cosine similarities between query and corpus embeddings (rows are vectors).
 
     The paper says cosine; its OrganMNIST3D notebook ranked by Euclidean distance of unnormalised embeddings
-    (facts §5.1, §9 item 13), which lets the embedding norm decide neighbours.  Cosine is used here for both
+    (``np.linalg.norm(query - train)``), which lets the embedding norm decide neighbours.  Cosine is used here for both
     OrganMNIST3D and 3D-MIR (whose notebook did use cosine).
     """
     queries, corpus = np.asarray(queries, dtype=np.float64), np.asarray(corpus, dtype=np.float64)
@@ -463,8 +463,8 @@ def ap_at_k_paper(relevance: np.ndarray, k: int) -> np.ndarray:
     """Per-query AP@k as the CT-FM notebooks computed it: sum of precision at each hit in the top k, divided by the
     number of hits in the top k (0 when there is none).
 
-    This is the OrganMNIST3D notebook's AP@k (facts §5.1) and equals the 3D-MIR notebook's per-query AP (sklearn
-    ``average_precision_score`` on the top-10 list with scores 10…1, facts §5.2).  Dividing by hits instead of
+    This is the OrganMNIST3D notebook's AP@k and equals the 3D-MIR notebook's per-query AP (sklearn
+    ``average_precision_score`` on the top-10 list with scores 10…1).  Dividing by hits instead of
     by the number of relevant items makes a single hit at rank 1 score 1.0 whatever follows it, so this is an
     upper bound of :func:`ap_at_k`; kept to compare with the published numbers.
     """
@@ -569,7 +569,7 @@ def summarise_retrieval(per_query: Mapping[str, np.ndarray]) -> dict:
 
 
 def paper_inside_label(point_zyx: Sequence[int], mask: np.ndarray) -> bool:
-    """The OCD script's "matched patch inside the heart" test, reproduced only to show its bug (facts §6.2, §9).
+    """The OCD script's "matched patch inside the heart" test, reproduced only to show its bug.
 
     ``torch.tensor(point) in argwhere(mask)`` compares the point with every mask voxel coordinate by coordinate
     and is true when ANY single coordinate equals that of some mask voxel in the same axis, so a point far

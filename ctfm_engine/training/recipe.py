@@ -511,7 +511,7 @@ def select_training_volumes(entries: Sequence[T], data: SegmentationData | Triag
     """The few-shot subset of the training scans: ``data.train_volumes`` (k) of them, chosen by ``data.subset_seed``.
 
     ``subset_seed: null`` keeps the first k rows in manifest order, as CT-FM's few-shot runs did (the first rows
-    of TotalSegmentator's ``meta.csv``, unshuffled; facts §4.2).  A whole-number seed takes the first k of a
+    of TotalSegmentator's ``meta.csv``, unshuffled).  A whole-number seed takes the first k of a
     seeded permutation (kept in manifest order), so for one seed the 5 scans are among the 10 and those among the
     20.  Without ``train_volumes`` every scan is kept.  UsageError when k is not in 1..len(entries).
     """

@@ -1,4 +1,4 @@
-"""Whole-body segmentation fine-tuning (facts §4.1): SegResNetDS with the CT-FM encoder, deep-supervised Dice+CE.
+"""Whole-body segmentation fine-tuning: SegResNetDS with the CT-FM encoder, deep-supervised Dice+CE.
 
 Patches are centred on a voxel of a uniformly chosen present foreground class (MONAI RandCropByLabelClasses with
 ratios [0] + [1] * classes); validation runs Gaussian-blended sliding-window inference on whole held-out scans

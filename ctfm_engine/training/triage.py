@@ -1,4 +1,4 @@
-"""Head-CT triage fine-tuning (facts §4.3) of :class:`~ctfm_engine.models.triage.TriageClassifier` (re-exported here).
+"""Head-CT triage fine-tuning of :class:`~ctfm_engine.models.triage.TriageClassifier` (re-exported here).
 
 The input is the head-CT preprocessing of :mod:`ctfm_engine.head_ct` (four HU windows stacked along z).  A scan's
 randomness (the train-time RandAffine) is seeded by (seed, epoch, index), so a resumed run sees what the
@@ -184,8 +184,8 @@ class TriageFinetuning(L.LightningModule):
     """The classifier, encoder optionally from a CT-FM encoder checkpoint; BCE-with-logits, AdamW, warm-up cosine.
 
     With ``freeze_encoder_epochs`` > 0 the encoder takes no gradient steps and keeps its BatchNorm statistics
-    (eval mode) for that many epochs (CT-FM's Freezer leaves BN statistics updating; facts §9 item 23).  Under DDP
-    a frozen phase needs ``strategy: ddp_find_unused_parameters_true``.  Validation logs ``val/loss`` and
+    (eval mode) for that many epochs (CT-FM's Freezer stopped only the gradients: BN statistics kept updating).
+    Under DDP a frozen phase needs ``strategy: ddp_find_unused_parameters_true``.  Validation logs ``val/loss`` and
     ``val/auroc`` (NaN while the validation scans hold only one class).
     """
 
