@@ -64,12 +64,6 @@ class HeadCTPreprocessing:
             raise ValueError("every HU window needs low < high")
 
     @property
-    def input_shape_zyx(self) -> tuple[int, int, int]:
-        """The network input: the windows stacked along z."""
-        depth, height, width = self.spatial_size_zyx
-        return (depth * len(self.windows), height, width)
-
-    @property
     def field_of_view_mm(self) -> tuple[float, float, float]:
         return tuple(n * s for n, s in zip(self.spatial_size_zyx, self.spacing_zyx_mm, strict=True))  # type: ignore[return-value]
 

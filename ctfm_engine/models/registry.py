@@ -56,11 +56,6 @@ TRIAGE = ModelKind("triage", "CTFM_TRIAGE_WEIGHTS", None, "triage", None)
 TRIAGE_RECIPE = "training/finetune_triage_sinoct_paper.yaml"
 
 DEFAULT_ENCODER_REPO = ENCODER.published_repo
-PUBLISHED_REPOS = (
-    "project-lighter/ct_fm_feature_extractor",
-    "project-lighter/ct_fm_segresnet",
-    "project-lighter/whole_body_segmentation",
-)
 
 
 def bundled_weights(name: str) -> Path | None:

@@ -69,10 +69,6 @@ class TransferResult:
     queries: int
     chance: float
 
-    @property
-    def accuracy(self) -> float:
-        return self.hits / max(self.queries, 1)
-
 
 def patch_label_transfer(
     embedder: Embedder,
