@@ -40,12 +40,13 @@ log = logging.getLogger("deploy_app")
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    from deploy_app.app import DEFAULT_RULES, ENCODINGS
+    from ctfm_engine.pipelines.segmentation import SEG_ENCODINGS
+    from deploy_app.app import DEFAULT_RULES
 
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m deploy_app", add_help=False)
     parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("--encoding", choices=ENCODINGS, default=env("CTFM_SEG_ENCODING") or "binary")
+    parser.add_argument("--encoding", choices=SEG_ENCODINGS, default=env("CTFM_SEG_ENCODING") or "binary")
     parser.add_argument("-m", "--model", default=env("HOLOSCAN_MODEL_PATH") or None)
     parser.add_argument("--triage-model", default=env("CTFM_TRIAGE_MODEL") or None)
     parser.add_argument("--triage-accept-partial", action="store_true",
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options, rest = parse(argv)
     if options.help:
         print(__doc__)
-        print("MONAI Deploy SDK options: -i INPUT -o OUTPUT -m MODEL -w WORKDIR -l LOG_LEVEL")
+        print("MONAI Deploy SDK options: -i INPUT -o OUTPUT -w WORKDIR -l LOG_LEVEL")
         return 0
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "ERROR")
     from monai.deploy.core import Application

@@ -27,7 +27,6 @@ from deploy_app.operators import (
 APP_NAME = "ctfm-ct-segmentation"
 APP_DIR = Path(__file__).resolve().parent
 DEFAULT_RULES = APP_DIR / "selection_rules.json"
-ENCODINGS = ("binary", "binary-j2k", "labelmap", "labelmap-rle", "labelmap-jpegls")
 
 
 @dataclass(frozen=True)
