@@ -13,7 +13,7 @@ from conftest import SAMPLE_CT, SHARED, WEIGHTS, run_cli
 from monai.visualize import OcclusionSensitivity
 from PIL import Image
 
-from ctfm_engine.cli import _write_together
+from ctfm_engine.cli.common import write_together
 from ctfm_engine.errors import InputError
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import preprocess
@@ -290,5 +290,5 @@ def test_a_failed_second_output_removes_the_first(tmp_path):
         return path
 
     with pytest.raises(KeyboardInterrupt):
-        _write_together([(write_text, tmp_path / "a.nii.gz"), (interrupted, tmp_path / "a.png")])
+        write_together([(write_text, tmp_path / "a.nii.gz"), (interrupted, tmp_path / "a.png")])
     assert list(tmp_path.iterdir()) == []

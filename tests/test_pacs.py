@@ -16,9 +16,9 @@ import pytest
 from conftest import SHARED, run_cli
 from orthanc import Orthanc, running_orthanc
 
+from ctfm_engine.cli.pacs import human_lines
 from ctfm_engine.dicom.outbox import Outbox
 from ctfm_engine.dicom.pacs import DicomWebAddress, DimseAddress, RetryPolicy, parse_address
-from ctfm_engine.dicom.pacs_cli import human_lines
 from ctfm_engine.errors import UsageError
 
 HEAD = SHARED / "dicom" / "slicer_head_64x64"

@@ -69,6 +69,7 @@ def test_build_indexes_every_ct_and_skips_the_mr_by_name_not_path(built):
     folder, result, logs = built
     document = result.document
     assert document["command"] == "index build" and document["weights"]["name"] == "ctfm-mini"
+    assert document["weights"]["demonstration"] is True  # the bundled ctfm-mini
     assert (document["added"], document["already_indexed"], document["entries"]) == (3, 0, 3)
     [skipped] = document["skipped"]
     assert skipped["id"] == "mr" and skipped["line"] == 3 and "Hounsfield" in skipped["reason"]
@@ -79,7 +80,9 @@ def test_build_indexes_every_ct_and_skips_the_mr_by_name_not_path(built):
         assert index.ids == CT_IDS and index.dimension == 128
         assert index.entry("head").series_instance_uid  # the DICOM series records its SeriesInstanceUID
         assert index.entry("pelvis").source == str(PELVIS)
-        assert index.provenance.weights == document["weights"] and index.provenance.level == "scan"
+        # the index keeps name and sha256; whether they are a demonstration model follows from the sha256
+        assert index.provenance.weights == {key: document["weights"][key] for key in ("name", "sha256")}
+        assert index.provenance.level == "scan"
 
 
 def test_a_scan_queried_against_the_index_finds_itself_first(built):
@@ -118,6 +121,7 @@ def test_query_by_id_leaves_the_entry_out_and_by_embedding_file_finds_its_scan(b
     by_id = run_cli("index", "query", built[0], "--id", "head", "--json")
     assert by_id.code == 0, by_id.stderr
     assert {match["id"] for match in by_id.document["matches"]} == set(CT_IDS) - {"head"}
+    assert by_id.document["weights"] == built[1].document["weights"]  # the index's, with the demonstration flag
     embedded = tmp_path / "heart.npz"
     assert run_cli("embed", HEART, "--weights", MINI, "--out", embedded, "-q").code == 0
     by_file = run_cli("index", "query", built[0], "--embedding", embedded, "--json")

@@ -8,6 +8,7 @@ there (the only step that needs a network).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,15 @@ def describe_weights(weights: str | Path | None = None, kind: str = "encoder") -
     checkpoint = read_checkpoint(resolve_weights(weights, model_kind(kind)))
     announce(checkpoint)
     return CheckpointDescription(checkpoint)
+
+
+def weights_record(weights: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``{"name", "sha256", "demonstration"}`` of a stored weights record that may lack the flag (a scan index's
+    provenance keeps name and sha256): a bundled demonstration model is recognised by its sha256."""
+    if weights is None:
+        return None
+    return {"name": weights["name"], "sha256": weights["sha256"],
+            "demonstration": weights["sha256"] in demonstration_sha256s()}
 
 
 def pull_checkpoint(repo_id: str, revision: str | None = None) -> CheckpointDescription:

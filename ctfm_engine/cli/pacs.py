@@ -29,7 +29,7 @@ URL_HELP = "http(s)://HOST:PORT/dicom-web (DICOMweb) or dicom://CALLED_AET@HOST:
 MAX_RETRY_DELAY_S = 8.0
 
 
-def add_pacs_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.ArgumentParser) -> None:
     """Add ``ctfm pacs`` and its actions to the ``ctfm`` subcommands."""
     pacs = commands.add_parser("pacs", help="send results to a PACS and fetch series from it (DICOMweb or DIMSE)")
     actions = pacs.add_subparsers(dest="pacs_command", required=True, metavar="ACTION")
@@ -87,7 +87,7 @@ def add_pacs_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                         help="with --send: only entries whose back-off time has come (for schedulers)")
 
 
-def run_pacs(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one ``ctfm pacs`` action; the ``--json`` document.
 
     Raises
