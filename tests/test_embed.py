@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -9,8 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SAMPLE_CT, SHARED, TS_DICOM, require, run_cli
+from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER, TS_DICOM, require, run_cli
 
+from ctfm_engine.cli import embed as embed_command
 from ctfm_engine.readers import read_volume
 
 HEART_CT = SHARED / "ct-nifti" / "s0335.nii.gz"
@@ -27,7 +29,8 @@ def test_embed_prints_the_documented_json_and_writes_npz_with_provenance(tmp_pat
     assert result.code == 0, result.stderr
     document = result.document
     sha = document["weights"]["sha256"]
-    assert document["weights"] == {"name": "ctfm-narrow-test", "sha256": sha} and len(sha) == 64
+    assert document["weights"] == {"name": "ctfm-narrow-test", "sha256": sha, "demonstration": False}
+    assert len(sha) == 64
     [item] = document["results"]
     assert item["input"] == str(SAMPLE_CT) and len(item["embedding"]) == 128  # 16 x init_filters 8
     with np.load(out) as saved:
@@ -137,3 +140,16 @@ def test_cuda_request_without_a_gpu_is_a_clear_usage_error(narrow_weights):
         pytest.skip("this machine has a CUDA GPU")
     result = run_cli("embed", SAMPLE_CT, "--weights", narrow_weights, "--device", "cuda")
     assert result.code == 2 and "no CUDA GPU" in result.stderr
+
+
+def test_embed_without_weights_uses_the_demonstration_model_and_says_so():
+    """No --weights, no CTFM_WEIGHTS, an empty cache: the bundled ctfm-mini runs, flagged and announced even with -q."""
+    result = run_cli("embed", SAMPLE_CT, "--json", "-q")
+    assert result.code == 0, result.stderr
+    weights = result.document["weights"]
+    shipped = hashlib.sha256((SHIPPED_ENCODER / "model.safetensors").read_bytes()).hexdigest()
+    assert weights == {"name": "ctfm-mini", "sha256": shipped, "demonstration": True}
+    assert len(result.document["results"][0]["embedding"]) == 128
+    assert result.stderr.splitlines() == ["ctfm: demonstration model ctfm-mini, not CT-FM, not for clinical use"]
+    assert embed_command.human_lines(result.document)[0] == (
+        f"weights: ctfm-mini (sha256 {shipped}) [demonstration model: not CT-FM, not for clinical use]")

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_CT, randomise_batchnorm, require_module, run_cli
+from conftest import SAMPLE_CT, SHIPPED_ENCODER, randomise_batchnorm, require_module, run_cli
 from safetensors.torch import load_file, save_file
 
 from ctfm_engine.errors import ModelError
@@ -141,8 +141,7 @@ def test_exact_slab_forward_equals_whole_volume_forward_on_real_ct(narrow_weight
 
 def test_weights_resolve_from_option_then_environment_then_caches(tmp_path, narrow_weights, monkeypatch,
                                                                   isolated_cache):
-    with pytest.raises(ModelError, match="no CT-FM weights found.*--weights.*CTFM_WEIGHTS.*ctfm weights pull"):
-        resolve_weights(None)
+    assert resolve_weights(None) == SHIPPED_ENCODER  # nothing given or cached: the bundled demonstration model
     monkeypatch.setenv("CTFM_WEIGHTS", str(narrow_weights))
     assert resolve_weights(None) == narrow_weights
     assert resolve_weights(tmp_path) == tmp_path  # an explicit folder wins over the environment
@@ -172,3 +171,23 @@ def test_weights_info_reports_identity(narrow_weights):
     assert document["config"] == encoder_config(8)
     assert document["weights"]["sha256"] == hashlib.sha256(
         (narrow_weights / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_weights_info_describes_what_each_task_would_use_and_announces_a_demonstration_model(isolated_cache):
+    result = run_cli("weights", "info", "--json", "-q")  # the encoder `ctfm embed` would use
+    assert result.code == 0, result.stderr
+    assert result.document["folder"] == str(SHIPPED_ENCODER)
+    assert result.document["weights"] == {**read_checkpoint(SHIPPED_ENCODER).identity, "demonstration": True}
+    assert result.stderr.splitlines() == ["ctfm: demonstration model ctfm-mini, not CT-FM, not for clinical use"]
+    segmentation = run_cli("weights", "info", "--kind", "segmentation", "--json", "-q")
+    assert segmentation.document["weights"]["name"] == "ctfm-mini-wholebody-seg"
+    triage = run_cli("weights", "info", "--kind", "triage", "--json")
+    assert triage.code == 4 and "ctfm finetune" in triage.document["error"]["message"]
+
+
+def test_weights_list_shows_the_checkpoints_in_the_cache(narrow_weights, isolated_cache):
+    assert run_cli("weights", "list", "--json").document["folders"] == []
+    shutil.copytree(narrow_weights, cached_repo_folder("project-lighter/ct_fm_feature_extractor"))
+    result = run_cli("weights", "list")
+    assert result.code == 0 and result.stdout.splitlines() == [
+        str(isolated_cache / "models" / "project-lighter--ct_fm_feature_extractor")]

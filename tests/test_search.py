@@ -15,6 +15,7 @@ from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, SHIPPED_ENCODER, TS_DICOM
 from monai.inferers import SlidingWindowSplitter
 
 from ctfm_engine.errors import InputError, UsageError
+from ctfm_engine.models.checkpoint import read_checkpoint
 from ctfm_engine.models.registry import load_encoder
 from ctfm_engine.preprocess import preprocess, resample
 from ctfm_engine.progress import Cancelled
@@ -354,3 +355,17 @@ def test_ocd_refuses_a_ct_image_given_as_labels(tmp_path):
                      "--figure", tmp_path / "ocd.png")
     assert result.code == 3 and "not a label map" in result.stderr and str(SAMPLE_CT) in result.stderr
     assert not (tmp_path / "ocd.png").exists()
+
+
+def test_search_without_weights_uses_the_demonstration_model_and_says_so(sample):
+    """No --weights, no CTFM_WEIGHTS, an empty cache: the bundled ctfm-mini searches, flagged and announced even
+    with -q."""
+    point = [f"{v:.2f}" for v in sample.centroid_lps(LIVER)]
+    result = run_cli("search", "--source", SAMPLE_CT, "--point", *point, "--target", SAMPLE_CT, "--top-k", "1",
+                     "--json", "-q")
+    assert result.code == 0, result.stderr
+    shipped = read_checkpoint(SHIPPED_ENCODER).sha256
+    assert result.document["weights"] == {"name": "ctfm-mini", "sha256": shipped, "demonstration": True}
+    [target] = result.document["targets"]
+    assert sample.label_at(np.array(target["matches"][0]["point_lps"])) == LIVER  # searched in itself: the liver
+    assert result.stderr.splitlines() == ["ctfm: demonstration model ctfm-mini, not CT-FM, not for clinical use"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -99,12 +100,30 @@ def test_segment_writes_labels_on_the_source_grid_and_finds_the_liver(shipped_ru
     liver, expected = labels == 5, silver == 5
     dice = 2 * np.sum(liver & expected) / (np.sum(liver) + np.sum(expected))
     assert dice > 0.5  # a weak demonstration model, but it has learnt where the liver is (on the source grid)
-    assert document["weights"]["sha256"].startswith("39087ead")
+    assert document["weights"]["sha256"].startswith("39087ead") and document["weights"]["demonstration"] is True
     assert document["model"]["settings"] == "checkpoint" and document["model"]["roi_size_zyx"] == [32, 128, 128]
     rows = {row["value"]: row for row in document["labels"]}
     assert rows[5]["name"] == "liver" and rows[5]["voxels"] == int(liver.sum())
     assert rows[5]["volume_ml"] == pytest.approx(liver.sum() * 27 / 1000, abs=0.01)
     assert rows[5]["snomed"]["type"] == {"scheme": "SCT", "value": "10200004", "meaning": "Liver"}
+
+
+def test_segment_resolves_a_hub_repo_id_through_the_cache(shipped_run, isolated_cache, tmp_path):
+    repo = "project-lighter/whole_body_segmentation"
+    missing = run_cli("segment", SAMPLE_CT, "--out", tmp_path / "none.nii.gz", "--model", repo, "--json", "-q")
+    assert missing.code == 4 and f"ctfm weights pull {repo}" in missing.document["error"]["message"]
+    shutil.copytree(SHIPPED_SEG, isolated_cache / "models" / "project-lighter--whole_body_segmentation")  # as pulled
+    result = run_cli("segment", SAMPLE_CT, "--out", tmp_path / "labels.nii.gz", "--model", repo, "--json", "-q",
+                     *FAST)
+    assert result.code == 0, result.stderr
+    document, written, _ = shipped_run
+    # a copy of the demonstration model is still one: recognised by its sha256, and announced
+    assert result.document["weights"] == {"name": repo, "sha256": document["weights"]["sha256"],
+                                          "demonstration": True}
+    assert result.stderr.splitlines() == [f"ctfm: demonstration model {repo}, not CT-FM, not for clinical use"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels.nii.gz"))),
+                                  sitk.GetArrayFromImage(written))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["labels.nii.gz"]
 
 
 def test_volume_table_lists_every_structure_with_codes_and_colour(shipped_run):

@@ -67,7 +67,7 @@ def test_a_real_head_ct_gets_the_sigmoid_of_the_networks_logit(triage_model):
     assert document["threshold"] == 0.5 and document["threshold_source"] == "default"
     assert document["decision"] == ("abnormal" if probability >= 0.5 else "normal")
     weights_sha256 = hashlib.sha256((triage_model / "model.safetensors").read_bytes()).hexdigest()
-    assert document["weights"] == {"name": "model", "sha256": weights_sha256}
+    assert document["weights"] == {"name": "model", "sha256": weights_sha256, "demonstration": False}
     assert document["backend"] == "torch:cpu" and document["device"] == "cpu"
     checks = document["checks"]
     assert checks["looks_like_head"] and checks["reasons"] == [] and checks["modality"] == "CT"
@@ -159,6 +159,17 @@ def test_a_partial_head_is_refused_unless_accepted(triage_model):
     accepted = triage_json(PARTIAL_HEAD, "--model", triage_model, "--accept-partial")
     assert accepted["probability"] == pytest.approx(independent_probability(triage_model, PARTIAL_HEAD), abs=1e-6)
     assert any("covers 56 mm along S" in note for note in accepted["checks"]["notes"])
+
+
+def test_triage_partial_head_refusal_names_the_cli_flag():
+    """The engine says what is wrong (a partial head); the command line adds its own remedy: the flag to pass.  The
+    scan is judged before any model is looked for, so no triage model is needed here."""
+    result = run_cli("triage", PARTIAL_HEAD, "--json")
+    assert result.code == 3, result.stderr
+    message = result.document["error"]["message"]
+    assert message.startswith(f"{PARTIAL_HEAD}: covers only 56 mm along S")
+    assert message.endswith("give the full head series; pass --accept-partial to judge it anyway")
+    assert result.stderr.splitlines()[-1] == f"ctfm: error: {message}"
 
 
 def test_a_cranium_outside_the_models_field_of_view_is_refused():
