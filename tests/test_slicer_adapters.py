@@ -17,7 +17,7 @@ from conftest import SAMPLE_CT, SAMPLE_LABELS, SHARED, TS_DICOM, require_module
 
 from ctfm_engine.labels import label_table, totalsegmentator_names
 from ctfm_engine.readers import read_volume
-from ctfm_engine.volume import CTVolume, Grid
+from ctfm_engine.volume import CTVolume, DicomReferences, Grid
 
 require_module("slicer_core", "the MRML adapter tests need the PyPI package slicer-core (Qt-free MRML)")
 slicer = importlib.import_module("slicer")
@@ -116,7 +116,7 @@ def test_ctvolume_round_trips_through_a_volume_node(scene, path: Path) -> None:
     assert np.allclose(back.direction, volume.direction, atol=1e-9)
     indices = _sample_indices(volume.shape_zyx)
     assert np.allclose(_node_ijk_to_lps(node, indices), volume.zyx_index_to_lps(indices), atol=1e-6)
-    assert back.source == "ct" and back.dicom == {}
+    assert back.source == "ct" and back.dicom == DicomReferences()
 
 
 def test_int16_ct_travels_to_a_worker_at_half_the_size_and_arrives_as_the_same_float32_voxels(scene, tmp_path):
@@ -223,20 +223,20 @@ def test_dicom_instance_uids_of_a_slicer_dicom_volume_are_kept(scene) -> None:
     volume = read_volume(TS_DICOM)
     node = adapters.ctvolume_to_volume_node(volume, scene, "series")
     # What Slicer's DICOM scalar volume plugin records on a volume it loads from the database.
-    node.SetAttribute("DICOM.instanceUIDs", " ".join(volume.dicom["sop_instance_uids"]))
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(volume.dicom.sop_instance_uids))
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     study = hierarchy.CreateStudyItem(hierarchy.GetSceneItemID(), "study")
-    hierarchy.SetItemUID(hierarchy.CreateItem(study, node), "DICOM", volume.dicom["series_instance_uid"])
+    hierarchy.SetItemUID(hierarchy.CreateItem(study, node), "DICOM", volume.dicom.series_instance_uid)
     back = adapters.volume_node_to_ctvolume(node)
-    assert back.dicom["sop_instance_uids"] == volume.dicom["sop_instance_uids"]
-    assert back.series_instance_uid == volume.dicom["series_instance_uid"]
+    assert back.dicom.sop_instance_uids == volume.dicom.sop_instance_uids
+    assert back.series_instance_uid == volume.dicom.series_instance_uid
     assert back.grid.matches(volume.grid, tolerance_mm=1e-4)
 
 
 def test_segmentation_of_a_dicom_volume_references_its_source_instances(scene) -> None:
     volume = read_volume(TS_DICOM)
     node = adapters.ctvolume_to_volume_node(volume, scene, "series")
-    uids = " ".join(volume.dicom["sop_instance_uids"])
+    uids = " ".join(volume.dicom.sop_instance_uids)
     node.SetAttribute("DICOM.instanceUIDs", uids)
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     study = hierarchy.CreateStudyItem(hierarchy.GetSceneItemID(), "study")
@@ -248,7 +248,8 @@ def test_segmentation_of_a_dicom_volume_references_its_source_instances(scene) -
     item = hierarchy.GetItemByDataNode(segmentation)
     assert hierarchy.GetItemParent(item) == study
     # what Slicer's DICOMSegmentationPlugin.examineForExport reads to find the source images in the database
-    assert hierarchy.GetItemAttribute(item, "DICOM.ReferencedInstanceUIDs").split() == volume.dicom["sop_instance_uids"]
+    referenced = hierarchy.GetItemAttribute(item, "DICOM.ReferencedInstanceUIDs").split()
+    assert referenced == list(volume.dicom.sop_instance_uids)
     nifti = adapters.ctvolume_to_volume_node(volume, scene, "nifti")  # the same voxels, not from the database
     hierarchy.CreateItem(study, nifti)
     plain = adapters.labels_to_segmentation_node(labels, nifti, table, scene)
