@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import logging
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import SimpleITK as sitk
 from ctfm_engine.io import atomic_output
 from ctfm_engine.pipelines import EmbeddingRequest, SegmentationRequest, open_encoder, run_embedding, run_segmentation
 from ctfm_engine.pipelines.embedding import ModelInput
+from ctfm_engine.pipelines.inputs import sample_ct_path
 from ctfm_engine.pipelines.segmentation import SegmentationOutcome
 from ctfm_engine.readers import read_volume
 from ctfm_engine.volume import CTVolume
@@ -30,10 +30,6 @@ from ctfm_engine.volume import CTVolume
 log = logging.getLogger("ctfm")
 
 DEMONSTRATION_MARK = "  [demonstration model: not CT-FM, not for clinical use]"
-
-
-def sample_ct_path() -> Path:
-    return Path(str(resources.files("ctfm_engine") / "data" / "sample_ct.nii.gz"))
 
 
 def _weights_line(label: str, weights: dict) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 from ctfm_engine.errors import UsageError
 from ctfm_engine.models.checkpoint import Checkpoint, read_checkpoint
 from ctfm_engine.models.registry import resolve_weights
-from ctfm_engine.pipelines.inputs import Scan, as_source, read_scan, scan_name
+from ctfm_engine.pipelines.inputs import Scan, as_source, read_scan, sample_ct_path, scan_name
 from ctfm_engine.runtime.onnx_export import (
     DEFAULT_TOLERANCE,
     OPSET,
@@ -37,7 +37,6 @@ from ctfm_engine.runtime.onnx_export import (
 log = logging.getLogger("ctfm_engine.export")
 
 # The real CT an export is validated on unless another is given (an abdominal CT shipped with the package).
-BUNDLED_SAMPLE_CT = Path(__file__).resolve().parents[1] / "data" / "sample_ct.nii.gz"
 # The validation window of an encoder export, in model voxels (segmentation uses its checkpoint's window).
 ENCODER_CHECK_WINDOW = (32, 128, 128)
 
@@ -105,7 +104,7 @@ class ExportOutcome:
 def run_export(request: ExportRequest) -> ExportOutcome:
     """Export and validate; settings and the validation CT are checked before the checkpoint is read."""
     request.check()
-    check_input = request.check_input if request.check_input is not None else BUNDLED_SAMPLE_CT
+    check_input = request.check_input if request.check_input is not None else sample_ct_path()
     volume = read_scan(as_source(check_input, request.series_uid, request.hu_offset))
     checkpoint = read_checkpoint(resolve_weights(request.weights))
     task = checkpoint_task(checkpoint) if request.task == "auto" else request.task

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from ctfm_engine.readers import read_volume
 from ctfm_engine.volume import CTVolume
+
+
+def sample_ct_path() -> Path:
+    """The bundled sample CT (TotalSegmentator's example, 30 x 101 x 122 voxels of 3 mm) the demo and the export's
+    validation use."""
+    return Path(str(resources.files("ctfm_engine") / "data" / "sample_ct.nii.gz"))
+
 
 # Volumes read for validation are kept for the run below this many voxels in total, else read again.
 KEEP_VALIDATED_VOXELS = 300_000_000

@@ -30,7 +30,7 @@ import numpy as np
 
 from ctfm_engine.errors import CTFMError, InputError, ModelError, UsageError
 from ctfm_engine.models.checkpoint import Checkpoint, read_checkpoint
-from ctfm_engine.models.registry import load_encoder, resolve_weights
+from ctfm_engine.models.registry import announce, load_encoder, resolve_weights
 from ctfm_engine.preprocess import CTFM_PREPROCESSING
 from ctfm_engine.progress import Progress
 from ctfm_engine.readers import read_volume
@@ -367,6 +367,7 @@ def embed_for_index(index: ScanIndex, volume: CTVolume, *, weights: str | Path |
 
     target = resolve_device(device)
     encoder, checkpoint = load_encoder(weights_for(index, weights))
+    announce(checkpoint)
     recipe = EmbeddingRecipe.of_index(index)
     index.check_provenance(recipe.provenance(checkpoint.identity))
     embedding = Embedder(encoder, target).embed(volume, recipe.level, windows=recipe.windows,
@@ -465,6 +466,7 @@ def _embed_here(rows: Sequence[ScanRow], weights: str | Path | None, recipe: Emb
         if embedder is None:
             target = resolve_device(device)
             encoder, checkpoint = load_encoder(weights)
+            announce(checkpoint)
             check(checkpoint)
             log.info("weights %s (sha256 %s) on %s", checkpoint.name, checkpoint.sha256[:12], target)
             embedder = Embedder(encoder, target)
