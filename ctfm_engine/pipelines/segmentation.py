@@ -23,7 +23,7 @@ from ctfm_engine.labels import Label
 from ctfm_engine.models.registry import SEGMENTATION, announce, resolve_weights
 from ctfm_engine.pipelines.inputs import Scan, as_source, read_scan
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
-from ctfm_engine.runtime.backends import Backend
+from ctfm_engine.runtime.backends import Backend, check_backend_choice
 from ctfm_engine.tasks.segment import (
     Segmentation,
     SegmentationModel,
@@ -36,7 +36,6 @@ from ctfm_engine.volume import CTVolume
 
 log = logging.getLogger("ctfm_engine.segmentation")
 
-BACKENDS = ("torch", "onnx")
 SEG_ENCODINGS = ("binary", "binary-j2k", "labelmap", "labelmap-rle", "labelmap-jpegls")
 
 
@@ -68,10 +67,7 @@ class SegmentationRequest:
 
     def check(self) -> None:
         """UsageError for settings no model could run with; called before anything is read."""
-        if self.backend not in BACKENDS:
-            raise UsageError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if self.onnx_file is not None and self.backend != "onnx":
-            raise UsageError("an ONNX file goes with the onnx backend")
+        check_backend_choice(self.backend, self.onnx_file)
         if self.batch_size < 1:
             raise UsageError(f"batch size {self.batch_size}: must be at least 1")
         if self.roi_size_zyx is not None or self.overlap is not None:

@@ -23,7 +23,7 @@ from ctfm_engine.models.registry import TRIAGE, announce, resolve_weights
 from ctfm_engine.models.triage import TriageClassifier
 from ctfm_engine.pipelines.inputs import Scan, as_source, read_scan
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
-from ctfm_engine.runtime.backends import Backend
+from ctfm_engine.runtime.backends import Backend, check_backend_choice
 from ctfm_engine.tasks.triage import (
     TriageResult,
     check_threshold,
@@ -37,7 +37,6 @@ from ctfm_engine.volume import CTVolume
 
 log = logging.getLogger("ctfm_engine.triage")
 
-BACKENDS = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -59,10 +58,7 @@ class TriageRequest:
     cancel: CancelCheck | None = field(default=None, compare=False)
 
     def check(self) -> None:
-        if self.backend not in BACKENDS:
-            raise UsageError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if self.onnx_file is not None and self.backend != "onnx":
-            raise UsageError("an ONNX file goes with the onnx backend")
+        check_backend_choice(self.backend, self.onnx_file)
         if self.threshold is not None:
             try:
                 check_threshold(self.threshold)

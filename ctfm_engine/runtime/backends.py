@@ -16,7 +16,19 @@ import torch
 
 from ctfm_engine.runtime.onnx_backend import OnnxBackend
 
-__all__ = ["Backend", "TorchBackend", "OnnxBackend"]
+__all__ = ["Backend", "TorchBackend", "OnnxBackend", "BACKENDS", "check_backend_choice"]
+
+BACKENDS = ("torch", "onnx")
+
+
+def check_backend_choice(backend: str, onnx_file: object | None = None) -> None:
+    """UsageError unless ``backend`` is one this engine runs, and an ONNX file comes only with the onnx backend."""
+    from ctfm_engine.errors import UsageError
+
+    if backend not in BACKENDS:
+        raise UsageError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if onnx_file is not None and backend != "onnx":
+        raise UsageError("an ONNX file goes with the onnx backend")
 
 
 class Backend(Protocol):
