@@ -25,7 +25,7 @@ apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	  else echo "make: Debian packages missing:$$missing (run as root or: sudo apt-get install$$missing); tests needing them are skipped"; fi; \
+	  else echo "make: Debian packages missing:$$missing (run as root or: sudo apt-get install$$missing); tests needing them are skipped (under .ci/run they fail)"; fi; \
 	fi
 
 demo: $(VENV)/.installed
