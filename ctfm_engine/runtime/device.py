@@ -14,12 +14,12 @@ def resolve_device(name: str = "cpu") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name}: not a device name (use cpu, cuda, cuda:N or auto)") from None
+        raise UsageError(f"device {name!r}: not a device name (cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
-            f"--device {name}: this PyTorch build sees no CUDA GPU (torch {torch.__version__}); install the CUDA "
-            f"build of PyTorch (see README) or use --device cpu"
+            f"device {name!r}: this PyTorch build sees no CUDA GPU (torch {torch.__version__}); install the CUDA "
+            f"build of PyTorch (see README) or run on the CPU"
         )
     if device.type not in {"cpu", "cuda"}:
-        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+        raise UsageError(f"device {name!r}: only cpu and cuda are supported")
     return device

@@ -101,10 +101,10 @@ def execution_providers(
     if device_type == "cpu":
         return [CPU]
     if device_type != "cuda":
-        raise UsageError(f"--device {device_type}: onnxruntime runs on cpu or cuda")
+        raise UsageError(f"device {device_type!r}: onnxruntime runs on cpu or cuda")
     if not any(provider in available for provider in GPU_PROVIDERS):
-        raise UsageError("--device cuda: this onnxruntime build has no CUDA or TensorRT provider (it offers "
-                         f"{', '.join(available)}); install onnxruntime-gpu (the [gpu] extra) or use --device cpu")
+        raise UsageError("device 'cuda': this onnxruntime build has no CUDA or TensorRT provider (it offers "
+                         f"{', '.join(available)}); install onnxruntime-gpu (the [gpu] extra) or run on the CPU")
     providers: list[str | tuple[str, dict[str, Any]]] = []
     if TENSORRT in available:
         tensorrt: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": bool(fp16)}

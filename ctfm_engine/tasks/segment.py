@@ -162,10 +162,10 @@ def open_segmentation_model(weights: str | Path, expect_channels: int | None = N
 def check_window(roi_size_zyx, overlap: float) -> tuple[tuple[int, int, int], float]:
     roi = tuple(int(v) for v in roi_size_zyx)
     if len(roi) != 3 or any(v < 16 or v % 16 for v in roi):
-        raise UsageError(f"--roi {' '.join(map(str, roi))}: each window size must be a multiple of 16, at least 16 "
-                         "(the network halves the grid four times)")
+        raise UsageError(f"window size {' x '.join(map(str, roi))} (z, y, x): each side must be a multiple of 16, "
+                         "at least 16 (the network halves the grid four times)")
     if not 0.0 <= overlap < 1.0:
-        raise UsageError(f"--overlap {overlap}: must be at least 0 and below 1")
+        raise UsageError(f"window overlap {overlap}: must be at least 0 and below 1")
     return roi, float(overlap)  # type: ignore[return-value]
 
 
