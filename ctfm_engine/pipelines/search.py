@@ -140,9 +140,3 @@ def run_search(request: SearchRequest, searcher: Searcher | None = None) -> Sear
         log.warning("%s", note)
     return SearchOutcome(result, source, volumes, searcher)
 
-
-def search_targets(searcher: Searcher, source: CTVolume, point_lps: Sequence[float], targets: Sequence[CTVolume], *,
-                   heatmaps: bool = True, heatmap_grid: str = "source") -> SearchResult:
-    """A query with an open searcher on volumes already in memory (the Slicer worker's click): fast method."""
-    return searcher.search.search(source, point_lps, list(targets), method="fast", heatmaps=heatmaps,
-                                  heatmap_grid=heatmap_grid)
