@@ -31,6 +31,10 @@ FILE_SUFFIXES = {
 
 # Air is about -1000 HU and fat about -100 HU: a CT in Hounsfield units always has some voxels below this.
 DARKEST_CT_HU = -200.0
+# No patient is longer than this along any axis, and a CT's transverse field of view is at most about 80 cm: only
+# one axis (the body's) may exceed the second limit.  Beyond them the header's spacing is wrong.
+LONGEST_PATIENT_MM = 2500.0
+WIDEST_FIELD_OF_VIEW_MM = 1000.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,6 +213,22 @@ def file_format(path: Path) -> str | None:
         if name.endswith(suffix):
             return fmt
     return None
+
+
+def check_scan(volume: CTVolume) -> None:
+    """Refuse, before any model allocates memory for it, a scan no model should see: voxels that are not numbers
+    (NaN or infinite) and a geometry larger than any patient (a header with a wrong spacing)."""
+    if volume.voxels.dtype.kind == "f":
+        bad = int(volume.voxels.size - np.count_nonzero(np.isfinite(volume.voxels)))
+        if bad:
+            raise InputError(f"{volume.source}: {bad} voxel(s) are not numbers (NaN or infinite); a CT holds a "
+                             f"Hounsfield value in every voxel")
+    extent = [n * s for n, s in zip(volume.shape_zyx[::-1], volume.spacing_xyz_mm, strict=True)]
+    described = " x ".join(f"{mm:.0f}" for mm in extent)
+    if max(extent) > LONGEST_PATIENT_MM or sorted(extent)[1] > WIDEST_FIELD_OF_VIEW_MM:
+        spacing = " x ".join(f"{mm:g}" for mm in volume.spacing_xyz_mm)
+        raise InputError(f"{volume.source}: spans {described} mm (x, y, z; {spacing} mm voxels), larger than any "
+                         f"patient; the spacing in its header is probably wrong")
 
 
 def check_hounsfield(voxels: np.ndarray, source: str) -> None:

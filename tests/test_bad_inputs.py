@@ -107,8 +107,28 @@ def corrupt_dicom_file(tmp_path: Path) -> tuple[Path, str]:
     return path, victim.name
 
 
+def nan_voxels(tmp_path: Path) -> tuple[Path, str]:
+    image = sitk.Cast(sitk.ReadImage(str(SAMPLE_CT)), sitk.sitkFloat32)
+    voxels = sitk.GetArrayFromImage(image)
+    voxels[10, 40:45, 50:55] = np.nan  # 25 voxels of a real CT, e.g. a failed reconstruction's holes
+    holed = sitk.GetImageFromArray(voxels)
+    holed.CopyInformation(image)
+    path = tmp_path / "holes.nrrd"  # (ITK reads NaN in a NIfTI back as 0; NRRD keeps it)
+    sitk.WriteImage(holed, str(path))
+    return path, "25 voxel(s) are not numbers"
+
+
+def spacing_larger_than_any_patient(tmp_path: Path) -> tuple[Path, str]:
+    image = sitk.ReadImage(str(SAMPLE_CT))
+    image.SetSpacing((50.0, 50.0, 50.0))  # a header in cm read as mm, or worse: a 6 m field of view
+    path = tmp_path / "giant.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path, "larger than any patient"
+
+
 BAD_INPUTS = [
-    mr_nifti, mr_nrrd, template_without_air, missing_path, not_an_image, single_dicom_file, truncated_nifti,
+    nan_voxels, spacing_larger_than_any_patient, mr_nifti, mr_nrrd, template_without_air, missing_path, not_an_image,
+    single_dicom_file, truncated_nifti,
     nifti_with_garbage, empty_folder, folder_without_dicom, two_series, missing_slice, duplicated_slice,
     uneven_spacing, corrupt_dicom_file,
 ]
@@ -136,3 +156,17 @@ def test_nrrd_and_mha_copies_of_a_nifti_read_identically(tmp_path):
         volume = read_volume(copy)
         assert volume.grid.matches(original.grid, tolerance_mm=1e-6)
         np.testing.assert_array_equal(volume.voxels, original.voxels)
+
+
+def test_a_volume_handed_over_in_memory_is_checked_before_any_model_loads(tmp_path):
+    """The Slicer worker and the deploy app hand the task layer a CTVolume: the same refusals apply to it."""
+    from ctfm_engine.errors import InputError
+    from ctfm_engine.pipelines import SegmentationRequest, run_segmentation
+
+    volume = read_volume(SAMPLE_CT)
+    holed = volume.with_voxels(np.where(np.arange(volume.voxels.size).reshape(volume.shape_zyx) == 7, np.inf,
+                                        volume.voxels).astype(np.float32))
+    with pytest.raises(InputError, match="1 voxel\\(s\\) are not numbers"):
+        run_segmentation(SegmentationRequest(holed, weights=tmp_path / "no-such-model"))
+    real = run_cli("embed", SHARED / "ct-nifti" / "TotalSegmentator_0002_0000.nii.gz", "--json", "-q")
+    assert real.code == 0, real.stderr  # a real whole-body-length CT stays well inside the limits

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from ctfm_engine.readers import read_volume
-from ctfm_engine.volume import CTVolume
+from ctfm_engine.volume import CTVolume, check_scan
 
 
 def sample_ct_path() -> Path:
@@ -49,7 +49,10 @@ def as_source(scan: Scan, series_uid: str | None = None, hu_offset: float | None
 
 
 def read_scan(scan: CTVolume | ScanSource) -> CTVolume:
-    return scan if isinstance(scan, CTVolume) else scan.read()
+    """The scan as a CTVolume, refused (InputError) when it holds non-numbers or is larger than any patient."""
+    volume = scan if isinstance(scan, CTVolume) else scan.read()
+    check_scan(volume)
+    return volume
 
 
 def scan_name(scan: CTVolume | ScanSource) -> str:
