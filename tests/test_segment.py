@@ -244,3 +244,24 @@ def test_the_published_whole_body_layout_gets_its_training_recipe(tmp_path):
     assert model.names[90] == "brain" and model.labels()[9].laterality == "left"
     with pytest.raises(ModelError, match="118 output classes, not the 6"):
         open_segmentation_model(tmp_path / "whole_body_segmentation", expect_channels=6)
+
+
+def test_a_config_without_its_optional_decoder_fields_loads_them_from_the_weights_and_stays_strict(tmp_path):
+    """lighter-zoo loads a config.json without ``dsdepth``/``out_channels`` (non-strictly); here they are read from the
+    keys and shapes of the weights, and every key and shape is still checked."""
+    from ctfm_engine.tasks.segment import open_segmentation_model
+
+    reference = open_segmentation_model(SHIPPED_SEG)
+    folder = tmp_path / "no-optional-fields"
+    shutil.copytree(SHIPPED_SEG, folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert {"dsdepth", "out_channels"} <= set(config)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                    if k not in ("dsdepth", "out_channels")}))
+    loaded = open_segmentation_model(folder)
+    assert (loaded.out_channels, loaded.network.dsdepth) == (config["out_channels"], config["dsdepth"])
+    for key, value in reference.network.state_dict().items():
+        assert torch.equal(loaded.network.state_dict()[key], value), key
+    (folder / "config.json").write_text(json.dumps({**config, "dsdepth": config["dsdepth"] - 1}))
+    with pytest.raises(ModelError, match="unexpected key"):  # a given field that contradicts the weights: refused
+        open_segmentation_model(folder)

@@ -73,7 +73,7 @@ class SegmentationModel:
 
     @property
     def out_channels(self) -> int:
-        return int(self.checkpoint.config["out_channels"])
+        return int(self.network.out_channels)
 
     def labels(self) -> dict[int, Label]:
         return label_table(self.names)
@@ -83,13 +83,24 @@ class SegmentationModel:
                 "overlap": self.overlap, "out_channels": self.out_channels, "settings": self.settings_source}
 
 
+def inferred_decoder_config(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """``out_channels`` and ``dsdepth`` as the weights show them: one output head per deep-supervision level, the
+    finest head's rows are the classes.  lighter-zoo loads a ``config.json`` without them (non-strictly); here they
+    are read from the keys and shapes, and the strict load then checks every key and shape against them."""
+    heads = sorted({int(key.split(".")[1]) for key in state_dict
+                    if key.startswith("up_layers.") and key.endswith(".head.weight")})
+    if not heads:
+        return {}
+    return {"out_channels": int(state_dict[f"up_layers.{heads[-1]}.head.weight"].shape[0]), "dsdepth": len(heads)}
+
+
 def load_segmentation_model(weights: str | Path) -> tuple[SegResNetDS, Checkpoint]:
     """A SegResNetDS in eval mode with every weight of ``weights`` loaded (ModelError naming what is wrong)."""
     checkpoint = read_checkpoint(weights)
-    config = dict(checkpoint.config)
-    if "out_channels" not in config or not any(key.startswith("up_layers.") for key in checkpoint.state_dict):
+    if not any(key.startswith("up_layers.") for key in checkpoint.state_dict):
         raise ModelError(f"{checkpoint.folder}: not a segmentation checkpoint (no decoder in model.safetensors; "
                          "an encoder checkpoint embeds, it does not segment)")
+    config = {**inferred_decoder_config(checkpoint.state_dict), **checkpoint.config}
     try:
         network = SegResNetDS(**config)
     except TypeError as error:
@@ -126,14 +137,13 @@ def open_segmentation_model(weights: str | Path, expect_channels: int | None = N
     ``expect_channels`` (e.g. 118 for whole-body) refuses a checkpoint with another number of classes.
     """
     network, checkpoint = load_segmentation_model(weights)
-    config = checkpoint.config
-    channels = int(config["out_channels"])
+    channels = int(network.out_channels)
     if expect_channels is not None and channels != expect_channels:
         raise ModelError(f"{checkpoint.folder}: the checkpoint has {channels} output classes, not the "
                          f"{expect_channels} this task needs (whole body: background + 117 TotalSegmentator v2)")
     settings = read_inference_settings(checkpoint.folder)
     source = "checkpoint"
-    if settings is None and channels == 118 and int(config.get("init_filters", 32)) == 32:
+    if settings is None and channels == 118 and int(network.init_filters) == 32:
         settings, source = PUBLISHED_WHOLE_BODY, "published whole_body_segmentation recipe"
     elif settings is None:
         settings, source = {}, "defaults"
