@@ -64,7 +64,10 @@ SUBCOMMANDS: dict[str, ModuleType] = {
 }
 
 # The engine's remedy keys (see ctfm_engine.errors) in the command line's words.
-REMEDIES = {"accept_partial": "pass --accept-partial to judge it anyway"}
+REMEDIES = {"accept_partial": "pass --accept-partial to judge it anyway",
+            "ct_check": "if it is a CT in Hounsfield units, pass --skip-ct-check to read it anyway",
+            "hu_offset": "pass --hu-offset -1024 to add the missing rescale, or --skip-ct-check if it is in "
+                         "Hounsfield units already"}
 
 # The logger that announces a bundled demonstration model: heard even with --quiet.
 WEIGHTS_LOGGER = "ctfm_engine.weights"

@@ -30,8 +30,13 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
+SKIP_CT_CHECK_HELP = ("read the input even when its intensities do not look like CT in Hounsfield units (for a true "
+                      "CT that fails the check, e.g. a crop of pure soft tissue); results on non-CT data are "
+                      "meaningless")
+
+
 def input_options() -> argparse.ArgumentParser:
-    """--series, --hu-offset: the subcommands that read CT scans have them."""
+    """--series, --hu-offset, --skip-ct-check: the subcommands that read CT scans have them."""
     inputs = argparse.ArgumentParser(add_help=False)
     inputs.add_argument("--series", metavar="UID", help="the series to use when a DICOM folder holds several")
     inputs.add_argument(
@@ -41,6 +46,7 @@ def input_options() -> argparse.ArgumentParser:
         help="add this to every voxel (e.g. -1024 for CT stored as HU+1024 without a rescale); "
         "for DICOM CT the offset is detected, and --hu-offset 0 turns that off",
     )
+    inputs.add_argument("--skip-ct-check", action="store_true", help=SKIP_CT_CHECK_HELP)
     return inputs
 
 
@@ -49,10 +55,10 @@ WEIGHTS_HELP = ("checkpoint folder or hub repo id (default: CTFM_WEIGHTS, then p
 
 
 def scan_source(path: str | Path, args: argparse.Namespace) -> ScanSource:
-    """An input path with the run's --series and --hu-offset."""
+    """An input path with the run's --series, --hu-offset and --skip-ct-check."""
     from ctfm_engine.pipelines.inputs import ScanSource
 
-    return ScanSource(path, args.series, args.hu_offset)
+    return ScanSource(path, args.series, args.hu_offset, check_ct=not args.skip_ct_check)
 
 
 def device(args: argparse.Namespace) -> str:

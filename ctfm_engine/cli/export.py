@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ctfm_engine.cli.common import weights_lines
+from ctfm_engine.cli.common import scan_source, weights_lines
 from ctfm_engine.errors import UsageError
 
 log = logging.getLogger("ctfm")
@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--roi: a triage model is validated on its own fixed input size; leave --roi out")
     if args.device not in (None, "cpu"):
         log.info("the export and its validation run on the CPU; the ONNX file then runs on any device")
+    check_input = None if args.check_input is None else scan_source(args.check_input, args)
     outcome = run_export(ExportRequest(
-        args.model, out=args.out, task=args.task, check_input=args.check_input, series_uid=args.series,
+        args.model, out=args.out, task=args.task, check_input=check_input, series_uid=args.series,
         hu_offset=args.hu_offset, roi_size_zyx=None if args.roi is None else tuple(args.roi),
         tolerance=args.tolerance))
     report = outcome.report

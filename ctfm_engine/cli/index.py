@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctfm_engine.cli.common import progress_bar, scan_source, weights_lines
+from ctfm_engine.cli.common import SKIP_CT_CHECK_HELP, progress_bar, scan_source, weights_lines
 from ctfm_engine.errors import UsageError
 
 INDEX_WEIGHTS_HELP = ("checkpoint folder or hub repo id (default: CTFM_WEIGHTS, then the weights that built the "
@@ -42,6 +42,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
                        "'series_instance_uid'); relative paths are relative to the manifest")
     build.add_argument("--hu-offset", type=float, metavar="HU", help="add this to every voxel of every scan (as for "
                        "`ctfm embed`)")
+    build.add_argument("--skip-ct-check", action="store_true", help=SKIP_CT_CHECK_HELP)
     build.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="local: here, one scan after another; ray: Ray Data actors "
                        "(pip install 'ctfm-engine[ray]')")
@@ -131,8 +132,8 @@ def _index_scans(args: argparse.Namespace) -> dict[str, Any]:
     with progress_bar(args, "indexing", "scan") as progress, \
             contextlib.redirect_stdout(sys.stderr) if engine == "ray" else contextlib.nullcontext():
         report = index_scans(args.index, rows, weights=args.weights, recipe=recipe, hu_offset=args.hu_offset,
-                             kind=args.kind, engine=engine, device=device, batch_size=args.batch_size,
-                             ray_options=ray_options, progress=progress)
+                             check_ct=not args.skip_ct_check, kind=args.kind, engine=engine, device=device,
+                             batch_size=args.batch_size, ray_options=ray_options, progress=progress)
     return {
         "index": str(args.index),
         "engine": engine,

@@ -33,9 +33,10 @@ class ScanSource:
     path: str | Path
     series_uid: str | None = None  # the series to use when a DICOM folder holds several
     hu_offset: float | None = None  # added to every voxel (CT stored as HU + 1024 without a rescale)
+    check_ct: bool = True  # False reads a true CT that fails the check that it is CT in HU (a crop inside an organ)
 
     def read(self) -> CTVolume:
-        return read_volume(self.path, series_uid=self.series_uid, hu_offset=self.hu_offset)
+        return read_volume(self.path, series_uid=self.series_uid, hu_offset=self.hu_offset, check_hu=self.check_ct)
 
 
 Scan = CTVolume | ScanSource | str | Path

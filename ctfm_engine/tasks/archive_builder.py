@@ -74,12 +74,14 @@ class Skipped:
 
 @dataclass(frozen=True)
 class EmbeddingRecipe:
-    """How scans are embedded: level, patch aggregation and windows, and an HU offset for every scan."""
+    """How scans are embedded: level, patch aggregation and windows; and how they are read: an HU offset for every
+    scan, and whether a scan that does not look like CT in HU is skipped (``check_ct``) or read."""
 
     level: str = "scan"
     aggregation: str = "min"
     windows: PatchWindows = PatchWindows()
     hu_offset: float | None = None
+    check_ct: bool = True
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -106,12 +108,12 @@ class EmbeddingRecipe:
 
     def as_dict(self) -> dict[str, Any]:
         return {"level": self.level, "aggregation": self.aggregation, "size_zyx": list(self.windows.size_zyx),
-                "overlap": self.windows.overlap, "hu_offset": self.hu_offset}
+                "overlap": self.windows.overlap, "hu_offset": self.hu_offset, "check_ct": self.check_ct}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> EmbeddingRecipe:
         return cls(record["level"], record["aggregation"], PatchWindows(tuple(record["size_zyx"]), record["overlap"]),
-                   record["hu_offset"])
+                   record["hu_offset"], record["check_ct"])
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ def index_scans(
     weights: str | Path | None = None,
     recipe: EmbeddingRecipe | None = None,
     hu_offset: float | None = None,
+    check_ct: bool = True,
     kind: str | None = None,
     engine: str = "local",
     device: str = "cpu",
@@ -237,7 +240,8 @@ def index_scans(
     """Embed the rows not yet in the index at ``folder`` (created on the first batch) and add them batch by batch.
 
     ``recipe`` None: the index's own recipe, or scan level for a new index (a recipe other than the index's is a
-    UsageError); ``hu_offset`` is added to every scan (see :func:`read_volume`); ``kind`` None: the index's search
+    UsageError); ``hu_offset`` is added to every scan (see :func:`read_volume`); ``check_ct`` False reads a scan that
+    does not look like CT in Hounsfield units instead of skipping it; ``kind`` None: the index's search
     kind, or exact; ``progress(done, total)`` is called after every committed batch, over the rows left to do.
     Raises InputError when no row is in the index at the end, ModelError when the weights are not the index's.
     """
@@ -260,7 +264,7 @@ def index_scans(
             if recipe is not None:
                 index.check_provenance(recipe.provenance(index.weights))  # UsageError naming the difference
             recipe = EmbeddingRecipe.of_index(index)
-        recipe = replace(recipe or EmbeddingRecipe(), hu_offset=hu_offset)
+        recipe = replace(recipe or EmbeddingRecipe(), hu_offset=hu_offset, check_ct=check_ct)
         report = IndexingReport(folder, engine, weights=None if index is None else index.weights)
         pending = [row for row in rows if index is None or row.id not in index]
         report.already_indexed = len(rows) - len(pending)
@@ -437,7 +441,8 @@ def _read(row: ScanRow, recipe: EmbeddingRecipe) -> CTVolume | str:
     """The row's volume, or why it cannot be indexed."""
     try:
         with _logging_labels(row):
-            return read_volume(row.path, series_uid=row.series_instance_uid, hu_offset=recipe.hu_offset)
+            return read_volume(row.path, series_uid=row.series_instance_uid, hu_offset=recipe.hu_offset,
+                               check_hu=recipe.check_ct)
     except InputError as error:
         return _reason(error, row)
 
