@@ -105,6 +105,30 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return cache
 
 
+# The published checkpoints' hub repos and config.json fields (the model cards' constructors; lighter-zoo serialises
+# exactly these).
+SEGMENTATION_REPO = "project-lighter/whole_body_segmentation"
+ENCODER_REPO = "project-lighter/ct_fm_feature_extractor"
+ENCODER_CONFIG = {"blocks_down": [1, 2, 2, 4, 4], "in_channels": 1, "init_filters": 32, "spatial_dims": 3}
+SEGMENTATION_CONFIG = {**ENCODER_CONFIG, "out_channels": 118, "dsdepth": 4}
+
+
+@pytest.fixture(scope="session")
+def published_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ctfm cache holding both published checkpoints as `ctfm weights pull` lays them out: full size, random
+    weights, written by lighter-zoo (the authors' wrapper) with ``save_pretrained``.  Read-only for tests."""
+    lighter_zoo = require_module("lighter_zoo", "the published layout is written by lighter-zoo (installed by make)")
+    cache = tmp_path_factory.mktemp("published-cache")
+    torch.manual_seed(0)
+    lighter_zoo.SegResNet(**SEGMENTATION_CONFIG).save_pretrained(
+        cache / "models" / SEGMENTATION_REPO.replace("/", "--"))
+    lighter_zoo.SegResEncoder(**ENCODER_CONFIG).save_pretrained(cache / "models" / ENCODER_REPO.replace("/", "--"))
+    for repo, config in ((SEGMENTATION_REPO, SEGMENTATION_CONFIG), (ENCODER_REPO, ENCODER_CONFIG)):
+        written = json.loads((cache / "models" / repo.replace("/", "--") / "config.json").read_text())
+        assert written == config, f"lighter-zoo wrote {written} for {repo}"
+    return cache
+
+
 @pytest.fixture(scope="session")
 def narrow_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A narrow (init_filters 8) CT-FM-architecture encoder checkpoint in the published layout."""

@@ -20,34 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SAMPLE_CT, SHARED, require_module, run_cli
+from conftest import (
+    ENCODER_REPO,
+    SAMPLE_CT,
+    SEGMENTATION_REPO,
+    SHARED,
+    require_module,
+    run_cli,
+)
 
 from ctfm_engine.readers import read_volume
 
-SEGMENTATION_REPO = "project-lighter/whole_body_segmentation"
-ENCODER_REPO = "project-lighter/ct_fm_feature_extractor"
-# The published config.json fields (the model cards' constructors; lighter-zoo serialises exactly these).
-ENCODER_CONFIG = {"blocks_down": [1, 2, 2, 4, 4], "in_channels": 1, "init_filters": 32, "spatial_dims": 3}
-SEGMENTATION_CONFIG = {**ENCODER_CONFIG, "out_channels": 118, "dsdepth": 4}
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def published_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ctfm cache holding both published checkpoints as `ctfm weights pull` lays them out."""
-    lighter_zoo = require_module("lighter_zoo", "the published layout is written by lighter-zoo (installed by make)")
-    import torch
-
-    cache = tmp_path_factory.mktemp("published-cache")
-    torch.manual_seed(0)
-    lighter_zoo.SegResNet(**SEGMENTATION_CONFIG).save_pretrained(
-        cache / "models" / SEGMENTATION_REPO.replace("/", "--"))
-    lighter_zoo.SegResEncoder(**ENCODER_CONFIG).save_pretrained(cache / "models" / ENCODER_REPO.replace("/", "--"))
-    for repo, config in ((SEGMENTATION_REPO, SEGMENTATION_CONFIG), (ENCODER_REPO, ENCODER_CONFIG)):
-        written = json.loads((cache / "models" / repo.replace("/", "--") / "config.json").read_text())
-        assert written == config, f"lighter-zoo wrote {written} for {repo}"
-    return cache
 
 
 @pytest.fixture
@@ -67,6 +52,7 @@ def small_ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _published(weights: dict, repo: str) -> None:
     assert weights["name"] == repo and weights["demonstration"] is False, weights
+    assert weights["published"]["repo"] == repo, weights  # the claim's check reaches every face's record
 
 
 def test_ctfm_segment_loads_the_published_layout_by_repo_id(use_published, small_ct, tmp_path):

@@ -17,7 +17,8 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
                       "project-lighter/whole_body_segmentation")
     pull.add_argument("--revision", help="branch, tag or commit")
     actions.add_parser("list", parents=[common], help="checkpoints in the cache")
-    info = actions.add_parser("info", parents=[common], help="config, size and sha256 of a checkpoint")
+    info = actions.add_parser("info", parents=[common],
+                              help="config, size and sha256 of a checkpoint, and whether it is the published one")
     info.add_argument("weights", nargs="?", help="folder or hub repo id (default: the one the --kind task would use)")
     info.add_argument("--kind", choices=("encoder", "segmentation", "triage"), default="encoder",
                       help="whose default to describe when no checkpoint is given: encoder (`embed`, default), "
@@ -47,4 +48,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def human_lines(document: dict[str, Any]) -> list[str]:
     if document["command"] == "weights list":
         return document["folders"] or [f"no checkpoints in {document['cache']}"]
-    return [*weights_lines(document), *document_lines(document)]
+    published = (document.get("weights") or {}).get("published")
+    claim = [f"published: {published['repo']}: {published['statement']}"] if published else []
+    return [*weights_lines(document), *claim, *document_lines(document)]

@@ -2,7 +2,8 @@
 
 Keys are kept exactly as MONAI names them, so ``project-lighter/ct_fm_feature_extractor`` (encoder keys),
 ``ct_fm_segresnet`` and ``whole_body_segmentation`` (``encoder.*`` + ``up_layers.*``) load unchanged.  Every
-checkpoint is identified by the sha256 of its weights file.
+checkpoint is identified by the sha256 of its weights file, and one that is or claims to be a published checkpoint
+says whether it is (:mod:`ctfm_engine.models.published`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from ctfm_engine.errors import ModelError
 from ctfm_engine.io import atomic_folder, default_mode
+from ctfm_engine.models.published import PublishedStatus, published_status
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,6 +42,7 @@ class Checkpoint:
     config: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     sha256: str
+    weights_bytes: int  # size of model.safetensors
 
     @property
     def name(self) -> str:
@@ -50,10 +53,20 @@ class Checkpoint:
         """True for a bundled demonstration checkpoint (or a copy of one): not CT-FM, not for clinical use."""
         return self.sha256 in demonstration_sha256s()
 
+    @functools.cached_property
+    def published(self) -> PublishedStatus | None:
+        """Whether this is a published CT-FM checkpoint (verified by sha256, or only by size and key layout), or
+        differs from the one its name claims; None when it is none and claims none (our own, demonstration)."""
+        return published_status(self.name, self.sha256, self.weights_bytes, self.config, self.state_dict)
+
     @property
-    def identity(self) -> dict[str, str | bool]:
-        """The ``{"name", "sha256", "demonstration"}`` record every result carries."""
-        return {"name": self.name, "sha256": self.sha256, "demonstration": self.demonstration}
+    def identity(self) -> dict[str, Any]:
+        """The ``{"name", "sha256", "demonstration"}`` record every result carries, with ``published`` (repo,
+        status, statement, source) for a checkpoint that is or claims to be a published one."""
+        identity: dict[str, Any] = {"name": self.name, "sha256": self.sha256, "demonstration": self.demonstration}
+        if self.published is not None:
+            identity["published"] = self.published.as_dict()
+        return identity
 
 
 @functools.cache
@@ -106,7 +119,8 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         state_dict = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelError(f"{weights_path}: is not a readable safetensors file ({error})") from None
-    return Checkpoint(folder=folder, config=config, state_dict=state_dict, sha256=sha256_of(weights_path))
+    return Checkpoint(folder=folder, config=config, state_dict=state_dict, sha256=sha256_of(weights_path),
+                      weights_bytes=weights_path.stat().st_size)
 
 
 def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -82,11 +82,15 @@ def describe_weights(weights: str | Path | None = None, kind: str = "encoder") -
 
 def weights_record(weights: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """``{"name", "sha256", "demonstration"}`` of a stored weights record that may lack the flag (a scan index's
-    provenance keeps name and sha256): a bundled demonstration model is recognised by its sha256."""
+    provenance keeps name and sha256): a bundled demonstration model is recognised by its sha256.  A record of a
+    checkpoint just read keeps its ``published`` statement."""
     if weights is None:
         return None
-    return {"name": weights["name"], "sha256": weights["sha256"],
-            "demonstration": weights["sha256"] in demonstration_sha256s()}
+    record = {"name": weights["name"], "sha256": weights["sha256"],
+              "demonstration": weights["sha256"] in demonstration_sha256s()}
+    if weights.get("published"):
+        record["published"] = weights["published"]
+    return record
 
 
 def pull_checkpoint(repo_id: str, revision: str | None = None) -> CheckpointDescription:
