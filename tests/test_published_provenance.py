@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from types import MappingProxyType
 
+import pytest
 import torch
 from conftest import (
     ENCODER_CONFIG,
@@ -136,3 +137,21 @@ def test_ctfm_weights_info_shows_the_statement_in_json_and_in_words(published_ca
     assert by_policy.code == 0, by_policy.stderr
     assert f"published: {SEGMENTATION_REPO}: {SIZE_AND_KEYS}" in by_policy.stdout.splitlines()
 
+
+def test_the_dicom_algorithm_record_and_the_slicer_weights_line_carry_the_statement():
+    require_module("highdicom", "DICOM-SEG and SR writing needs highdicom (the [dicom] extra)")
+    from ctfm_engine.dicom.seg import Algorithm
+
+    claim = {"repo": SEGMENTATION_REPO, "status": "size-and-keys", "statement": SIZE_AND_KEYS, "source": "test"}
+    weights = {"name": SEGMENTATION_REPO, "sha256": "ab" * 32, "demonstration": False, "published": claim}
+    algorithm = Algorithm.from_identity(weights, "0.1.0")
+    assert algorithm.parameters == {"weights_sha256": "ab" * 32, "published": "size-and-keys"}
+    assert "published=size-and-keys" in algorithm.identification()[0].AlgorithmParameters
+    assert "published" not in Algorithm.from_identity({**weights, "published": None}, "0.1.0").parameters
+    with pytest.raises(ValueError, match="published must be one of verified, size-and-keys, differs"):
+        Algorithm("model", "0.1.0", "ab" * 32, published="probably")
+
+    require_module("slicer_core", "the Slicer session needs the PyPI package slicer-core (Qt-free MRML)")
+    from CTFMLib import session
+
+    assert session.describe_weights(weights) == f"{SEGMENTATION_REPO} (sha256 abababababab), {SIZE_AND_KEYS}"

@@ -87,12 +87,14 @@ def search_status(event: dict[str, Any]) -> str:
 
 
 def describe_weights(weights: dict[str, Any] | None) -> str:
-    """``name (sha256 0123456789ab)`` of the checkpoint a job reported (``, a demonstration model`` for one), or
-    empty."""
+    """``name (sha256 0123456789ab)`` of the checkpoint a job reported (``, a demonstration model`` for one; the
+    engine's statement for one that is or claims to be a published checkpoint), or empty."""
     if not weights:
         return ""
+    published = weights.get("published")
     return f"{weights['name']} (sha256 {weights['sha256'][:12]})" + (
-        ", a demonstration model" if weights.get("demonstration") else "")
+        ", a demonstration model" if weights.get("demonstration") else "") + (
+        f", {published['statement']}" if published else "")
 
 
 # --- semantic search ------------------------------------------------------------------------------------------
@@ -112,12 +114,12 @@ class SearchSession:
     """
 
     def __init__(self, scene: Any, weights: str | Path | None, device: str = "auto", *,
-                 cache_dir: str | Path | None = None, top_k: int = 3, python: str | None = None,
-                 work_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, top_k: int = 3, skip_ct_check: bool = False,
+                 python: str | None = None, work_dir: str | Path | None = None) -> None:
         self.scene = scene
-        self.settings = self._settings(weights, device, cache_dir, top_k)
-        self.worker = jobs.SearchWorker(weights, device, cache_dir=cache_dir, top_k=top_k, python=python,
-                                        work_dir=work_dir)
+        self.settings = self._settings(weights, device, cache_dir, top_k, skip_ct_check)
+        self.worker = jobs.SearchWorker(weights, device, cache_dir=cache_dir, top_k=top_k,
+                                        skip_ct_check=skip_ct_check, python=python, work_dir=work_dir)
         self.source: Any = None
         self.targets: list[Any] = []
         self.nodes: dict[str, Any] = {}  # worker volume key -> volume node
@@ -127,12 +129,14 @@ class SearchSession:
         return self.worker.alive
 
     @staticmethod
-    def _settings(weights: str | Path | None, device: str, cache_dir: str | Path | None, top_k: int) -> tuple:
-        return str(weights), device, str(cache_dir), int(top_k)
+    def _settings(weights: str | Path | None, device: str, cache_dir: str | Path | None, top_k: int,
+                  skip_ct_check: bool) -> tuple:
+        return str(weights), device, str(cache_dir), int(top_k), bool(skip_ct_check)
 
-    def matches(self, weights: str | Path | None, device: str, cache_dir: str | Path | None, top_k: int) -> bool:
+    def matches(self, weights: str | Path | None, device: str, cache_dir: str | Path | None, top_k: int,
+                skip_ct_check: bool = False) -> bool:
         """Whether this session was started with these settings (else the caller starts a new one)."""
-        return self.settings == self._settings(weights, device, cache_dir, top_k)
+        return self.settings == self._settings(weights, device, cache_dir, top_k, skip_ct_check)
 
     def set_volumes(self, source: Any, targets: Sequence[Any]) -> list[str]:
         """Search from ``source`` in ``targets`` from now on; the keys of the volumes sent now (those the worker

@@ -62,6 +62,7 @@ from ctfm_engine import __version__
 from ctfm_engine.errors import InputError
 from ctfm_engine.io import atomic_output
 from ctfm_engine.labels import Code, Label
+from ctfm_engine.models.published import STATUSES as PUBLISHED_STATUSES
 from ctfm_engine.volume import CTVolume, file_format
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,16 @@ class SegEncoding(str, Enum):
 
 @dataclass(frozen=True)
 class Algorithm:
-    """The model that made a result: name, version, the sha256 of its weights file (64 lowercase hex digits) and
-    whether it is a bundled demonstration model (recorded in AlgorithmParameters and the series description)."""
+    """The model that made a result: name, version, the sha256 of its weights file (64 lowercase hex digits),
+    whether it is a bundled demonstration model (recorded in AlgorithmParameters and the series description) and
+    how it relates to the published checkpoint its name claims (``verified``, ``size-and-keys`` or ``differs``;
+    None for one that claims none), recorded in AlgorithmParameters as ``published=<status>``."""
 
     name: str
     version: str
     weights_sha256: str
     demonstration: bool = False
+    published: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.strip() or len(self.name) > LO_LENGTH:
@@ -138,6 +142,9 @@ class Algorithm:
             raise ValueError(f"algorithm version must be 1 to {LO_LENGTH} characters, got {self.version!r}")
         if not SHA256_HEX.match(self.weights_sha256):
             raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {self.weights_sha256!r}")
+        if self.published is not None and self.published not in PUBLISHED_STATUSES:
+            raise ValueError(f"published must be one of {', '.join(PUBLISHED_STATUSES)} or None, got "
+                             f"{self.published!r}")
 
     @property
     def parameters(self) -> dict[str, str]:
@@ -145,6 +152,8 @@ class Algorithm:
         parameters = {"weights_sha256": self.weights_sha256}
         if self.demonstration:
             parameters["demonstration"] = "true (not CT-FM, not for clinical use)"
+        if self.published is not None:
+            parameters["published"] = self.published
         return parameters
 
     def describe(self, what: str) -> str:
@@ -153,9 +162,12 @@ class Algorithm:
 
     @classmethod
     def from_identity(cls, identity: dict[str, Any], version: str) -> Algorithm:
-        """From a result's ``weights`` record (``{"name", "sha256", "demonstration"}``)."""
+        """From a result's ``weights`` record (``{"name", "sha256", "demonstration"}`` and, for a checkpoint that is
+        or claims to be a published one, ``published``)."""
+        published = identity.get("published")
         return cls(name=str(identity["name"])[:LO_LENGTH], version=version, weights_sha256=str(identity["sha256"]),
-                   demonstration=bool(identity.get("demonstration")))
+                   demonstration=bool(identity.get("demonstration")),
+                   published=None if not published else str(published["status"]))
 
     def identification(self) -> hd.AlgorithmIdentificationSequence:
         """The Segmentation Algorithm Identification Sequence of every segment this algorithm made."""
