@@ -217,7 +217,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             weights = self.logic.chooseWeights("segmentation", **self.weightsOptions())
             self.ui.activeModelLabel.setText(weights.short())
             job = self.logic.startSegmentation(volume, weights.folder, self.device(),
-                                               largestComponent=self.ui.largestComponentCheckBox.checked)
+                                               largestComponent=self.ui.largestComponentCheckBox.checked,
+                                               skipCtCheck=self.ui.acceptNotCtCheckBox.checked)
             self.startJob("segmentation", job, volume)
 
     def onTriageButton(self) -> None:
@@ -227,7 +228,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         threshold = self.ui.triageThresholdSpinBox.value or None
         with slicer.util.tryWithErrorDisplay(_("Triage could not start."), waitCursor=True):
             job = self.logic.startTriage(volume, self.ui.triageModelPathLineEdit.currentPath or None, self.device(),
-                                         threshold=threshold, acceptPartial=self.ui.acceptPartialCheckBox.checked)
+                                         threshold=threshold, acceptPartial=self.ui.acceptPartialCheckBox.checked,
+                                         skipCtCheck=self.ui.acceptNotCtCheckBox.checked)
             self.ui.triageResultLabel.setText("")
             self.startJob("triage", job, volume)
 
@@ -244,7 +246,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.activeModelLabel.setText(weights.short())
             cache = self.ui.featureCachePathLineEdit.currentPath or None
             self.logic.startSearch(source, targets, weights.folder, self.device(), cacheDir=cache,
-                                   topK=self.ui.searchTopKSpinBox.value)
+                                   topK=self.ui.searchTopKSpinBox.value,
+                                   skipCtCheck=self.ui.acceptNotCtCheckBox.checked)
             self.searchActive = True
             self.onSearchPointNodeChanged(self.ui.searchPointSelector.currentNode())
             self.ui.statusLabel.setText(_("Computing CT-FM features of the volumes; then click a point..."))
@@ -418,12 +421,12 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
     # -- segmentation --
 
     def startSegmentation(self, volumeNode: Any, weights: Any, device: str = "auto",
-                          largestComponent: bool = False) -> jobs.Job:
+                          largestComponent: bool = False, skipCtCheck: bool = False) -> jobs.Job:
         from CTFMLib import mrml_adapters
 
         volume = mrml_adapters.volume_node_to_ctvolume(volumeNode, keep_small_integers=True)
         return jobs.start_segmentation(volume, weights, device, largest_component=largestComponent,
-                                       python=self.pythonExecutable())
+                                       skip_ct_check=skipCtCheck, python=self.pythonExecutable())
 
     def importSegmentation(self, result: dict[str, Any], volumeNode: Any, segmentationNode: Any = None) -> Any:
         """The labels as a segmentation node named after the input (or replacing ``segmentationNode``)."""
@@ -440,12 +443,13 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
     # -- triage --
 
     def startTriage(self, volumeNode: Any, model: str | None = None, device: str = "auto",
-                    threshold: float | None = None, acceptPartial: bool = False) -> jobs.Job:
+                    threshold: float | None = None, acceptPartial: bool = False,
+                    skipCtCheck: bool = False) -> jobs.Job:
         from CTFMLib import mrml_adapters
 
         volume = mrml_adapters.volume_node_to_ctvolume(volumeNode, keep_small_integers=True)
         return jobs.start_triage(volume, model, device, threshold=threshold, accept_partial=acceptPartial,
-                                 python=self.pythonExecutable())
+                                 skip_ct_check=skipCtCheck, python=self.pythonExecutable())
 
     @staticmethod
     def describeTriage(result: dict[str, Any]) -> str:
@@ -470,16 +474,16 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
         return None if self.search is None else self.search.source
 
     def startSearch(self, sourceNode: Any, targetNodes: list[Any], weights: Any, device: str = "auto",
-                    cacheDir: str | None = None, topK: int = 3) -> Any:
+                    cacheDir: str | None = None, topK: int = 3, skipCtCheck: bool = False) -> Any:
         """Start (or keep, when the settings are the same) the search session and send it the volumes it lacks."""
         from CTFMLib import session
 
         if self.search is not None and not (self.search.alive and self.search.matches(weights, device, cacheDir,
-                                                                                       topK)):
+                                                                                       topK, skipCtCheck)):
             self.stopSearchWorker()
         if self.search is None:
             self.search = session.SearchSession(slicer.mrmlScene, weights, device, cache_dir=cacheDir, top_k=topK,
-                                                python=self.pythonExecutable())
+                                                skip_ct_check=skipCtCheck, python=self.pythonExecutable())
         self.search.set_volumes(sourceNode, targetNodes)
         return self.search
 

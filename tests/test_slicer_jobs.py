@@ -152,7 +152,7 @@ def test_bad_input_and_missing_weights_fail_with_the_engine_message_and_exit_cod
     for job in (bad_input, no_weights):
         poll_until_finished(job, timeout=120)
     assert bad_input.state == "failed" and bad_input.result is None
-    assert bad_input.error.exit_code == 3 and bad_input.error.message == str(refused.value)
+    assert bad_input.error.exit_code == 3 and bad_input.error.message.startswith(f"{refused.value}; if it is a CT")
     assert no_weights.state == "failed" and no_weights.error.exit_code == 4
     assert "no-such-weights" in no_weights.error.message
     assert not any(tmp_path.iterdir())

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER
 from CTFMLib import jobs, protocol, worker
+from test_ct_check import liver_interior_crop
 
 from ctfm_engine.readers import read_volume
 from ctfm_engine.volume import CTVolume
@@ -108,3 +109,36 @@ def test_the_search_worker_keys_each_scan_once_not_on_every_click(tmp_path, monk
     assert error["request"] == 6 and error["exit_code"] == 3 and "outside this scan" in error["message"]
     assert not list(tmp_path.glob("volume-*"))  # loaded volumes are not left in the job folder
     print(f"three clicks and a refusal answered in {time.perf_counter() - started:.2f} s")
+
+
+def test_a_volume_that_does_not_look_like_ct_is_refused_naming_the_inputs_checkbox_that_reads_it(tmp_path):
+    """A true CT that fails the check (a crop inside the liver): refused with the module's own remedy; ticked, every
+    kind of job reads it -- the one-shot jobs (here: segmentation) and the search worker."""
+    from ctfm_engine.pipelines import open_searcher
+
+    tree = ElementTree.parse(MODULE / "Resources" / "UI" / "CTFM.ui")
+    checkbox = next(widget for widget in tree.iter("widget") if widget.get("name") == "acceptNotCtCheckBox")
+    label = checkbox.findtext("property[@name='text']/string")
+    assert label == "Accept images that do not look like CT"
+    assert worker.REMEDIES["ct_check"] == worker.REMEDIES["hu_offset"]
+
+    crop = read_volume(liver_interior_crop(tmp_path), check_hu=False)
+    work = tmp_path / "work"
+    refused = jobs.start_segmentation(crop, tmp_path / "no-such-weights", "cpu", work_dir=work)
+    ticked = jobs.start_segmentation(crop, tmp_path / "no-such-weights", "cpu", skip_ct_check=True, work_dir=work)
+    for job in (refused, ticked):
+        assert job.wait(120) == "failed"
+    assert refused.error.exit_code == 3 and "does not look like a CT in Hounsfield units" in refused.error.message
+    assert refused.error.message.endswith(f'tick "{label}" in the Inputs section to use it anyway')
+    assert "--skip-ct-check" not in refused.error.message
+    assert ticked.error.exit_code == 4 and "no-such-weights" in ticked.error.message  # read; then no model
+    assert not any(work.iterdir())
+
+    searcher = open_searcher(SHIPPED_ENCODER, disk_cache=False)
+    for check_ct, expected in ((True, protocol.ERROR), (False, protocol.LOADED)):
+        stream = io.StringIO()
+        service = worker.SearchService(tmp_path, searcher, worker.EventWriter(stream), check_ct=check_ct)
+        protocol.write_volume(crop, tmp_path, "volume-1")
+        service.answer(service.load, {"op": protocol.LOAD, "request": 1, "key": "crop", "stem": "volume-1"})
+        (event,) = [protocol.read_event(line) for line in stream.getvalue().splitlines()]
+        assert event["event"] == expected, event

@@ -324,19 +324,22 @@ def start_segmentation(
     roi_size_zyx: Sequence[int] | None = None,
     overlap: float | None = None,
     largest_component: bool = False,
+    skip_ct_check: bool = False,
     python: str | None = None,
     work_dir: str | Path | None = None,
 ) -> Job:
     """Whole-body segmentation of ``volume`` in a worker (the engine's ``run_segmentation``).
 
     ``weights`` is a SegResNetDS checkpoint folder or hub repo id (None: the engine's weights policy chooses, down to
-    its demonstration model); ``roi_size_zyx`` and ``overlap`` override the checkpoint's window.  Result: ``labels``
+    its demonstration model); ``roi_size_zyx`` and ``overlap`` override the checkpoint's window; ``skip_ct_check``
+    reads a volume that does not look like CT in Hounsfield units instead of refusing it.  Result: ``labels``
     (uint8 (z, y, x) on ``volume``'s grid), ``names`` ({value: TotalSegmentator name}), ``structures`` (label, name,
     voxels, volume_ml), ``weights`` ({name, sha256, demonstration}), ``model``, ``device``, ``seconds``.
     """
     request = {"weights": _absolute(weights), "device": device,
                "roi_size_zyx": None if roi_size_zyx is None else [int(v) for v in roi_size_zyx],
-               "overlap": overlap, "largest_component": bool(largest_component)}
+               "overlap": overlap, "largest_component": bool(largest_component),
+               "skip_ct_check": bool(skip_ct_check)}
     return Job("segment", volume, request, python=python, work_dir=work_dir)
 
 
@@ -347,15 +350,17 @@ def start_triage(
     *,
     threshold: float | None = None,
     accept_partial: bool = False,
+    skip_ct_check: bool = False,
     python: str | None = None,
     work_dir: str | Path | None = None,
 ) -> Job:
     """Head-CT triage of ``volume`` in a worker (the engine's ``run_triage``): the scan is screened as a head CT
-    before the model loads.  ``model`` None: the engine's weights policy (``$CTFM_TRIAGE_WEIGHTS``, the cache).
+    before the model loads.  ``model`` None: the engine's weights policy (``$CTFM_TRIAGE_WEIGHTS``, the cache);
+    ``skip_ct_check`` as for :func:`start_segmentation`.
     Result: ``probability``, ``decision``, ``threshold``, ``threshold_source``, ``checks`` (what the input screen
     found), ``notes``, ``weights``."""
     request = {"weights": _absolute(model), "device": device, "threshold": threshold,
-               "accept_partial": bool(accept_partial)}
+               "accept_partial": bool(accept_partial), "skip_ct_check": bool(skip_ct_check)}
     return Job("triage", volume, request, python=python, work_dir=work_dir)
 
 
@@ -365,13 +370,15 @@ def start_search_features(
     device: str = "cpu",
     *,
     cache_dir: str | Path | None = None,
+    skip_ct_check: bool = False,
     python: str | None = None,
     work_dir: str | Path | None = None,
 ) -> Job:
     """Compute a scan's dense CT-FM feature map into the on-disk feature cache (``cache_dir``, default the
-    engine's ``<cache>/features``), so a later search on it skips the encoder.  Result: ``key``, ``cached`` (it was
-    there already), ``feature_shape``, ``weights``."""
-    request = {"weights": _absolute(weights), "device": device, "cache_dir": _absolute(cache_dir)}
+    engine's ``<cache>/features``), so a later search on it skips the encoder; ``skip_ct_check`` as for
+    :func:`start_segmentation`.  Result: ``key``, ``cached`` (it was there already), ``feature_shape``, ``weights``."""
+    request = {"weights": _absolute(weights), "device": device, "cache_dir": _absolute(cache_dir),
+               "skip_ct_check": bool(skip_ct_check)}
     return Job("features", volume, request, python=python, work_dir=work_dir)
 
 
@@ -382,7 +389,8 @@ class SearchWorker:
     of one loaded scan in others and returns a request id; ``poll`` returns events, and a ``result`` event (also
     stored in ``results[request]``) carries per target its ``matches`` (``point_lps``, ``similarity``, best first)
     and, with heatmaps, the ``heatmap_<i>`` array ((z, y, x) float32 in [0, 1] on that target's grid), and the
-    ``weights`` of the encoder.  ``weights`` None: the engine's weights policy chooses the encoder.
+    ``weights`` of the encoder.  ``weights`` None: the engine's weights policy chooses the encoder;
+    ``skip_ct_check`` reads volumes that do not look like CT in Hounsfield units instead of refusing them.
     """
 
     def __init__(
@@ -392,6 +400,7 @@ class SearchWorker:
         *,
         cache_dir: str | Path | None = None,
         top_k: int = 5,
+        skip_ct_check: bool = False,
         python: str | None = None,
         work_dir: str | Path | None = None,
     ) -> None:
@@ -407,7 +416,7 @@ class SearchWorker:
         folder = _job_folder("ctfm-search-", work_dir)
         try:
             request = {"weights": _absolute(weights), "device": device, "top_k": int(top_k),
-                       "cache_dir": _absolute(cache_dir)}
+                       "cache_dir": _absolute(cache_dir), "skip_ct_check": bool(skip_ct_check)}
             (folder / protocol.REQUEST_FILE).write_text(json.dumps(request))
             self._worker = _WorkerProcess(protocol.SEARCH_WORKER, folder, python, stdin=True)
         except BaseException:

@@ -100,8 +100,9 @@ def write_volume(volume: CTVolume, folder: Path, stem: str = VOLUME_STEM) -> Non
     (folder / f"{stem}.json").write_text(json.dumps(geometry, default=str))
 
 
-def read_volume(folder: Path, stem: str = VOLUME_STEM) -> CTVolume:
-    """The CTVolume :func:`write_volume` stored, as float32 HU, refused (InputError) when it cannot be CT in HU."""
+def read_volume(folder: Path, stem: str = VOLUME_STEM, *, check_ct: bool = True) -> CTVolume:
+    """The CTVolume :func:`write_volume` stored, as float32 HU, refused (InputError) when it cannot be CT in HU
+    unless ``check_ct`` is False (the job's ``skip_ct_check``: the user says it is CT)."""
     from ctfm_engine.volume import CTVolume, DicomReferences, check_hounsfield
 
     geometry = json.loads((folder / f"{stem}.json").read_text())
@@ -110,7 +111,8 @@ def read_volume(folder: Path, stem: str = VOLUME_STEM) -> CTVolume:
                       origin_lps_mm=tuple(geometry["origin_lps_mm"]), direction=np.array(geometry["direction"]),
                       source=geometry["source"], series_instance_uid=geometry.get("series_instance_uid"),
                       dicom=DicomReferences.from_dict(geometry.get("dicom") or {}))
-    check_hounsfield(volume.voxels, volume.source)
+    if check_ct:
+        check_hounsfield(volume.voxels, volume.source)
     return volume
 
 

@@ -31,9 +31,12 @@ if TYPE_CHECKING:
     from ctfm_engine.pipelines import Searcher
     from ctfm_engine.volume import CTVolume
 
-# The engine's remedy keys in the module's words (the checkbox label is the one in Resources/UI/CTFM.ui).
+# The engine's remedy keys in the module's words (the checkbox labels are those in Resources/UI/CTFM.ui).
+ACCEPT_NOT_CT = ('if it is a CT in Hounsfield units, tick "Accept images that do not look like CT" in the Inputs '
+                 "section to use it anyway")
 REMEDIES = {"accept_partial": 'tick "Accept a head CT that does not cover the whole head" in the Triage section '
-                              "to judge it anyway"}
+                              "to judge it anyway",
+            "ct_check": ACCEPT_NOT_CT, "hu_offset": ACCEPT_NOT_CT}
 # Bugs' tracebacks go to stderr, which the client shows in the module's log (its Python console).
 tracebacks = logging.getLogger("CTFMLib.worker")
 
@@ -78,6 +81,11 @@ def _device(request: dict[str, Any]) -> str:
     return request.get("device") or "cpu"
 
 
+def _check_ct(request: dict[str, Any]) -> bool:
+    """Whether the input must look like CT in HU (the module's "Accept images that do not look like CT" unticked)."""
+    return not request.get("skip_ct_check")
+
+
 # --- one-shot tasks --------------------------------------------------------------------------------------------
 
 
@@ -85,7 +93,7 @@ def segmentation_job(folder: Path, request: dict[str, Any], events: EventWriter,
     from ctfm_engine.pipelines import SegmentationRequest, run_segmentation
 
     events.progress("reading input", 0, 1)
-    volume = protocol.read_volume(folder)
+    volume = protocol.read_volume(folder, check_ct=_check_ct(request))
     roi = request.get("roi_size_zyx")
     events.progress("loading model", 0, 1)
     outcome = run_segmentation(SegmentationRequest(
@@ -106,7 +114,7 @@ def triage_job(folder: Path, request: dict[str, Any], events: EventWriter, cance
     from ctfm_engine.pipelines import TriageRequest, run_triage
 
     events.progress("reading input", 0, 1)
-    volume = protocol.read_volume(folder)
+    volume = protocol.read_volume(folder, check_ct=_check_ct(request))
     events.progress("loading model", 0, 1)  # after the input check, which runs first inside run_triage
     outcome = run_triage(TriageRequest(
         input=volume, weights=_weights(request), device=_device(request), threshold=request.get("threshold"),
@@ -132,7 +140,7 @@ def features_job(folder: Path, request: dict[str, Any], events: EventWriter, can
     from ctfm_engine.progress import check_cancelled
 
     events.progress("reading input", 0, 1)
-    volume = protocol.read_volume(folder)
+    volume = protocol.read_volume(folder, check_ct=_check_ct(request))
     searcher = open_request_searcher(request, events)
     check_cancelled(cancel)
     key = searcher.search.key(volume)
@@ -162,13 +170,13 @@ class LoadedScan:
 class SearchService:
     """Answers the search worker's requests with one open searcher and the scans loaded so far (by client key)."""
 
-    def __init__(self, folder: Path, searcher: Searcher, events: EventWriter) -> None:
-        self.folder, self.searcher, self.events = folder, searcher, events
+    def __init__(self, folder: Path, searcher: Searcher, events: EventWriter, check_ct: bool = True) -> None:
+        self.folder, self.searcher, self.events, self.check_ct = folder, searcher, events, check_ct
         self.scans: dict[str, LoadedScan] = {}
 
     def load(self, message: dict[str, Any]) -> None:
         started = time.perf_counter()
-        volume = protocol.read_volume(self.folder, message["stem"])
+        volume = protocol.read_volume(self.folder, message["stem"], check_ct=self.check_ct)
         protocol.remove_volume(self.folder, message["stem"])
         key = self.searcher.search.key(volume)
         self.searcher.search.features(volume, key=key)
@@ -226,7 +234,7 @@ class SearchService:
 def serve_search(folder: Path, request: dict[str, Any], events: EventWriter, requests: queue.Queue) -> None:
     searcher = open_request_searcher(request, events)
     events.emit(protocol.READY, weights=searcher.weights)
-    SearchService(folder, searcher, events).serve(requests)
+    SearchService(folder, searcher, events, check_ct=_check_ct(request)).serve(requests)
 
 
 # --- the process -----------------------------------------------------------------------------------------------
