@@ -118,8 +118,11 @@ def test_segment_resolves_a_hub_repo_id_through_the_cache(shipped_run, isolated_
     assert result.code == 0, result.stderr
     document, written, _ = shipped_run
     # a copy of the demonstration model is still one: recognised by its sha256, and announced
-    assert result.document["weights"] == {"name": repo, "sha256": document["weights"]["sha256"],
-                                          "demonstration": True}
+    weights = result.document["weights"]
+    assert {key: weights[key] for key in ("name", "sha256", "demonstration")} == {
+        "name": repo, "sha256": document["weights"]["sha256"], "demonstration": True}
+    # and its name claims the published repo, which its fingerprint contradicts
+    assert weights["published"]["status"] == "differs" and "differs" in weights["published"]["statement"]
     assert result.stderr.splitlines() == [f"ctfm: demonstration model {repo}, not CT-FM, not for clinical use"]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels.nii.gz"))),
                                   sitk.GetArrayFromImage(written))
@@ -198,14 +201,21 @@ def test_largest_component_keeps_one_piece_per_structure():
 
     from ctfm_engine.tasks.segment import keep_largest_components
 
+    from monai.transforms import KeepLargestConnectedComponent
+
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABELS))).copy()
     labels[0:2, 0:2, 0:2] = 5  # a stray liver island far from the liver
+    original = labels.copy()
     before = np.bincount(labels.ravel(), minlength=118)
     removed = keep_largest_components(labels)
-    assert removed[5] >= 8
+    removed_counts = np.bincount(removed.ravel(), minlength=118)
+    assert removed_counts[5] >= 8 and np.array_equal(removed[labels != original], original[labels != original])
     for value in np.unique(labels)[1:]:
         assert ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1] == 1
-        assert before[value] - np.sum(labels == value) == removed.get(int(value), 0)
+        assert before[value] - np.sum(labels == value) == removed_counts[value]
+    # The card's post-processing is MONAI's KeepLargestConnectedComponent on the arg-max map: the same voxels.
+    card = KeepLargestConnectedComponent()(original[None].astype(np.int64))[0]
+    assert np.array_equal(np.asarray(card), labels)
 
 
 def test_wrong_class_count_and_non_ct_inputs_are_refused(narrow_segmenter, tmp_path):

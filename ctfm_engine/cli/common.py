@@ -61,6 +61,17 @@ def scan_source(path: str | Path, args: argparse.Namespace) -> ScanSource:
     return ScanSource(path, args.series, args.hu_offset, check_ct=not args.skip_ct_check)
 
 
+def add_encoder_choices(parser: argparse.ArgumentParser) -> None:
+    """--preprocessing and --allow-segmentation-encoder: the subcommands that embed scans have them."""
+    parser.add_argument("--preprocessing", choices=("pretraining", "card"), default="pretraining",
+                        help="how scans are brought to the encoder: pretraining (CT-FM's own, default: 3x1x1 mm, "
+                        "crop on HU > 0, as pre-training, retrieval and the search app) or card (the "
+                        "ct_fm_feature_extractor card's snippet: native spacing, crop on HU > -1024)")
+    parser.add_argument("--allow-segmentation-encoder", action="store_true",
+                        help="accept the encoder of a segmentation checkpoint (refused by default: it was trained "
+                        "further for segmentation, its embeddings are not CT-FM's)")
+
+
 def device(args: argparse.Namespace) -> str:
     return args.device or "cpu"
 

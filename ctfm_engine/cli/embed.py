@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from ctfm_engine.cli.common import WEIGHTS_HELP, device, progress_bar, scan_source, weights_lines
+from ctfm_engine.cli.common import (
+    WEIGHTS_HELP,
+    add_encoder_choices,
+    device,
+    progress_bar,
+    scan_source,
+    weights_lines,
+)
 from ctfm_engine.errors import UsageError
 
 
@@ -27,6 +34,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
     )
     embed.add_argument("--overlap", type=float, default=0.625, help="patch overlap fraction (default 0.625)")
     embed.add_argument("--batch-size", type=int, default=4, help="patches per forward pass (default 4)")
+    add_encoder_choices(embed)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,7 +47,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outcome = run_embedding(EmbeddingRequest(
             [scan_source(path, args) for path in args.inputs], weights=args.weights, level=args.level,
             patch_size_zyx=tuple(args.patch_size), overlap=args.overlap, aggregation=args.aggregation,
-            batch_size=args.batch_size, device=device(args), progress=scans, patch_progress=patches))
+            batch_size=args.batch_size, device=device(args), preprocessing=args.preprocessing,
+            allow_segmentation_encoder=args.allow_segmentation_encoder, progress=scans, patch_progress=patches))
     if args.out is not None:
         outcome.write(args.out)
     return {
@@ -48,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": outcome.device,
         "level": outcome.level,
         "aggregation": outcome.aggregation,
-        "preprocessing": outcome.preprocessing.describe(),
+        "preprocessing": {**outcome.preprocessing.describe(), "choice": outcome.preprocessing_choice},
         "output": None if args.out is None else str(args.out),
         "results": [
             {
@@ -65,10 +74,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def human_lines(document: dict[str, Any]) -> list[str]:
     lines = weights_lines(document)
+    spacing = document["preprocessing"]["spacing_zyx_mm"]
+    spacing = "native spacing" if spacing == "native" else "x".join(f"{mm:g}" for mm in spacing) + " mm"
     for item in document["results"]:
         vector = np.asarray(item["embedding"])
         lines.append(f"{item['input']}: {vector.size}-d embedding, norm {np.linalg.norm(vector):.3f}, "
-                     f"model space {'x'.join(map(str, item['model_shape_zyx']))} (z,y,x at 3x1x1 mm)"
+                     f"model space {'x'.join(map(str, item['model_shape_zyx']))} (z,y,x at {spacing})"
                      + (f", {item['patches']} patches" if item["patches"] else ""))
     if document["output"]:
         lines.append(f"wrote {document['output']}")

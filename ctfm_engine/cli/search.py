@@ -7,7 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ctfm_engine.cli.common import WEIGHTS_HELP, device, progress_bar, scan_source, weights_lines
+from ctfm_engine.cli.common import (
+    WEIGHTS_HELP,
+    add_encoder_choices,
+    device,
+    progress_bar,
+    scan_source,
+    weights_lines,
+)
 from ctfm_engine.errors import UsageError
 
 
@@ -32,6 +39,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
     search.add_argument("--no-cache", action="store_true",
                         help="fast method: do not read or write feature maps in the cache folder")
     search.add_argument("--batch-size", type=int, default=8, help="exact method: windows per forward pass (8)")
+    add_encoder_choices(search)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,7 +51,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scan_source(args.source, args), tuple(args.point), [scan_source(path, args) for path in args.target],
         weights=args.weights, method=args.method, patch_mm_zyx=tuple(args.patch_mm), overlap=args.overlap,
         top_k=args.top_k, batch_size=args.batch_size, heatmaps=args.heatmap_dir is not None,
-        disk_cache=not args.no_cache, device=device(args))
+        disk_cache=not args.no_cache, device=device(args), preprocessing=args.preprocessing,
+        allow_segmentation_encoder=args.allow_segmentation_encoder)
     settings = request.settings()  # a bad setting is refused before any scan is read
     with progress_bar(args, "searching", "step", total=len(args.target) + 1) as progress:
         outcome = run_search(replace(request, progress=progress))
@@ -56,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "weights": outcome.weights,
         "device": outcome.searcher.device,
         "method": result.method,
-        "settings": settings.describe(),
+        "settings": (outcome.settings or settings).describe(),
         "query": {"source": result.source, "point_lps": list(result.point_lps)},
         "targets": [
             {

@@ -34,8 +34,15 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
     segment.add_argument("--overlap", type=float,
                          help="window overlap fraction, 0 <= f < 1 (default: the checkpoint's)")
     segment.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    segment.add_argument("--largest-component", action="store_true",
-                         help="keep only the largest connected component of each structure")
+    cleanup = segment.add_mutually_exclusive_group()
+    cleanup.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
+                         help="keep only the largest connected component of each structure (the default of the "
+                         "published whole_body_segmentation, as its model card does)")
+    cleanup.add_argument("--no-largest-component", dest="largest_component", action="store_false",
+                         help="keep every island of every structure (the raw arg-max labels)")
+    segment.add_argument("--spacing", metavar="native|MM", help="the voxel size the model sees: 'native' (the "
+                         "scan's own voxels, as the model card's snippet) or MM isotropic (default: the spacing the "
+                         "model was trained at, 1.5 mm for whole_body_segmentation)")
     segment.add_argument("--volumes", type=Path, metavar="FILE.csv", help="write the per-structure volume table (mL)")
     segment.add_argument("--fp16", action="store_true", help="half precision on a GPU (ignored on CPU)")
     segment.add_argument("--dicom-seg", type=Path, metavar="FILE.dcm", help="also write the result as DICOM-SEG "
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scan_source(args.input, args), weights=args.model, backend=args.backend, onnx_file=args.onnx,
             device=device(args), fp16=args.fp16, roi_size_zyx=None if args.roi is None else tuple(args.roi),
             overlap=args.overlap, batch_size=args.batch_size, largest_component=args.largest_component,
+            spacing=args.spacing,
             needs_dicom=args.dicom_seg is not None, progress=progress))
     writers = [] if args.volumes is None else [(outcome.write_volume_table, args.volumes)]
     writers.append((outcome.write_labels, args.out))

@@ -143,13 +143,20 @@ def announce(checkpoint: Checkpoint) -> None:
         log.warning(DEMONSTRATION_NOTICE.format(name=checkpoint.name))
 
 
-def load_encoder(weights: str | Path | None = None) -> tuple[SegResEncoder, Checkpoint]:
+def load_encoder(weights: str | Path | None = None, *,
+                 allow_segmentation_encoder: bool = False) -> tuple[SegResEncoder, Checkpoint]:
     """The CT-FM encoder in eval mode with strictly loaded weights (resolved by the policy), and its checkpoint.
 
-    Accepts an encoder checkpoint or a SegResNetDS one (its ``encoder.*`` part), as published.
+    An encoder checkpoint; the ``encoder.*`` part of a SegResNetDS one only with ``allow_segmentation_encoder``:
+    a segmentation model's encoder was trained on with its decoder (whole_body_segmentation was fully fine-tuned,
+    the freezer switched off), so its embeddings are not CT-FM's (ModelError otherwise).
     """
     checkpoint = read_checkpoint(resolve_weights(weights, ENCODER))
     state = encoder_state(checkpoint)
+    if state is not checkpoint.state_dict and not allow_segmentation_encoder:
+        raise ModelError(
+            f"{checkpoint.name}: is a segmentation model (SegResNetDS: encoder and decoder); its encoder was "
+            f"trained further for segmentation, so its embeddings are not CT-FM's", remedy="segmentation_encoder")
     # A segmentation checkpoint's config also holds decoder arguments; an encoder checkpoint's must not.
     config = {key: value for key, value in checkpoint.config.items() if key in ENCODER_ARGUMENTS}
     if state is checkpoint.state_dict and set(checkpoint.config) - ENCODER_ARGUMENTS:
@@ -198,6 +205,6 @@ def pull_weights(repo_id: str, revision: str | None = None) -> Path:
 
 def load_encoder_into(encoder: nn.Module, weights: str | Path) -> str:
     """Copy a CT-FM encoder checkpoint strictly into ``encoder`` (e.g. a SegResNetDS's); the checkpoint's sha256."""
-    source, checkpoint = load_encoder(weights)
+    source, checkpoint = load_encoder(weights, allow_segmentation_encoder=True)
     load_state_strict(encoder, source.state_dict(), str(checkpoint.folder))
     return checkpoint.sha256

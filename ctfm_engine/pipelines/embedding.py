@@ -20,7 +20,7 @@ from ctfm_engine.errors import UsageError
 from ctfm_engine.models.checkpoint import Checkpoint
 from ctfm_engine.models.registry import announce, load_encoder
 from ctfm_engine.pipelines.inputs import Scan, ValidatedScans, as_source
-from ctfm_engine.preprocess import ModelInput, Preprocessing, preprocess
+from ctfm_engine.preprocess import ModelInput, Preprocessing, preprocess, preprocessing_named
 from ctfm_engine.progress import Progress
 from ctfm_engine.tasks.embed import (
     AGGREGATIONS,
@@ -36,9 +36,11 @@ from ctfm_engine.tasks.embed import (
 log = logging.getLogger("ctfm_engine.embedding")
 
 
-def open_encoder(weights: str | Path | None = None) -> tuple[SegResEncoder, Checkpoint]:
-    """The CT-FM encoder the policy picks for ``weights`` (announced when it is a demonstration model)."""
-    encoder, checkpoint = load_encoder(weights)
+def open_encoder(weights: str | Path | None = None, *,
+                 allow_segmentation_encoder: bool = False) -> tuple[SegResEncoder, Checkpoint]:
+    """The CT-FM encoder the policy picks for ``weights`` (announced when it is a demonstration model).  A
+    segmentation checkpoint's encoder is refused unless ``allow_segmentation_encoder``: it is not CT-FM's."""
+    encoder, checkpoint = load_encoder(weights, allow_segmentation_encoder=allow_segmentation_encoder)
     announce(checkpoint)
     return encoder, checkpoint
 
@@ -57,6 +59,8 @@ class EmbeddingRequest:
     aggregation: str = "min"
     batch_size: int = 4
     device: str = "cpu"
+    preprocessing: str = "pretraining"  # or "card": the ct_fm_feature_extractor card's snippet (native spacing)
+    allow_segmentation_encoder: bool = False
     keep_model_inputs: bool = False  # the preprocessed images, for pictures of what the model saw
     progress: Progress | None = field(default=None, compare=False)  # scans done of all
     patch_progress: Progress | None = field(default=None, compare=False)  # patches done of one scan
@@ -68,6 +72,7 @@ class EmbeddingRequest:
             raise UsageError(f"aggregation {self.aggregation!r}: choose one of {', '.join(sorted(AGGREGATIONS))}")
         if self.batch_size < 1:
             raise UsageError(f"batch size {self.batch_size}: must be at least 1")
+        preprocessing_named(self.preprocessing)
         try:
             return PatchWindows(tuple(self.patch_size_zyx), self.overlap)
         except ValueError as error:
@@ -83,6 +88,7 @@ class EmbeddingOutcome:
     level: str
     aggregation: str | None
     model_inputs: list[ModelInput] | None = None
+    preprocessing_choice: str = "pretraining"
 
     @property
     def weights(self) -> dict[str, Any]:
@@ -92,7 +98,8 @@ class EmbeddingOutcome:
         """Embeddings and provenance as ``.npz`` (numpy.load opens it), atomically."""
         if Path(path).suffix != ".npz":
             raise UsageError(f"{path}: embeddings are written as .npz (numpy.load opens them)")
-        return write_embeddings(self.embeddings, path, weights=self.weights, preprocessing=self.preprocessing)
+        return write_embeddings(self.embeddings, path, weights=self.weights, preprocessing=self.preprocessing,
+                                preprocessing_choice=self.preprocessing_choice)
 
 
 def run_embedding(request: EmbeddingRequest,
@@ -104,9 +111,11 @@ def run_embedding(request: EmbeddingRequest,
     from ctfm_engine.runtime.device import resolve_device
 
     device = resolve_device(request.device)
-    encoder, checkpoint = encoder if encoder is not None else open_encoder(request.weights)
-    log.info("weights %s (sha256 %s) on %s", checkpoint.name, checkpoint.sha256[:12], device)
-    embedder = Embedder(encoder, device)
+    encoder, checkpoint = encoder if encoder is not None else open_encoder(
+        request.weights, allow_segmentation_encoder=request.allow_segmentation_encoder)
+    log.info("weights %s (sha256 %s) on %s, %s preprocessing", checkpoint.name, checkpoint.sha256[:12], device,
+             request.preprocessing)
+    embedder = Embedder(encoder, device, preprocessing_named(request.preprocessing))
     embeddings, model_inputs = [], []
     for done, volume in enumerate(scans, start=1):
         model_input = preprocess(volume, embedder.preprocessing)
@@ -119,4 +128,4 @@ def run_embedding(request: EmbeddingRequest,
             request.progress(done, len(scans))
     return EmbeddingOutcome(embeddings, checkpoint, embedder.preprocessing, str(device), request.level,
                             request.aggregation if request.level == "patch" else None,
-                            model_inputs if request.keep_model_inputs else None)
+                            model_inputs if request.keep_model_inputs else None, request.preprocessing)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ctfm_engine.models.checkpoint import Checkpoint
 from ctfm_engine.models.registry import cache_dir
 from ctfm_engine.pipelines.embedding import open_encoder
 from ctfm_engine.pipelines.inputs import Scan, ValidatedScans, as_source, read_scan
+from ctfm_engine.preprocess import Preprocessing, preprocessing_named
 from ctfm_engine.progress import CancelCheck, Progress
 from ctfm_engine.tasks.search import (
     APP_OVERLAP,
@@ -52,13 +53,15 @@ class Searcher:
 
 
 def open_searcher(weights: str | Path | None = None, *, device: str = "cpu", settings: SearchSettings | None = None,
-                  cache_folder: str | Path | None = None, disk_cache: bool = True) -> Searcher:
+                  cache_folder: str | Path | None = None, disk_cache: bool = True,
+                  allow_segmentation_encoder: bool = False) -> Searcher:
     """The encoder the policy picks, wrapped for search; features are cached in memory and, unless ``disk_cache``
-    is False, in ``cache_folder`` (default ``<ctfm cache>/features``)."""
+    is False, in ``cache_folder`` (default ``<ctfm cache>/features``).  A segmentation checkpoint's encoder is
+    refused unless ``allow_segmentation_encoder``."""
     from ctfm_engine.runtime.device import resolve_device
 
     torch_device = resolve_device(device)
-    encoder, checkpoint = open_encoder(weights)
+    encoder, checkpoint = open_encoder(weights, allow_segmentation_encoder=allow_segmentation_encoder)
     folder = None if not disk_cache else Path(cache_folder) if cache_folder is not None else cache_dir() / "features"
     search = SemanticSearch(encoder, checkpoint.sha256, device=torch_device, settings=settings or SearchSettings(),
                             cache=FeatureCache(folder))
@@ -84,13 +87,25 @@ class SearchRequest:
     heatmap_grid: str = "source"  # "source": each target's grid; "model": the grid they are computed on
     disk_cache: bool = True
     device: str = "cpu"
+    # "pretraining" (CT-FM's 3x1x1 mm, the search app's) or "card": the feature-extractor card's crop and intensity
+    # at the query scan's own voxel size, to which every target is brought so that windows compare like with like
+    preprocessing: str = "pretraining"
+    allow_segmentation_encoder: bool = False
     progress: Progress | None = field(default=None, compare=False)
     cancel: CancelCheck | None = field(default=None, compare=False)
 
     def settings(self) -> SearchSettings:
         if self.method not in METHODS:
             raise UsageError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
+        preprocessing_named(self.preprocessing)
         return SearchSettings(tuple(self.patch_mm_zyx), self.overlap, self.top_k, batch_size=self.batch_size)
+
+    def preprocessing_for(self, source: CTVolume) -> Preprocessing:
+        """The preprocessing of this search: a fixed spacing, the query scan's own with "card"."""
+        chosen = preprocessing_named(self.preprocessing)
+        if chosen.spacing_zyx_mm is None:
+            return replace(chosen, spacing_zyx_mm=chosen.spacing_for(source.grid))
+        return chosen
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,7 @@ class SearchOutcome:
     source: CTVolume
     targets: list[CTVolume]
     searcher: Searcher
+    settings: SearchSettings | None = None  # as this search ran them (its preprocessing resolved)
 
     @property
     def weights(self) -> dict[str, Any]:
@@ -127,16 +143,21 @@ def run_search(request: SearchRequest, searcher: Searcher | None = None) -> Sear
     if not request.targets:
         raise UsageError("no target scans to search in: give at least one target")
     targets = ValidatedScans([as_source(item, request.series_uid, request.hu_offset) for item in request.targets])
+    settings = replace(settings, preprocessing=request.preprocessing_for(source))
     if searcher is None:
         searcher = open_searcher(request.weights, device=request.device, settings=settings,
-                                 disk_cache=request.disk_cache)
-    log.info("weights %s (sha256 %s) on %s, method %s", searcher.checkpoint.name, searcher.checkpoint.sha256[:12],
-             searcher.device, request.method)
+                                 disk_cache=request.disk_cache,
+                                 allow_segmentation_encoder=request.allow_segmentation_encoder)
+    search = searcher.search
+    if search.settings.preprocessing != settings.preprocessing:  # a kept searcher, another preprocessing
+        search = search.with_settings(replace(search.settings, preprocessing=settings.preprocessing))
+    log.info("weights %s (sha256 %s) on %s, method %s, %s preprocessing", searcher.checkpoint.name,
+             searcher.checkpoint.sha256[:12], searcher.device, request.method, request.preprocessing)
     volumes = targets.volumes()
-    result = searcher.search.search(source, request.point_lps, volumes, method=request.method,
-                                    heatmaps=request.heatmaps, heatmap_grid=request.heatmap_grid,
-                                    progress=request.progress, cancel=request.cancel)
+    result = search.search(source, request.point_lps, volumes, method=request.method,
+                           heatmaps=request.heatmaps, heatmap_grid=request.heatmap_grid,
+                           progress=request.progress, cancel=request.cancel)
     for note in result.notes:
         log.warning("%s", note)
-    return SearchOutcome(result, source, volumes, searcher)
+    return SearchOutcome(result, source, volumes, searcher, search.settings)
 

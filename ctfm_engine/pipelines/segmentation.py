@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,16 @@ from ctfm_engine.errors import InputError, UsageError
 from ctfm_engine.labels import Label
 from ctfm_engine.models.registry import SEGMENTATION, announce, resolve_weights
 from ctfm_engine.pipelines.inputs import Scan, as_source, read_scan
+from ctfm_engine.preprocess import Preprocessing
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.runtime.backends import Backend, check_backend_choice
 from ctfm_engine.tasks.segment import (
+    MemoryEstimate,
     Segmentation,
     SegmentationModel,
+    available_memory_bytes,
     check_window,
+    estimate_memory,
     open_segmentation_model,
     segment,
     write_volume_table,
@@ -60,7 +64,8 @@ class SegmentationRequest:
     roi_size_zyx: tuple[int, int, int] | None = None
     overlap: float | None = None
     batch_size: int = 1
-    largest_component: bool = False
+    largest_component: bool | None = None  # None: the model's own post-processing (the published model: on)
+    spacing: str | float | None = None  # None: the spacing the model was trained at; "native"; or mm (isotropic)
     needs_dicom: bool = False
     progress: Progress | None = field(default=None, compare=False)
     cancel: CancelCheck | None = field(default=None, compare=False)
@@ -72,6 +77,7 @@ class SegmentationRequest:
             raise UsageError(f"batch size {self.batch_size}: must be at least 1")
         if self.roi_size_zyx is not None or self.overlap is not None:
             check_window(self.roi_size_zyx or (16, 16, 16), 0.0 if self.overlap is None else self.overlap)
+        spacing_choice(self.spacing)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class SegmentationOutcome:
     device: str
     seconds: float
     largest_component: bool
+    spacing: str  # "trained", "native" or "set"
+    memory: MemoryEstimate | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -123,7 +131,19 @@ class SegmentationOutcome:
         return rows
 
     def describe_model(self) -> dict[str, Any]:
-        return {**self.model.describe(), "roi_size_zyx": list(self.roi_size_zyx), "overlap": self.overlap}
+        """How the model was run: its settings with this run's window, spacing and post-processing."""
+        spacing = self.preprocessing.describe()["spacing_zyx_mm"]
+        return {**self.model.describe(), "preprocessing": self.preprocessing.describe(),
+                "roi_size_zyx": list(self.roi_size_zyx), "overlap": self.overlap,
+                "spacing": {"choice": self.spacing, "spacing_zyx_mm": spacing,
+                            "meaning": SPACING_MEANINGS[self.spacing]},
+                "largest_component": self.largest_component,
+                "post_processing": ("largest connected component of each label, in model space before inversion"
+                                    if self.largest_component else "none (arg-max labels as they are)")}
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.segmentation.preprocessing or self.model.preprocessing
 
     def write_labels(self, path: str | Path) -> Path:
         """The label map (NIfTI/NRRD/MHA) on the input's grid, atomically."""
@@ -156,6 +176,28 @@ def open_model(weights: str | Path | None = None) -> SegmentationModel:
     return model
 
 
+SPACING_MEANINGS = {
+    "trained": "the voxel size the model was trained at (default)",
+    "native": "the scan's own voxels, as the model card's snippet",
+    "set": "a voxel size chosen for this run",
+}
+
+
+def spacing_choice(spacing: str | float | None) -> tuple[str, tuple[float, float, float] | None]:
+    """("trained" | "native" | "set", the mm for "set") of a request's spacing; UsageError for anything else."""
+    if spacing is None or spacing == "trained":
+        return "trained", None
+    if isinstance(spacing, str) and spacing.strip().lower() == "native":
+        return "native", None
+    try:
+        mm = float(spacing)
+    except (TypeError, ValueError):
+        raise UsageError(f"spacing {spacing!r}: give 'native' or a voxel size in mm (e.g. 1.5)") from None
+    if not 0.1 <= mm <= 10.0:
+        raise UsageError(f"spacing {mm:g} mm: a CT voxel size is between 0.1 and 10 mm")
+    return "set", (mm, mm, mm)
+
+
 def run_segmentation(request: SegmentationRequest) -> SegmentationOutcome:
     """Segment ``request.input``: validate settings and input, load the model, run, map back to the source grid."""
     request.check()
@@ -169,16 +211,40 @@ def run_segmentation(request: SegmentationRequest) -> SegmentationOutcome:
     model = open_model(request.weights)
     roi = tuple(request.roi_size_zyx) if request.roi_size_zyx is not None else model.roi_size_zyx
     overlap = model.overlap if request.overlap is None else float(request.overlap)
+    choice, set_mm = spacing_choice(request.spacing)
+    preprocessing = model.preprocessing
+    if choice != "trained":
+        preprocessing = replace(preprocessing, spacing_zyx_mm=set_mm)
+    largest_component = model.largest_component if request.largest_component is None else request.largest_component
+    memory = check_memory(volume, preprocessing, model, roi, request.batch_size)
     check_cancelled(request.cancel)
     backend, head = segmentation_backend(model, volume, request, device, roi)
-    log.info("segmentation model %s (sha256 %s), %s, windows %s overlap %.3g", model.checkpoint.name,
-             model.checkpoint.sha256[:12], backend.name, "x".join(map(str, roi)), overlap)
+    log.info("segmentation model %s (sha256 %s), %s, windows %s overlap %.3g, spacing %s, largest component %s",
+             model.checkpoint.name, model.checkpoint.sha256[:12], backend.name, "x".join(map(str, roi)), overlap,
+             preprocessing.describe()["spacing_zyx_mm"], "on" if largest_component else "off")
     started = time.perf_counter()
-    result = segment(volume, preprocessing=model.preprocessing, roi_size_zyx=roi, overlap=overlap, backend=backend,
-                     head=head, batch_size=request.batch_size, largest_component=request.largest_component,
+    result = segment(volume, preprocessing=preprocessing, roi_size_zyx=roi, overlap=overlap, backend=backend,
+                     head=head, batch_size=request.batch_size, largest_component=largest_component,
                      progress=request.progress, cancel=request.cancel)
     return SegmentationOutcome(result, model, roi, overlap, backend.name, str(device),
-                               time.perf_counter() - started, request.largest_component)
+                               time.perf_counter() - started, largest_component, choice, memory)
+
+
+def check_memory(volume: CTVolume, preprocessing: Preprocessing, model: SegmentationModel,
+                 roi: tuple[int, int, int], batch_size: int) -> MemoryEstimate:
+    """The run's peak memory from its grids, refused (InputError) before anything is allocated when it is more than
+    this machine has available."""
+    estimate = estimate_memory(volume.grid, preprocessing, model.network, roi, batch_size)
+    available = available_memory_bytes()
+    log.info("model grid %s voxels (z, y, x), about %.1f GiB at the peak", "x".join(map(str, estimate.model_shape_zyx)),
+             estimate.bytes_needed / 2**30)
+    if available is not None and estimate.bytes_needed > available:
+        spacing = " x ".join(f"{mm:g}" for mm in preprocessing.spacing_for(volume.grid))
+        size = " x ".join(map(str, volume.shape_zyx))
+        raise InputError(f"{volume.source}: at {spacing} mm voxels (z, y, x) its {size} voxels become "
+                         f"{estimate.describe()}, more than the {available / 2**30:.1f} GiB this machine has "
+                         f"available", remedy="spacing")
+    return estimate
 
 
 def segmentation_backend(model: SegmentationModel, volume: CTVolume, request: SegmentationRequest, device: Any,

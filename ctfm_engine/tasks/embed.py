@@ -149,7 +149,8 @@ class Embedder:
 
 
 def write_embeddings(
-    embeddings: Sequence[Embedding], path: str | Path, *, weights: dict[str, str], preprocessing: Preprocessing
+    embeddings: Sequence[Embedding], path: str | Path, *, weights: dict[str, str], preprocessing: Preprocessing,
+    preprocessing_choice: str | None = None,
 ) -> Path:
     """Write embeddings and their provenance to an ``.npz`` file atomically (numpy.load opens it).
 
@@ -163,6 +164,7 @@ def write_embeddings(
     metadata = {
         "weights": weights,
         "preprocessing": preprocessing.describe(),
+        "preprocessing_choice": preprocessing_choice,
         "level": embeddings[0].level,
         "aggregation": embeddings[0].aggregation,
         "model_shapes_zyx": [list(item.model_shape_zyx) for item in embeddings],

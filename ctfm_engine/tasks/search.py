@@ -33,6 +33,7 @@ Decisions where the reference app is silent or arbitrary:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -336,6 +337,12 @@ class SemanticSearch:
         self.settings = settings
         self.cache = cache if cache is not None else FeatureCache()
         self.memory_budget_bytes = memory_budget_bytes
+
+    def with_settings(self, settings: SearchSettings) -> SemanticSearch:
+        """The same encoder and feature cache with other settings (the cache keys hold the preprocessing)."""
+        sibling = copy.copy(self)
+        sibling.settings = settings
+        return sibling
 
     # -- public API --
 

@@ -39,7 +39,7 @@ from ctfm_engine.models.segmentation import inference_network
 from ctfm_engine.preprocess import CTFM_PREPROCESSING, ModelInput, Preprocessing, preprocess
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.runtime.backends import Backend, TorchBackend
-from ctfm_engine.volume import CTVolume
+from ctfm_engine.volume import CTVolume, Grid
 
 __all__ = ["totalsegmentator_names", "SegmentationModel", "Segmentation", "segment", "load_segmentation_model",
            "open_segmentation_model", "sliding_window_labels", "predict_model_space"]
@@ -51,11 +51,14 @@ DEFAULT_ROI_ZYX = (32, 128, 128)
 DEFAULT_OVERLAP = 0.5
 INFERENCE_FILE = "ctfm_inference.json"  # beside config.json: how the model sees CT (never passed to SegResNetDS)
 
-# project-lighter/whole_body_segmentation: TotalSegmentator "processed" data at 1.5 mm isotropic,
-# SPL, CropForeground on the scaled image (> -1024 HU), window -1024..2048, inferred with 96x160x160 windows at 0.625.
+# project-lighter/whole_body_segmentation: trained on TotalSegmentator "processed" data, 1.5 mm isotropic (the
+# TotalSegmentator scans the authors ship with their search app are; the card itself has no Spacing step), SPL,
+# CropForeground on the scaled image (> -1024 HU), window -1024..2048, 96x160x160 windows at 0.625 (the CT-FM
+# evaluation's inferer), and the card's post-processing: the largest connected component of each label, kept in
+# model space before the labels are inverted onto the input.
 PUBLISHED_WHOLE_BODY = {
     "spacing_zyx_mm": [1.5, 1.5, 1.5], "hu_window": [-1024.0, 2048.0], "foreground_above_hu": -1024.0,
-    "roi_size_zyx": [96, 160, 160], "overlap": 0.625, "labels": "totalsegmentator_v2",
+    "roi_size_zyx": [96, 160, 160], "overlap": 0.625, "labels": "totalsegmentator_v2", "largest_component": True,
 }
 
 
@@ -70,6 +73,7 @@ class SegmentationModel:
     overlap: float
     names: dict[int, str]
     settings_source: str  # "checkpoint", "published whole_body_segmentation recipe" or "defaults"
+    largest_component: bool = False  # the post-processing this model runs with by default
 
     @property
     def out_channels(self) -> int:
@@ -80,7 +84,8 @@ class SegmentationModel:
 
     def describe(self) -> dict[str, Any]:
         return {"preprocessing": self.preprocessing.describe(), "roi_size_zyx": list(self.roi_size_zyx),
-                "overlap": self.overlap, "out_channels": self.out_channels, "settings": self.settings_source}
+                "overlap": self.overlap, "out_channels": self.out_channels, "settings": self.settings_source,
+                "largest_component": self.largest_component}
 
 
 def inferred_decoder_config(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -157,6 +162,9 @@ def open_segmentation_model(weights: str | Path, expect_channels: int | None = N
         )
         roi = tuple(int(v) for v in settings.get("roi_size_zyx", DEFAULT_ROI_ZYX))
         overlap = float(settings.get("overlap", DEFAULT_OVERLAP))
+        largest_component = settings.get("largest_component", False)
+        if not isinstance(largest_component, bool):
+            raise TypeError(f"largest_component must be true or false, got {largest_component!r}")
     except (TypeError, ValueError) as error:
         raise ModelError(f"{checkpoint.folder}/{INFERENCE_FILE}: unreadable settings ({error})") from None
     labels = settings.get("labels", "totalsegmentator_v2" if channels == 118 else None)
@@ -166,7 +174,62 @@ def open_segmentation_model(weights: str | Path, expect_channels: int | None = N
         names = totalsegmentator_names()
     else:
         names = {value: f"label_{value}" for value in range(1, channels)}
-    return SegmentationModel(network, checkpoint, preprocessing, roi, overlap, names, source)  # type: ignore[arg-type]
+    return SegmentationModel(network, checkpoint, preprocessing, roi, overlap, names, source,  # type: ignore[arg-type]
+                             largest_component)
+
+
+# Peak activation memory of one SegResNetDS trunk window, as a multiple of (window voxels x init_filters x 4 bytes):
+# measured as the peak-RSS growth of PyTorch eager on CPU under inference_mode: 5.6 (init_filters 32, 32x128x128),
+# 5.7 (32, 96x160x160), 10.2 (8, 32x128x128: fixed buffers weigh more on a narrow network); the wide case rounded up,
+# a narrow network is small whatever the factor.
+ACTIVATION_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a segmentation will hold at its peak, computed from the grids before anything is allocated."""
+
+    model_shape_zyx: tuple[int, int, int]
+    source_shape_zyx: tuple[int, int, int]
+    bytes_needed: int
+
+    def describe(self) -> str:
+        shape = " x ".join(map(str, self.model_shape_zyx))
+        return f"a {shape} model grid (z, y, x), about {self.bytes_needed / 2**30:.1f} GiB"
+
+
+def estimate_memory(source: Grid, preprocessing: Preprocessing, network: torch.nn.Module,
+                    roi_size_zyx, batch_size: int = 1) -> MemoryEstimate:
+    """The peak memory of :func:`segment` for a scan on ``source``, from its model grid (before the foreground
+    crop: an upper bound): the resampled HU and the scaled image (float32 each), the window blend of
+    ``init_filters`` feature planes one window deep, the model-space labels, the network's activations for a batch
+    of windows, and the labels and clean-up maps on the source grid."""
+    from ctfm_engine.preprocess import spl_grid
+
+    grid = spl_grid(source, preprocessing.spacing_zyx_mm)
+    shape = tuple(max(n, r) for n, r in zip(grid.shape_zyx, roi_size_zyx, strict=True))
+    model_voxels = math.prod(shape)
+    source_voxels = math.prod(source.shape_zyx)
+    width = int(getattr(network, "init_filters", 32))
+    window_voxels = math.prod(int(r) for r in roi_size_zyx)
+    plane = shape[1] * shape[2]
+    needed = (model_voxels * (4 + 4 + 2)  # resampled HU, scaled image, labels
+              + (width + 1) * int(roi_size_zyx[0]) * plane * 4  # blended features and weights
+              + ACTIVATION_FACTOR * window_voxels * width * 4 * batch_size
+              + source_voxels * 3)  # labels, removed map and a resampler copy on the source grid
+    return MemoryEstimate(grid.shape_zyx, source.shape_zyx, int(needed))
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now (MemAvailable on Linux), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def check_window(roi_size_zyx, overlap: float) -> tuple[tuple[int, int, int], float]:
@@ -208,8 +271,11 @@ def sliding_window_labels(
     size = tuple(int(n) for n in image.shape)
     padded = tuple(max(n, r) for n, r in zip(size, roi, strict=True))
     before = tuple((p - n) // 2 for n, p in zip(size, padded, strict=True))
-    volume = np.zeros(padded, dtype=np.float32)
-    volume[tuple(slice(b, b + n) for b, n in zip(before, size, strict=True))] = image
+    if padded == size:
+        volume = np.ascontiguousarray(image, dtype=np.float32)
+    else:
+        volume = np.zeros(padded, dtype=np.float32)
+        volume[tuple(slice(b, b + n) for b, n in zip(before, size, strict=True))] = image
     starts = [window_starts(n, r, overlap) for n, r in zip(padded, roi, strict=True)]
     total = math.prod(len(s) for s in starts)
     device = backend.output_device
@@ -282,7 +348,8 @@ def predict_model_space(
 class Segmentation:
     labels: np.ndarray  # on the source grid, (z, y, x)
     volume: CTVolume
-    removed_voxels: dict[int, int] = field(default_factory=dict)  # by --largest-component, per label
+    removed_voxels: dict[int, int] = field(default_factory=dict)  # source voxels the component clean-up removed
+    preprocessing: Preprocessing | None = None  # how the scan was brought to the model
 
     def structures(self, names: dict[int, str]) -> list[dict]:
         """Present structures, largest first: label, name, voxels and volume in mL."""
@@ -300,14 +367,16 @@ class Segmentation:
         return write_image(image, path)
 
 
-def keep_largest_components(labels: np.ndarray) -> dict[int, int]:
-    """Keep only the largest 26-connected component of each label, in place; removed voxels per label."""
+def keep_largest_components(labels: np.ndarray) -> np.ndarray | None:
+    """Keep only the largest 26-connected component of each label, in place (MONAI's
+    KeepLargestConnectedComponent on an arg-max map: every label independently, full connectivity; ties go to the
+    component met first in C order).  Returns a map of the removed voxels (their former labels, 0 elsewhere), or
+    None when nothing was removed."""
     from scipy import ndimage
 
-    removed = {}
     structure = np.ones((3, 3, 3), dtype=bool)
-    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False))
-    for index, box in enumerate(boxes):
+    removed: np.ndarray | None = None
+    for index, box in enumerate(ndimage.find_objects(labels.astype(np.int32, copy=False))):
         value = index + 1
         if box is None:
             continue
@@ -319,7 +388,9 @@ def keep_largest_components(labels: np.ndarray) -> dict[int, int]:
         sizes[0] = 0
         drop = mask & (components != int(sizes.argmax()))
         labels[box][drop] = 0
-        removed[value] = int(drop.sum())
+        if removed is None:
+            removed = np.zeros_like(labels)
+        removed[box][drop] = value
     return removed
 
 
@@ -357,10 +428,16 @@ def segment(
 
 def to_source(model_input: ModelInput, labels: np.ndarray, volume: CTVolume,
               largest_component: bool = False) -> Segmentation:
-    """Model-space labels onto the source grid (nearest), then the optional largest-component clean-up."""
+    """The optional largest-component clean-up in model space (where the card does it: after the arg-max, before
+    the inversion), then the labels onto the source grid (nearest).  What the clean-up removed is counted on the
+    source grid, so its voxels compare with the structures' own."""
+    removed_map = keep_largest_components(labels) if largest_component else None
     on_source = model_input.to_source(labels, interpolation="nearest", fill=0)
-    removed = keep_largest_components(on_source) if largest_component else {}
-    return Segmentation(on_source, volume, removed)
+    removed: dict[int, int] = {}
+    if removed_map is not None:
+        counts = np.bincount(model_input.to_source(removed_map, interpolation="nearest", fill=0).ravel())
+        removed = {int(value): int(count) for value, count in enumerate(counts) if value and count}
+    return Segmentation(on_source, volume, removed, model_input.preprocessing)
 
 
 def write_volume_table(rows: list[dict], labels: dict[int, Label], path: str | Path) -> Path:
