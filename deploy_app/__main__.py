@@ -15,6 +15,9 @@ can be configured without changing its command line):
                        (CTFM_TRIAGE_MODEL)
     --triage-accept-partial
                        judge a head CT that covers less than a whole head along S (CTFM_TRIAGE_ACCEPT_PARTIAL=1)
+    --skip-ct-check    read the series even when its intensities do not look like CT in Hounsfield units (for a true
+                       CT that fails the check, e.g. a crop of pure soft tissue); results on non-CT data are
+                       meaningless (CTFM_SKIP_CT_CHECK=1)
     --pacs URL         send the results: http://HOST:PORT/dicom-web or dicom://AET@HOST:PORT (CTFM_PACS_URL)
     --rules FILE       series selection rules, JSON (CTFM_SELECTION_RULES; default deploy_app/selection_rules.json)
     --device D         cpu (default), cuda, cuda:N or auto (CTFM_DEVICE)
@@ -51,6 +54,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--triage-model", default=env("CTFM_TRIAGE_MODEL") or None)
     parser.add_argument("--triage-accept-partial", action="store_true",
                         default=env("CTFM_TRIAGE_ACCEPT_PARTIAL", "").lower() in ("1", "true", "yes"))
+    parser.add_argument("--skip-ct-check", action="store_true",
+                        default=env("CTFM_SKIP_CT_CHECK", "").lower() in ("1", "true", "yes"))
     parser.add_argument("--pacs", default=env("CTFM_PACS_URL") or None)
     parser.add_argument("--rules", type=Path, default=env("CTFM_SELECTION_RULES") or DEFAULT_RULES)
     parser.add_argument("--device", default=env("CTFM_DEVICE") or "cpu")
@@ -89,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = AppSettings(input=input_folder, output=output, segmentation_model=segmentation_model,
                                triage_model=options.triage_model or triage_model, encoding=options.encoding,
                                pacs_url=options.pacs, rules_file=options.rules, device=options.device,
-                               triage_accept_partial=options.triage_accept_partial)
+                               triage_accept_partial=options.triage_accept_partial,
+                               skip_ct_check=options.skip_ct_check)
         output.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".ctfm-staging-", dir=output))
         try:

@@ -46,6 +46,7 @@ class AppSettings:
     rules_file: Path = DEFAULT_RULES
     device: str = "cpu"
     triage_accept_partial: bool = False
+    skip_ct_check: bool = False
 
 
 def model_folders(model: str | None) -> tuple[str | Path | None, Path | None]:
@@ -80,7 +81,8 @@ class CTFMSegmentationApp(Application):
         rules = SelectionRules.from_file(settings.rules_file)
         select = SeriesSelectorOperator(self, CountCondition(self, 1), input_folder=settings.input, rules=rules,
                                         record=record, name="select_series")
-        load = VolumeLoaderOperator(self, input_folder=settings.input, record=record, name="load_volume")
+        load = VolumeLoaderOperator(self, input_folder=settings.input, record=record,
+                                    check_ct=not settings.skip_ct_check, name="load_volume")
         segment = SegmentationOperator(self, model=settings.segmentation_model, device=settings.device,
                                        record=record, name="segment")
         write_seg = DicomSegWriterOperator(self, encoding=settings.encoding, record=record, name="write_seg")

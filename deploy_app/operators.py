@@ -81,11 +81,14 @@ class SeriesSelectorOperator(Operator):
 
 
 class VolumeLoaderOperator(Operator):
-    """The chosen series -> a CTVolume in HU with its DICOM references (``volume``)."""
+    """The chosen series -> a CTVolume in HU with its DICOM references (``volume``), refused when it does not look
+    like CT in Hounsfield units unless ``check_ct`` is False."""
 
-    def __init__(self, fragment: Fragment, *args: Any, input_folder: Path, record: RunRecord, **kwargs: Any) -> None:
+    def __init__(self, fragment: Fragment, *args: Any, input_folder: Path, record: RunRecord, check_ct: bool = True,
+                 **kwargs: Any) -> None:
         self.input_folder = Path(input_folder)
         self.record = record
+        self.check_ct = check_ct
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -93,11 +96,11 @@ class VolumeLoaderOperator(Operator):
         spec.output("volume")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        from ctfm_engine.dicom.series import read_dicom_series
+        from ctfm_engine.pipelines.inputs import ScanSource
 
         series = op_input.receive("series")
         started = time.perf_counter()
-        volume = read_dicom_series(self.input_folder, series_uid=series.series_id)
+        volume = ScanSource(self.input_folder, series.series_id, check_ct=self.check_ct).read()
         self.record.summary["volume"] = {"size_xyz": list(volume.shape_zyx[::-1]),
                                          "spacing_xyz_mm": [round(v, 4) for v in volume.spacing_xyz_mm],
                                          "series_instance_uid": volume.dicom.series_instance_uid,
@@ -107,7 +110,10 @@ class VolumeLoaderOperator(Operator):
 
 
 # The remedy of an engine error, worded as this app's settings.
-REMEDIES = {"accept_partial": "set CTFM_TRIAGE_ACCEPT_PARTIAL=1 (or --triage-accept-partial) to judge it anyway"}
+ACCEPT_NOT_CT = ("if the series is a CT in Hounsfield units, set CTFM_SKIP_CT_CHECK=1 (or --skip-ct-check) to read it "
+                 "anyway")
+REMEDIES = {"accept_partial": "set CTFM_TRIAGE_ACCEPT_PARTIAL=1 (or --triage-accept-partial) to judge it anyway",
+            "ct_check": ACCEPT_NOT_CT, "hu_offset": ACCEPT_NOT_CT}
 
 
 class _ModelOperator(Operator):

@@ -209,6 +209,20 @@ def test_bad_input_gets_one_clear_sentence_exit_3_and_no_output(make_input, tmp_
     assert left_behind(out) == []
 
 
+def test_a_series_that_does_not_look_like_ct_is_refused_naming_the_setting_that_reads_it(tmp_path):
+    folder = copy_series(SLICER_HEAD, tmp_path / "in", 93)  # the 93 slices, not the licence file
+    retag(folder, RescaleIntercept=1)  # a wrong rescale (not -1024): the voxels read as HU+1025, no fat or air
+    refused = run_app("-i", folder, "-o", tmp_path / "refused")
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    [message] = [line for line in refused.stderr.splitlines() if line.startswith("deploy_app: error:")]
+    assert "does not look like a CT in Hounsfield units" in message and "CT stored as HU+1024" in message
+    assert message.endswith("set CTFM_SKIP_CT_CHECK=1 (or --skip-ct-check) to read it anyway"), message
+    assert left_behind(tmp_path / "refused") == []
+    read = run_app("-i", folder, "-o", tmp_path / "read", env={"CTFM_SKIP_CT_CHECK": "1"})
+    assert read.returncode == 0, read.stderr[-3000:]
+    assert (tmp_path / "read" / "ctfm-seg.dcm").is_file()
+
+
 def test_a_broken_model_is_exit_4_after_the_input_was_accepted_and_leaves_no_output(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
