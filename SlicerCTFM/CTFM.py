@@ -421,7 +421,7 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
     # -- segmentation --
 
     def startSegmentation(self, volumeNode: Any, weights: Any, device: str = "auto",
-                          largestComponent: bool = False, skipCtCheck: bool = False) -> jobs.Job:
+                          largestComponent: bool | None = None, skipCtCheck: bool = False) -> jobs.Job:
         from CTFMLib import mrml_adapters
 
         volume = mrml_adapters.volume_node_to_ctvolume(volumeNode, keep_small_integers=True)

@@ -18,6 +18,11 @@ can be configured without changing its command line):
     --skip-ct-check    read the series even when its intensities do not look like CT in Hounsfield units (for a true
                        CT that fails the check, e.g. a crop of pure soft tissue); results on non-CT data are
                        meaningless (CTFM_SKIP_CT_CHECK=1)
+    --no-largest-component
+                       keep every island of every structure; by default the published whole_body_segmentation
+                       keeps the largest connected component of each, as its model card (CTFM_NO_LARGEST_COMPONENT=1)
+    --spacing S        the voxel size the model sees: native (the series' own, as the model card) or MM; default:
+                       the spacing the model was trained at (CTFM_SPACING)
     --pacs URL         send the results: http://HOST:PORT/dicom-web or dicom://AET@HOST:PORT (CTFM_PACS_URL)
     --rules FILE       series selection rules, JSON (CTFM_SELECTION_RULES; default deploy_app/selection_rules.json)
     --device D         cpu (default), cuda, cuda:N or auto (CTFM_DEVICE)
@@ -56,6 +61,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         default=env("CTFM_TRIAGE_ACCEPT_PARTIAL", "").lower() in ("1", "true", "yes"))
     parser.add_argument("--skip-ct-check", action="store_true",
                         default=env("CTFM_SKIP_CT_CHECK", "").lower() in ("1", "true", "yes"))
+    parser.add_argument("--no-largest-component", action="store_true",
+                        default=env("CTFM_NO_LARGEST_COMPONENT", "").lower() in ("1", "true", "yes"))
+    parser.add_argument("--spacing", default=env("CTFM_SPACING") or None)
     parser.add_argument("--pacs", default=env("CTFM_PACS_URL") or None)
     parser.add_argument("--rules", type=Path, default=env("CTFM_SELECTION_RULES") or DEFAULT_RULES)
     parser.add_argument("--device", default=env("CTFM_DEVICE") or "cpu")
@@ -90,12 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"-i {input_folder}: give the folder that holds the DICOM files (one or more series)")
         if not options.rules.is_file():
             raise UsageError(f"--rules {options.rules}: no such file")
+        from ctfm_engine.pipelines.segmentation import spacing_choice
+
+        spacing_choice(options.spacing)  # a bad --spacing is a usage error before any series is read
         segmentation_model, triage_model = model_folders(options.model)
         settings = AppSettings(input=input_folder, output=output, segmentation_model=segmentation_model,
                                triage_model=options.triage_model or triage_model, encoding=options.encoding,
                                pacs_url=options.pacs, rules_file=options.rules, device=options.device,
                                triage_accept_partial=options.triage_accept_partial,
-                               skip_ct_check=options.skip_ct_check)
+                               skip_ct_check=options.skip_ct_check,
+                               largest_component=False if options.no_largest_component else None,
+                               spacing=options.spacing)
         output.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".ctfm-staging-", dir=output))
         try:

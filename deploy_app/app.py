@@ -47,6 +47,8 @@ class AppSettings:
     device: str = "cpu"
     triage_accept_partial: bool = False
     skip_ct_check: bool = False
+    largest_component: bool | None = None  # None: the model's own post-processing
+    spacing: str | None = None  # None: the model's trained voxel size
 
 
 def model_folders(model: str | None) -> tuple[str | Path | None, Path | None]:
@@ -84,7 +86,8 @@ class CTFMSegmentationApp(Application):
         load = VolumeLoaderOperator(self, input_folder=settings.input, record=record,
                                     check_ct=not settings.skip_ct_check, name="load_volume")
         segment = SegmentationOperator(self, model=settings.segmentation_model, device=settings.device,
-                                       record=record, name="segment")
+                                       record=record, largest_component=settings.largest_component,
+                                       spacing=settings.spacing, name="segment")
         write_seg = DicomSegWriterOperator(self, encoding=settings.encoding, record=record, name="write_seg")
         results = ResultsOperator(self, record=record, pacs_url=settings.pacs_url,
                                   with_sr=settings.triage_model is not None, name="publish")

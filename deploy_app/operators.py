@@ -113,7 +113,8 @@ class VolumeLoaderOperator(Operator):
 ACCEPT_NOT_CT = ("if the series is a CT in Hounsfield units, set CTFM_SKIP_CT_CHECK=1 (or --skip-ct-check) to read it "
                  "anyway")
 REMEDIES = {"accept_partial": "set CTFM_TRIAGE_ACCEPT_PARTIAL=1 (or --triage-accept-partial) to judge it anyway",
-            "ct_check": ACCEPT_NOT_CT, "hu_offset": ACCEPT_NOT_CT}
+            "ct_check": ACCEPT_NOT_CT, "hu_offset": ACCEPT_NOT_CT,
+            "spacing": "set CTFM_SPACING (or --spacing) to a coarser voxel size, e.g. 1.5"}
 
 
 class _ModelOperator(Operator):
@@ -129,7 +130,18 @@ class _ModelOperator(Operator):
 
 
 class SegmentationOperator(_ModelOperator):
-    """CTVolume -> whole-body label map on the source grid (``segmentation``), with the CT-FM segmentation model."""
+    """CTVolume -> whole-body label map on the source grid (``segmentation``), with the CT-FM segmentation model.
+
+    ``largest_component`` None runs the model's own post-processing (the published model keeps the largest
+    component of each label, as its card); False keeps every island.  ``spacing`` None is the model's trained
+    voxel size, "native" the series' own, or mm.
+    """
+
+    def __init__(self, fragment: Fragment, *args: Any, largest_component: bool | None = None,
+                 spacing: str | None = None, **kwargs: Any) -> None:
+        self.largest_component = largest_component
+        self.spacing = spacing
+        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -141,6 +153,7 @@ class SegmentationOperator(_ModelOperator):
         volume = op_input.receive("volume")
         started = time.perf_counter()
         outcome = run_segmentation(SegmentationRequest(volume, weights=self.model, device=self.device,
+                                                       largest_component=self.largest_component, spacing=self.spacing,
                                                        progress=_progress_logger("segmenting", "windows")))
         self.record.seconds["load_model"] = round(time.perf_counter() - started - outcome.seconds, 3)
         self.record.seconds["segment"] = round(outcome.seconds, 3)
@@ -148,7 +161,7 @@ class SegmentationOperator(_ModelOperator):
         log.info("segmentation: %d structures with %s (sha256 %s)", len(structures), outcome.weights["name"],
                  outcome.weights["sha256"][:12])
         self.record.summary["segmentation"] = {"weights": outcome.weights, "backend": outcome.backend,
-                                               "structures": structures}
+                                               "model": outcome.describe_model(), "structures": structures}
         op_output.emit(outcome, "segmentation")
 
 

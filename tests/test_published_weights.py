@@ -88,6 +88,20 @@ def test_deploy_app_loads_the_published_layout_by_repo_id(published_cache, tmp_p
     summary = json.loads((out / "ctfm-results.json").read_text())
     _published(summary["segmentation"]["weights"], SEGMENTATION_REPO)
     assert "demonstration model" not in run.stderr
+    # the card's post-processing by default, at the trained spacing; both switches as the hospital sets them
+    assert summary["segmentation"]["model"]["largest_component"] is True
+    assert summary["segmentation"]["model"]["spacing"]["choice"] == "trained"
+    switched = subprocess.run([sys.executable, "-m", "deploy_app", "-i", SLICER_HEAD, "-o", tmp_path / "switched",
+                               "-m", SEGMENTATION_REPO], capture_output=True, text=True, cwd=REPOSITORY, timeout=900,
+                              env={**os.environ, "CTFM_CACHE": str(published_cache), "CTFM_NO_LARGEST_COMPONENT": "1",
+                                   "CTFM_SPACING": "native"})
+    assert switched.returncode == 0, switched.stderr[-3000:]
+    model = json.loads((tmp_path / "switched" / "ctfm-results.json").read_text())["segmentation"]["model"]
+    assert model["largest_component"] is False and model["spacing"]["spacing_zyx_mm"] == "native"
+    bad = subprocess.run([sys.executable, "-m", "deploy_app", "-i", SLICER_HEAD, "-o", tmp_path / "bad",
+                          "--spacing", "fine"], capture_output=True, text=True, cwd=REPOSITORY, timeout=300)
+    assert bad.returncode == 2 and "spacing 'fine'" in bad.stderr
+    assert not any((tmp_path / "bad").rglob("*"))  # refused before any series was read: nothing written
 
 
 def test_slicer_worker_takes_the_published_checkpoint_from_the_policy(use_published, small_ct):
@@ -99,6 +113,13 @@ def test_slicer_worker_takes_the_published_checkpoint_from_the_policy(use_publis
         time.sleep(0.1)
     assert job.state == "done", (job.state, job.error, job.log[-5:])
     _published(job.result["weights"], SEGMENTATION_REPO)
+    assert job.result["model"]["largest_component"] is True  # the card's post-processing, by default
+    islands = jobs.start_segmentation(read_volume(small_ct), largest_component=False)  # the module's box unticked
+    while not islands.finished and time.monotonic() < deadline + 600:
+        islands.poll()
+        time.sleep(0.1)
+    assert islands.state == "done", (islands.state, islands.error, islands.log[-5:])
+    assert islands.result["model"]["largest_component"] is False
 
 
 def test_ctfm_demo_uses_the_published_checkpoints_when_the_cache_holds_them(use_published, small_ct, tmp_path,

@@ -197,11 +197,10 @@ def test_progress_is_reported_and_cancel_stops_the_run_without_output(tmp_path):
 
 
 def test_largest_component_keeps_one_piece_per_structure():
+    from monai.transforms import KeepLargestConnectedComponent
     from scipy import ndimage
 
     from ctfm_engine.tasks.segment import keep_largest_components
-
-    from monai.transforms import KeepLargestConnectedComponent
 
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABELS))).copy()
     labels[0:2, 0:2, 0:2] = 5  # a stray liver island far from the liver

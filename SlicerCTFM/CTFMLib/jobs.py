@@ -323,7 +323,7 @@ def start_segmentation(
     *,
     roi_size_zyx: Sequence[int] | None = None,
     overlap: float | None = None,
-    largest_component: bool = False,
+    largest_component: bool | None = None,
     skip_ct_check: bool = False,
     python: str | None = None,
     work_dir: str | Path | None = None,
@@ -331,14 +331,17 @@ def start_segmentation(
     """Whole-body segmentation of ``volume`` in a worker (the engine's ``run_segmentation``).
 
     ``weights`` is a SegResNetDS checkpoint folder or hub repo id (None: the engine's weights policy chooses, down to
-    its demonstration model); ``roi_size_zyx`` and ``overlap`` override the checkpoint's window; ``skip_ct_check``
+    its demonstration model); ``roi_size_zyx`` and ``overlap`` override the checkpoint's window;
+    ``largest_component`` keeps (True) or not (False) only the largest piece of each structure, None: the model's own
+    post-processing (the published model: on, as its card); ``skip_ct_check``
     reads a volume that does not look like CT in Hounsfield units instead of refusing it.  Result: ``labels``
     (uint8 (z, y, x) on ``volume``'s grid), ``names`` ({value: TotalSegmentator name}), ``structures`` (label, name,
     voxels, volume_ml), ``weights`` ({name, sha256, demonstration}), ``model``, ``device``, ``seconds``.
     """
     request = {"weights": _absolute(weights), "device": device,
                "roi_size_zyx": None if roi_size_zyx is None else [int(v) for v in roi_size_zyx],
-               "overlap": overlap, "largest_component": bool(largest_component),
+               "overlap": overlap,
+               "largest_component": None if largest_component is None else bool(largest_component),
                "skip_ct_check": bool(skip_ct_check)}
     return Job("segment", volume, request, python=python, work_dir=work_dir)
 

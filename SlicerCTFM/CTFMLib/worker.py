@@ -99,14 +99,13 @@ def segmentation_job(folder: Path, request: dict[str, Any], events: EventWriter,
     outcome = run_segmentation(SegmentationRequest(
         input=volume, weights=_weights(request), device=_device(request),
         roi_size_zyx=None if roi is None else tuple(roi), overlap=request.get("overlap"),
-        largest_component=bool(request.get("largest_component")),
+        largest_component=request.get("largest_component"),
         progress=lambda done, total: events.progress("segmenting", done, total), cancel=cancel))
     events.progress("writing result", 0, 1)
     labels = protocol.save_array(folder, "labels", outcome.labels)
     events.emit(protocol.RESULT, arrays={"labels": labels}, names={str(k): v for k, v in outcome.names.items()},
                 structures=outcome.structures(), weights=outcome.weights,
-                model={**outcome.model.describe(), "roi_size_zyx": list(outcome.roi_size_zyx),
-                       "overlap": outcome.overlap, "backend": outcome.backend},
+                model={**outcome.describe_model(), "backend": outcome.backend},
                 device=outcome.device, seconds=round(outcome.seconds, 3))
 
 

@@ -234,7 +234,7 @@ def check_memory(volume: CTVolume, preprocessing: Preprocessing, model: Segmenta
                  roi: tuple[int, int, int], batch_size: int) -> MemoryEstimate:
     """The run's peak memory from its grids, refused (InputError) before anything is allocated when it is more than
     this machine has available."""
-    estimate = estimate_memory(volume.grid, preprocessing, model.network, roi, batch_size)
+    estimate = estimate_memory(volume.grid, preprocessing, int(model.network.init_filters), roi, batch_size)
     available = available_memory_bytes()
     log.info("model grid %s voxels (z, y, x), about %.1f GiB at the peak", "x".join(map(str, estimate.model_shape_zyx)),
              estimate.bytes_needed / 2**30)

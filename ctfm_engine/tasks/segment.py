@@ -198,19 +198,18 @@ class MemoryEstimate:
         return f"a {shape} model grid (z, y, x), about {self.bytes_needed / 2**30:.1f} GiB"
 
 
-def estimate_memory(source: Grid, preprocessing: Preprocessing, network: torch.nn.Module,
-                    roi_size_zyx, batch_size: int = 1) -> MemoryEstimate:
+def estimate_memory(source: Grid, preprocessing: Preprocessing, width: int, roi_size_zyx,
+                    batch_size: int = 1) -> MemoryEstimate:
     """The peak memory of :func:`segment` for a scan on ``source``, from its model grid (before the foreground
-    crop: an upper bound): the resampled HU and the scaled image (float32 each), the window blend of
-    ``init_filters`` feature planes one window deep, the model-space labels, the network's activations for a batch
-    of windows, and the labels and clean-up maps on the source grid."""
+    crop: an upper bound): the resampled HU and the scaled image (float32 each), the window blend of ``width``
+    (the network's init_filters) feature planes one window deep, the model-space labels, the network's activations
+    for a batch of windows, and the labels and clean-up maps on the source grid."""
     from ctfm_engine.preprocess import spl_grid
 
     grid = spl_grid(source, preprocessing.spacing_zyx_mm)
     shape = tuple(max(n, r) for n, r in zip(grid.shape_zyx, roi_size_zyx, strict=True))
     model_voxels = math.prod(shape)
     source_voxels = math.prod(source.shape_zyx)
-    width = int(getattr(network, "init_filters", 32))
     window_voxels = math.prod(int(r) for r in roi_size_zyx)
     plane = shape[1] * shape[2]
     needed = (model_voxels * (4 + 4 + 2)  # resampled HU, scaled image, labels
