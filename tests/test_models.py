@@ -59,12 +59,15 @@ def test_our_checkpoint_loads_into_lighter_zoo_bit_identically(tmp_path, narrow_
     assert set(load_file(str(narrow_weights / "model.safetensors"))) == set(theirs.state_dict())
 
 
-def test_segmentation_checkpoint_provides_its_encoder(tmp_path, real_patch):
+def test_segmentation_checkpoint_provides_its_encoder_only_when_asked(tmp_path, real_patch):
     torch.manual_seed(2)
     network = lighter_zoo.SegResNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8,
                                     blocks_down=[1, 2, 2, 4, 4])
     network.save_pretrained(tmp_path / "segresnet")
-    encoder, _ = load_encoder(tmp_path / "segresnet")
+    with pytest.raises(ModelError, match="segmentation model") as refused:
+        load_encoder(tmp_path / "segresnet")
+    assert refused.value.remedy == "segmentation_encoder"
+    encoder, _ = load_encoder(tmp_path / "segresnet", allow_segmentation_encoder=True)
     with torch.inference_mode():
         assert torch.equal(encoder(real_patch)[-1], network.eval().encoder(real_patch)[-1])
 

@@ -274,3 +274,27 @@ def test_a_config_without_its_optional_decoder_fields_loads_them_from_the_weight
     (folder / "config.json").write_text(json.dumps({**config, "dsdepth": config["dsdepth"] - 1}))
     with pytest.raises(ModelError, match="unexpected key"):  # a given field that contradicts the weights: refused
         open_segmentation_model(folder)
+
+
+def test_a_model_grid_beyond_the_machine_is_refused_before_allocation_and_a_long_ct_is_not(tmp_path):
+    from ctfm_engine.preprocess import Preprocessing
+    from ctfm_engine.tasks.segment import available_memory_bytes, estimate_memory
+    from ctfm_engine.volume import Grid
+
+    # 0.1 mm voxels turn the 366 x 303 x 90 mm sample into a 900 x 3030 x 3660 grid: refused with the sizes, exit 3
+    out = tmp_path / "labels.nii.gz"
+    result = run_cli("segment", SAMPLE_CT, "--out", out, "--spacing", "0.1", "--json", "-q")
+    assert result.code == 3, result.stderr
+    message = result.document["error"]["message"]
+    assert "900 x 3030 x 3660 model grid" in message and "GiB" in message and "--spacing" in message, message
+    assert not out.exists()
+    assert run_cli("segment", SAMPLE_CT, "--out", out, "--spacing", "fine").code == 2
+    # a long clinical CT (512 x 512 x 1500 at 0.7 mm: 1.05 m of patient) at the published recipe needs a bounded
+    # few GiB -- the source grid dominates, not the model -- and fits the machines this runs on
+    long_ct = Grid((1500, 512, 512), (0.7, 0.7, 0.7), (0.0, 0.0, 0.0), np.eye(3))
+    estimate = estimate_memory(long_ct, Preprocessing((1.5, 1.5, 1.5), (-1024.0, 2048.0), -1024.0), 32,
+                               (96, 160, 160))
+    assert estimate.model_shape_zyx == (700, 239, 239)
+    assert 1.0 < estimate.bytes_needed / 2**30 < 6.0, estimate.describe()
+    available = available_memory_bytes()
+    assert available is None or estimate.bytes_needed < available

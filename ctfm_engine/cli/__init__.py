@@ -66,8 +66,8 @@ SUBCOMMANDS: dict[str, ModuleType] = {
 # The engine's remedy keys (see ctfm_engine.errors) in the command line's words.
 REMEDIES = {"accept_partial": "pass --accept-partial to judge it anyway",
             "spacing": "pass a coarser --spacing (e.g. 1.5)",
-            "segmentation_encoder": "use an encoder checkpoint (project-lighter/ct_fm_feature_extractor), or pass "
-                                    "--allow-segmentation-encoder to embed with it anyway",
+            "segmentation_encoder": "use an encoder checkpoint (project-lighter/ct_fm_feature_extractor); "
+                                    "ctfm embed and ctfm search take --allow-segmentation-encoder to use it anyway",
             "ct_check": "if it is a CT in Hounsfield units, pass --skip-ct-check to read it anyway",
             "hu_offset": "pass --hu-offset -1024 to add the missing rescale, or --skip-ct-check if it is in "
                          "Hounsfield units already"}
