@@ -91,6 +91,10 @@ def test_deploy_app_loads_the_published_layout_by_repo_id(published_cache, tmp_p
     # the card's post-processing by default, at the trained spacing; both switches as the hospital sets them
     assert summary["segmentation"]["model"]["largest_component"] is True
     assert summary["segmentation"]["model"]["spacing"]["choice"] == "trained"
+    import pydicom
+
+    algorithm = pydicom.dcmread(out / "ctfm-seg.dcm").SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert {"spacing_zyx_mm=1.5x1.5x1.5", "largest_component=on"} <= set(algorithm.AlgorithmParameters.split(","))
     switched = subprocess.run([sys.executable, "-m", "deploy_app", "-i", SLICER_HEAD, "-o", tmp_path / "switched",
                                "-m", SEGMENTATION_REPO], capture_output=True, text=True, cwd=REPOSITORY, timeout=900,
                               env={**os.environ, "CTFM_CACHE": str(published_cache), "CTFM_NO_LARGEST_COMPONENT": "1",
@@ -98,6 +102,9 @@ def test_deploy_app_loads_the_published_layout_by_repo_id(published_cache, tmp_p
     assert switched.returncode == 0, switched.stderr[-3000:]
     model = json.loads((tmp_path / "switched" / "ctfm-results.json").read_text())["segmentation"]["model"]
     assert model["largest_component"] is False and model["spacing"]["spacing_zyx_mm"] == "native"
+    algorithm = pydicom.dcmread(tmp_path / "switched" / "ctfm-seg.dcm").SegmentSequence[0] \
+        .SegmentationAlgorithmIdentificationSequence[0]
+    assert {"spacing_zyx_mm=native", "largest_component=off"} <= set(algorithm.AlgorithmParameters.split(","))
     bad = subprocess.run([sys.executable, "-m", "deploy_app", "-i", SLICER_HEAD, "-o", tmp_path / "bad",
                           "--spacing", "fine"], capture_output=True, text=True, cwd=REPOSITORY, timeout=300)
     assert bad.returncode == 2 and "spacing 'fine'" in bad.stderr

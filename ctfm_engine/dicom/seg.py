@@ -134,6 +134,7 @@ class Algorithm:
     weights_sha256: str
     demonstration: bool = False
     published: str | None = None
+    settings: tuple[tuple[str, str], ...] = ()  # how the model was run (spacing, post-processing), recorded too
 
     def __post_init__(self) -> None:
         if not self.name.strip() or len(self.name) > LO_LENGTH:
@@ -154,6 +155,7 @@ class Algorithm:
             parameters["demonstration"] = "true (not CT-FM, not for clinical use)"
         if self.published is not None:
             parameters["published"] = self.published
+        parameters.update(self.settings)
         return parameters
 
     def describe(self, what: str) -> str:
@@ -161,13 +163,15 @@ class Algorithm:
         return (f"{self.name} {what}" + (" [DEMO, not clinical]" if self.demonstration else ""))[:LO_LENGTH]
 
     @classmethod
-    def from_identity(cls, identity: dict[str, Any], version: str) -> Algorithm:
+    def from_identity(cls, identity: dict[str, Any], version: str,
+                      settings: dict[str, str] | None = None) -> Algorithm:
         """From a result's ``weights`` record (``{"name", "sha256", "demonstration"}`` and, for a checkpoint that is
-        or claims to be a published one, ``published``)."""
+        or claims to be a published one, ``published``), with the run's ``settings`` (e.g. spacing)."""
         published = identity.get("published")
         return cls(name=str(identity["name"])[:LO_LENGTH], version=version, weights_sha256=str(identity["sha256"]),
                    demonstration=bool(identity.get("demonstration")),
-                   published=None if not published else str(published["status"]))
+                   published=None if not published else str(published["status"]),
+                   settings=tuple((settings or {}).items()))
 
     def identification(self) -> hd.AlgorithmIdentificationSequence:
         """The Segmentation Algorithm Identification Sequence of every segment this algorithm made."""

@@ -154,10 +154,14 @@ class SegmentationOutcome:
         return write_volume_table(self.structures(), self.label_table, path)
 
     def algorithm(self) -> Any:
-        """The DICOM algorithm record (name, version, weights sha256, demonstration) of this result."""
+        """The DICOM algorithm record (name, version, weights sha256, demonstration, published status, spacing and
+        post-processing) of this result."""
         from ctfm_engine.dicom.seg import Algorithm
 
-        return Algorithm.from_identity(self.weights, __version__)
+        spacing = self.preprocessing.describe()["spacing_zyx_mm"]
+        settings = {"spacing_zyx_mm": spacing if spacing == "native" else "x".join(f"{mm:g}" for mm in spacing),
+                    "largest_component": "on" if self.largest_component else "off"}
+        return Algorithm.from_identity(self.weights, __version__, settings)
 
     def write_dicom_seg(self, path: str | Path, encoding: str = "binary") -> Any:
         """The labels as a DICOM-SEG of the input series (needs a DICOM input and at least one structure)."""

@@ -215,7 +215,7 @@ def estimate_memory(source: Grid, preprocessing: Preprocessing, width: int, roi_
     needed = (model_voxels * (4 + 4 + 2)  # resampled HU, scaled image, labels
               + (width + 1) * int(roi_size_zyx[0]) * plane * 4  # blended features and weights
               + ACTIVATION_FACTOR * window_voxels * width * 4 * batch_size
-              + source_voxels * 3)  # labels, removed map and a resampler copy on the source grid
+              + source_voxels * 4)  # on the source grid: labels, the resampler's output and copy, removed map
     return MemoryEstimate(grid.shape_zyx, source.shape_zyx, int(needed))
 
 
