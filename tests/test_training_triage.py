@@ -10,7 +10,7 @@ import torch
 from conftest import SAMPLE_CT, SHARED, require_module, run_cli
 from safetensors.torch import load_file
 
-from ctfm_engine.errors import InputError, UsageError
+from ctfm_engine.errors import InputError, ModelError, UsageError
 from ctfm_engine.head_ct import (
     HeadCTPreprocessing,
     head_ct_input,
@@ -161,7 +161,9 @@ def test_cpu_mechanics_run_learns_and_exports_a_checkpoint_with_a_mechanics_only
         assert probability == pytest.approx(item["probability"], abs=1e-5), item["input"]
     from ctfm_engine.models.registry import load_encoder
 
-    load_encoder(export)  # the fine-tuned encoder loads as a CT-FM encoder (encoder.* keys)
+    with pytest.raises(ModelError, match="fine-tuned task model"):
+        load_encoder(export)  # its encoder was fine-tuned: not CT-FM's embeddings unless asked for
+    load_encoder(export, allow_segmentation_encoder=True)  # then it loads as a CT-FM encoder (encoder.* keys)
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):

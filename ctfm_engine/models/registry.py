@@ -154,9 +154,11 @@ def load_encoder(weights: str | Path | None = None, *,
     checkpoint = read_checkpoint(resolve_weights(weights, ENCODER))
     state = encoder_state(checkpoint)
     if state is not checkpoint.state_dict and not allow_segmentation_encoder:
-        raise ModelError(
-            f"{checkpoint.name}: is a segmentation model (SegResNetDS: encoder and decoder); its encoder was "
-            f"trained further for segmentation, so its embeddings are not CT-FM's", remedy="segmentation_encoder")
+        kind, task = (("a segmentation model (SegResNetDS: encoder and decoder)", "segmentation")
+                      if any(key.startswith("up_layers.") for key in checkpoint.state_dict)
+                      else ("a fine-tuned task model (an encoder with a task head)", "its task"))
+        raise ModelError(f"{checkpoint.name}: is {kind}; its encoder was trained further for {task}, so its "
+                         f"embeddings are not CT-FM's", remedy="segmentation_encoder")
     # A segmentation checkpoint's config also holds decoder arguments; an encoder checkpoint's must not.
     config = {key: value for key, value in checkpoint.config.items() if key in ENCODER_ARGUMENTS}
     if state is checkpoint.state_dict and set(checkpoint.config) - ENCODER_ARGUMENTS:
