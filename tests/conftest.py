@@ -28,6 +28,12 @@ if not (SHARED / "README.md").is_file():
 # so a green run means every real part was exercised.  Elsewhere such a test is skipped with the reason.
 REQUIRE_REAL_PARTS = os.environ.get("CTFM_REQUIRE_REAL_PARTS") == "1"
 
+# Segmentation's default runtime is chosen by measurement (--backend auto): OpenVINO or onnxruntime where they are
+# faster and agree with PyTorch fp32 to the threshold.  Tests that compare label maps voxel for voxel with
+# PyTorch's pin PyTorch for the whole session (processes they start inherit it); tests/test_runtime_selection.py
+# exercises auto itself with the variable removed.
+os.environ["CTFM_BACKEND"] = "torch"
+
 SAMPLE_CT = SHARED / "totalsegmentator" / "example_ct_sm.nii.gz"
 SAMPLE_LABELS = SHARED / "totalsegmentator" / "example_seg.nii.gz"
 TS_DICOM = SHARED / "dicom" / "ts_abdomen_20slices_j2k"

@@ -25,10 +25,16 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
     segment.add_argument("--model", help="segmentation checkpoint folder or hub repo id (default: CTFM_SEG_WEIGHTS, "
                          "then project-lighter/whole_body_segmentation in the cache, then the bundled demonstration "
                          "model ctfm-mini-wholebody-seg)")
-    segment.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="PyTorch eager (default) "
-                         "or onnxruntime (CUDA/TensorRT providers when present, else CPU)")
-    segment.add_argument("--onnx", type=Path, metavar="FILE.onnx",
-                         help="with --backend onnx: the file `ctfm export` wrote (default: export to the cache)")
+    segment.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
+                         help="auto (default): the fastest runtime of this machine whose labels agree with PyTorch "
+                         "fp32 on a real CT window, measured once per machine and model and cached (CTFM_BACKEND "
+                         "pins another default); torch (PyTorch eager), onnx (onnxruntime: CUDA/TensorRT when "
+                         "present, else CPU) or openvino (CPU) force one")
+    segment.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="force a precision: fp32 (default), "
+                         "bf16 (CPUs with AVX-512 BF16/AMX: torch autocast + channels-last, or OpenVINO), fp16 "
+                         "(GPUs); with --backend auto the fastest runtime of that precision")
+    segment.add_argument("--onnx", type=Path, metavar="FILE.onnx", help="with --backend onnx or openvino: the file "
+                         "`ctfm export` wrote (default: export to the cache)")
     segment.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"),
                          help="sliding-window size in model voxels (default: the checkpoint's)")
     segment.add_argument("--overlap", type=float,
@@ -44,7 +50,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
                          "scan's own voxels, as the model card's snippet) or MM isotropic (default: the spacing the "
                          "model was trained at, 1.5 mm for whole_body_segmentation)")
     segment.add_argument("--volumes", type=Path, metavar="FILE.csv", help="write the per-structure volume table (mL)")
-    segment.add_argument("--fp16", action="store_true", help="half precision on a GPU (ignored on CPU)")
+    segment.add_argument("--fp16", action="store_true", help="the same as --precision fp16 (a GPU; ignored on CPU)")
     segment.add_argument("--dicom-seg", type=Path, metavar="FILE.dcm", help="also write the result as DICOM-SEG "
                          "referencing the input series (INPUT must be a DICOM series folder)")
     segment.add_argument("--seg-encoding", default="binary", choices=("binary", "binary-j2k", "labelmap",
@@ -59,8 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--out {args.out}: write the label map as one of {', '.join(LABEL_MAP_SUFFIXES)}")
     if args.volumes is not None and args.volumes.suffix.lower() != ".csv":
         raise UsageError(f"--volumes {args.volumes}: the volume table is written as .csv")
-    if args.onnx is not None and args.backend != "onnx":
-        raise UsageError("--onnx FILE goes with --backend onnx")
+    if args.onnx is not None and args.backend not in ("onnx", "openvino"):
+        raise UsageError("--onnx FILE goes with --backend onnx or --backend openvino")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.dicom_seg is not None and args.dicom_seg.suffix.lower() != ".dcm":
@@ -68,7 +74,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with progress_bar(args, "segmenting", "window") as progress:
         outcome = run_segmentation(SegmentationRequest(
             scan_source(args.input, args), weights=args.model, backend=args.backend, onnx_file=args.onnx,
-            device=device(args), fp16=args.fp16, roi_size_zyx=None if args.roi is None else tuple(args.roi),
+            device=device(args), fp16=args.fp16, precision=args.precision,
+            roi_size_zyx=None if args.roi is None else tuple(args.roi),
             overlap=args.overlap, batch_size=args.batch_size, largest_component=args.largest_component,
             spacing=args.spacing,
             needs_dicom=args.dicom_seg is not None, progress=progress))

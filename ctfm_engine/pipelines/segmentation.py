@@ -10,6 +10,7 @@ assembles a writer's arguments either.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,10 +22,11 @@ from ctfm_engine import __version__
 from ctfm_engine.errors import InputError, UsageError
 from ctfm_engine.labels import Label
 from ctfm_engine.models.registry import SEGMENTATION, announce, resolve_weights
-from ctfm_engine.pipelines.inputs import Scan, as_source, read_scan
+from ctfm_engine.pipelines.inputs import Scan, ScanSource, as_source, read_scan, sample_ct_path
 from ctfm_engine.preprocess import Preprocessing
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.runtime.backends import Backend, check_backend_choice
+from ctfm_engine.runtime.selection import Choice, Runtime
 from ctfm_engine.tasks.segment import (
     MemoryEstimate,
     Segmentation,
@@ -57,10 +59,13 @@ class SegmentationRequest:
     weights: str | Path | None = None
     series_uid: str | None = None
     hu_offset: float | None = None
-    backend: str = "torch"
+    # "auto": the fastest runtime of this machine whose labels agree with PyTorch fp32 (measured once, cached;
+    # CTFM_BACKEND pins another default); "torch", "onnx" or "openvino" force one
+    backend: str = "auto"
     onnx_file: Path | None = None
     device: str = "cpu"
-    fp16: bool = False
+    fp16: bool = False  # the older spelling of precision="fp16"
+    precision: str | None = None  # fp32 | bf16 | fp16; None: fp32 (auto: whichever qualifies)
     roi_size_zyx: tuple[int, int, int] | None = None
     overlap: float | None = None
     batch_size: int = 1
@@ -72,7 +77,9 @@ class SegmentationRequest:
 
     def check(self) -> None:
         """UsageError for settings no model could run with; called before anything is read."""
-        check_backend_choice(self.backend, self.onnx_file)
+        check_backend_choice(self.backend, self.onnx_file, self.precision)
+        if self.backend == "auto" and self.onnx_file is not None:
+            raise UsageError("an ONNX file goes with the onnx or openvino backend, not auto")
         if self.batch_size < 1:
             raise UsageError(f"batch size {self.batch_size}: must be at least 1")
         if self.roi_size_zyx is not None or self.overlap is not None:
@@ -94,6 +101,7 @@ class SegmentationOutcome:
     largest_component: bool
     spacing: str  # "trained", "native" or "set"
     memory: MemoryEstimate | None = None
+    runtime: Choice | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -138,6 +146,7 @@ class SegmentationOutcome:
                 "spacing": {"choice": self.spacing, "spacing_zyx_mm": spacing,
                             "meaning": SPACING_MEANINGS[self.spacing]},
                 "largest_component": self.largest_component,
+                "runtime": None if self.runtime is None else self.runtime.describe(),
                 "post_processing": ("largest connected component of each label, in model space before inversion"
                                     if self.largest_component else "none (arg-max labels as they are)")}
 
@@ -215,14 +224,15 @@ def run_segmentation(request: SegmentationRequest) -> SegmentationOutcome:
     model = open_model(request.weights)
     roi = tuple(request.roi_size_zyx) if request.roi_size_zyx is not None else model.roi_size_zyx
     overlap = model.overlap if request.overlap is None else float(request.overlap)
-    choice, set_mm = spacing_choice(request.spacing)
+    spacing, set_mm = spacing_choice(request.spacing)
     preprocessing = model.preprocessing
-    if choice != "trained":
+    if spacing != "trained":
         preprocessing = replace(preprocessing, spacing_zyx_mm=set_mm)
     largest_component = model.largest_component if request.largest_component is None else request.largest_component
     memory = check_memory(volume, preprocessing, model, roi, request.batch_size)
     check_cancelled(request.cancel)
-    backend, head = segmentation_backend(model, volume, request, device, roi)
+    choice = runtime_choice(model, request, device, roi)
+    backend, head = segmentation_backend(model, volume, request, device, roi, choice.runtime)
     log.info("segmentation model %s (sha256 %s), %s, windows %s overlap %.3g, spacing %s, largest component %s",
              model.checkpoint.name, model.checkpoint.sha256[:12], backend.name, "x".join(map(str, roi)), overlap,
              preprocessing.describe()["spacing_zyx_mm"], "on" if largest_component else "off")
@@ -231,7 +241,7 @@ def run_segmentation(request: SegmentationRequest) -> SegmentationOutcome:
                      head=head, batch_size=request.batch_size, largest_component=largest_component,
                      progress=request.progress, cancel=request.cancel)
     return SegmentationOutcome(result, model, roi, overlap, backend.name, str(device),
-                               time.perf_counter() - started, largest_component, choice, memory)
+                               time.perf_counter() - started, largest_component, spacing, memory, choice)
 
 
 def check_memory(volume: CTVolume, preprocessing: Preprocessing, model: SegmentationModel,
@@ -251,16 +261,51 @@ def check_memory(volume: CTVolume, preprocessing: Preprocessing, model: Segmenta
     return estimate
 
 
+def runtime_choice(model: SegmentationModel, request: SegmentationRequest, device: Any,
+                   roi: tuple[int, int, int]) -> Choice:
+    """The runtime this segmentation runs on: the one requested, or with ``auto`` the fastest of this machine whose
+    labels agree with PyTorch fp32 on a real CT window (measured once per machine, model, window and batch;
+    :mod:`ctfm_engine.runtime.selection`).  ``CTFM_BACKEND`` pins another default than auto."""
+    backend = request.backend
+    if backend == "auto" and os.environ.get("CTFM_BACKEND", "auto") != "auto":
+        backend = os.environ["CTFM_BACKEND"]
+        check_backend_choice(backend)
+    precision = request.precision or ("fp16" if request.fp16 else None)
+    if backend != "auto":
+        return Choice(Runtime(backend, precision or "fp32"), "requested")
+    from ctfm_engine.models.registry import cache_dir
+    from ctfm_engine.models.segmentation import inference_network
+    from ctfm_engine.runtime.selection import cache_name, choose_runtime
+
+    key = {"task": "segmentation", "weights_sha256": model.checkpoint.sha256, "roi_size_zyx": list(roi),
+           "batch_size": request.batch_size, "precision": precision}
+    _, head = inference_network(model.network)
+    sample_volume: list[CTVolume] = []
+
+    def sample() -> Any:
+        from ctfm_engine.runtime.onnx_export import validation_sample
+
+        sample_volume.append(read_scan(ScanSource(sample_ct_path())))
+        return validation_sample(sample_volume[0], "segmentation", model.preprocessing, roi)
+
+    def build(runtime: Runtime) -> Backend:
+        return segmentation_backend(model, sample_volume[0], request, device, roi, runtime)[0]
+
+    return choose_runtime(key, device, build, sample, head, cache_dir() / "runtime" / cache_name(
+        "segmentation", model.checkpoint.sha256, key), progress=lambda line: log.warning("%s", line),
+        precision=precision)
+
+
 def segmentation_backend(model: SegmentationModel, volume: CTVolume, request: SegmentationRequest, device: Any,
-                         roi: tuple[int, int, int]) -> tuple[Backend, Any]:
-    """(backend, head): the backend runs the network's trunk and the 1x1x1 head is applied after blending, unless
-    an ONNX file exported with full logits (task ``segmentation``) is given."""
+                         roi: tuple[int, int, int], runtime: Runtime) -> tuple[Backend, Any]:
+    """(backend, head) for ``runtime``: the backend runs the network's trunk and the 1x1x1 head is applied after
+    blending, unless an ONNX file exported with full logits (task ``segmentation``) is given."""
     from ctfm_engine.models.segmentation import feature_head, inference_network
     from ctfm_engine.runtime.backends import OnnxBackend, TorchBackend
 
     module, head = inference_network(model.network)
-    if request.backend == "torch":
-        return TorchBackend(module, device, fp16=request.fp16), head
+    if runtime.backend == "torch":
+        return TorchBackend(module, device, precision=runtime.precision), head
     from ctfm_engine.runtime.onnx_backend import TASK_KEY, read_export_metadata
     from ctfm_engine.runtime.onnx_export import onnx_for, validation_sample
 
@@ -273,6 +318,19 @@ def segmentation_backend(model: SegmentationModel, volume: CTVolume, request: Se
         sample = validation_sample(volume, task, model.preprocessing, roi)
         path = onnx_for(model.checkpoint, task, model.network, sample)  # the trunk is cut out by the exporter
     channels = int(model.checkpoint.config.get("in_channels", 1))
-    backend = OnnxBackend.open(path, model.checkpoint, task, device, fp16=request.fp16,
-                               batch_shape=(request.batch_size, channels, *roi))
+    batch_shape = (request.batch_size, channels, *roi)
+    if runtime.backend == "openvino":
+        from ctfm_engine.runtime.openvino_backend import OpenVinoBackend
+
+        if torch_device(device).type != "cpu":
+            raise UsageError("the openvino backend runs on the CPU here: pass --device cpu, or another backend")
+        return OpenVinoBackend.open(path, model.checkpoint, task, runtime.precision, batch_shape=batch_shape), head
+    backend = OnnxBackend.open(path, model.checkpoint, task, device, fp16=runtime.precision == "fp16",
+                               batch_shape=batch_shape)
     return backend, head
+
+
+def torch_device(device: Any) -> Any:
+    import torch
+
+    return torch.device(device)
