@@ -2,6 +2,13 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# The MONAI Deploy app's own environment: the SDK installs itself as `monai.deploy` and `import monai` imports every
+# sub-package, so beside the engine it would load Holoscan into every process that imports MONAI.  .venv must not
+# hold these packages (an older .venv did: its install step removes them); the tests run the app with
+# $(DEPLOY_BIN)/python.
+DEPLOY_VENV := .venv-deploy
+DEPLOY_BIN := $(DEPLOY_VENV)/bin
+DEPLOY_ONLY_PACKAGES := monai-deploy-app-sdk holoscan-cu13 holoscan-cli cupy-cuda13x tritonclient
 # CPU wheel of PyTorch; on a CUDA machine see README ("GPU") for the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages used by tests: dcm2niix (independent DICOM -> NIfTI converter), dicom3tools (dciodvfy, the
@@ -11,14 +18,22 @@ APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb iproute2 util-linu
 
 .PHONY: demo test lint apt clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+%/bin/python:
+	$(PYTHON) -m venv $* || python3 -m venv $*
+	$*/bin/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps lighter-zoo==0.1.3
+	@stale=$$($(BIN)/pip list --format=freeze 2>/dev/null | cut -d= -f1 | tr 'A-Z_' 'a-z-' | grep -xF "$$(printf '%s\n' $(DEPLOY_ONLY_PACKAGES))"); \
+	if [ -n "$$stale" ]; then echo "make: removing the deploy app's packages from $(VENV) (they live in $(DEPLOY_VENV)):" $$stale; \
+	  $(BIN)/pip uninstall -q -y $$stale; fi
+	touch $@
+
+$(DEPLOY_VENV)/.installed: pyproject.toml | $(DEPLOY_BIN)/python
+	$(DEPLOY_BIN)/pip install -q "$(TORCH_SPEC)"
+	$(DEPLOY_BIN)/pip install -q -e ".[deploy]"
 	touch $@
 
 apt:
@@ -31,11 +46,11 @@ apt:
 demo: $(VENV)/.installed
 	$(BIN)/ctfm demo --out-dir ctfm-demo
 
-test: $(VENV)/.installed apt
+test: $(VENV)/.installed $(DEPLOY_VENV)/.installed apt
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check ctfm_engine tests benchmarks deploy_app SlicerCTFM
 
 clean:
-	rm -rf $(VENV) ctfm-demo .pytest_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) ctfm-demo .pytest_cache

@@ -4,8 +4,9 @@ Side by side in one run, on the same series and the same checkpoint:
 
 - reference: the model's own inference -- ``ctfm_engine.tasks.segment.segment`` on the already-read volume
   (preprocessing, sliding window, labels back on the source grid), in this process;
-- the app: ``python -m deploy_app -i SERIES -o OUT`` in a child process, exactly as a hospital runs it:
-  Holoscan start-up, series selection, DICOM reading (JPEG 2000 decoding), segmentation, DICOM-SEG writing.
+- the app: ``python -m deploy_app -i SERIES -o OUT`` in a child process, exactly as a hospital runs it, with the
+  deploy environment's Python (.venv-deploy, made by ``make test``): Holoscan start-up, series selection, DICOM
+  reading (JPEG 2000 decoding), segmentation, DICOM-SEG writing.
 
 It prints the app's stage times (from its ``ctfm-results.json``), the in-graph total and the process wall time,
 each as a ratio to the reference inference time.  Goal: I/O and DICOM work add less than 30 % on CPU.
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SERIES = SHARED / "dicom" / "ts_abdomen_20slices_j2k"
 SHIPPED = ROOT / "ctfm_engine" / "weights" / "ctfm-mini-wholebody-seg"
+DEPLOY_PYTHON = ROOT / ".venv-deploy" / "bin" / "python"
 
 
 def published_size_checkpoint(folder: Path) -> Path:
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--model", default="shipped", help="'shipped', 'published' or a checkpoint folder")
     parser.add_argument("--encoding", default="binary")
     args = parser.parse_args()
+    if not DEPLOY_PYTHON.is_file():
+        sys.exit(f"the app runs in its own environment and {DEPLOY_PYTHON} is missing: make .venv-deploy/.installed")
     torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix="ctfm-deploy-bench-"))
     if args.model == "shipped":
@@ -80,7 +84,7 @@ def main() -> None:
 
     out = work / "out"
     started = time.perf_counter()
-    child = subprocess.run([sys.executable, "-m", "deploy_app", "-i", str(args.input), "-o", str(out), "-m",
+    child = subprocess.run([DEPLOY_PYTHON, "-m", "deploy_app", "-i", str(args.input), "-o", str(out), "-m",
                             str(model_path), "--encoding", args.encoding], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
     if child.returncode != 0:

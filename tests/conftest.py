@@ -41,6 +41,9 @@ TS_DICOM = SHARED / "dicom" / "ts_abdomen_20slices_j2k"
 WEIGHTS = Path(__file__).resolve().parents[1] / "ctfm_engine" / "weights"
 SHIPPED_ENCODER = WEIGHTS / "ctfm-mini"
 SHIPPED_SEG = WEIGHTS / "ctfm-mini-wholebody-seg"
+# The MONAI Deploy app runs in an environment of its own (the Makefile's .venv-deploy, the [deploy] extra): with the
+# SDK installed, `import monai` loads Holoscan, so it is kept out of the environment the tests run in.
+DEPLOY_PYTHON = Path(__file__).resolve().parents[1] / ".venv-deploy" / "bin" / "python"
 
 
 def missing_real_part(reason: str) -> NoReturn:
@@ -67,6 +70,13 @@ def require_module(name: str, reason: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError as error:
         missing_real_part(f"{reason} ({error})")
+
+
+def deploy_python() -> Path:
+    """The Python that runs the deploy app (``DEPLOY_PYTHON -m deploy_app``), or :func:`missing_real_part`."""
+    require(DEPLOY_PYTHON.is_file(), f"the MONAI Deploy app runs in its own environment, {DEPLOY_PYTHON} is missing "
+            "(make .venv-deploy/.installed: the [deploy] extra, monai-deploy-app-sdk 4.0 and holoscan-cu13 4.2)")
+    return DEPLOY_PYTHON
 
 
 @dataclass

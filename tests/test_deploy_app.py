@@ -1,7 +1,8 @@
 """The MONAI Deploy application run as hospitals run it: `python -m deploy_app -i DICOM_DIR -o OUT_DIR`, on real CT.
 
-Each run is a real Holoscan application in its own process (about 10 s of start-up on this CPU), so the tests
-share runs through module-scoped fixtures.  The PACS round trip with a real Orthanc is in test_deploy_pacs.py.
+Each run is a real Holoscan application in its own process, started with the deploy environment's Python
+(.venv-deploy: the SDK stays out of the environment these tests run in), about 10 s of start-up on this CPU, so the
+tests share runs through module-scoped fixtures.  The PACS round trip with a real Orthanc is in test_deploy_pacs.py.
 """
 
 from __future__ import annotations
@@ -10,18 +11,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import yaml
-from conftest import SHARED, SHIPPED_SEG, TS_DICOM, require, require_module
+from conftest import SHARED, SHIPPED_SEG, TS_DICOM, deploy_python, require, require_module
 
-require_module("monai.deploy.core", "the MONAI Deploy app needs the [deploy] extra (monai-deploy-app-sdk 4.0, "
-               "holoscan-cu13 4.2)")
-require_module("highdicom", "DICOM-SEG writing needs highdicom (the [dicom] extra)")
+DEPLOY_PYTHON = deploy_python()
+require_module("highdicom", "reading the DICOM-SEG back needs highdicom (the [dicom] extra)")
 
 from ctfm_engine.dicom.seg import read_dicom_seg  # noqa: E402
 from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
@@ -37,7 +36,7 @@ DCMQI = SHARED / "dicom" / "dcmqi" / "segmentations"
 
 
 def run_app(*args: object, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "deploy_app", *map(str, args)]
+    command = [DEPLOY_PYTHON, "-m", "deploy_app", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -233,9 +232,7 @@ def test_a_broken_model_is_exit_4_after_the_input_was_accepted_and_leaves_no_out
     assert left_behind(tmp_path / "out") == []
 
 
-def test_the_package_manifest_and_requirements_are_what_the_packager_and_this_environment_use():
-    from importlib.metadata import version
-
+def test_the_package_manifest_and_requirements_are_what_the_packager_and_the_apps_environment_use():
     manifest = yaml.safe_load((REPOSITORY / "deploy_app" / "app.yaml").read_text())
     assert manifest["application"]["title"] and manifest["application"]["version"]
     assert "input-formats" in manifest["application"] and "output-formats" in manifest["application"]
@@ -243,5 +240,8 @@ def test_the_package_manifest_and_requirements_are_what_the_packager_and_this_en
     pins = dict(line.split("==") for line in (REPOSITORY / "deploy_app" / "requirements.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert pins["holoscan-cu13"] == "4.2.0"  # 4.3+ removed MAP packaging
-    for package in ("monai-deploy-app-sdk", "holoscan-cu13", "highdicom", "pydicom"):
-        assert version(package) == pins[package], package
+    packages = ["monai-deploy-app-sdk", "holoscan-cu13", "highdicom", "pydicom"]
+    installed = subprocess.run([DEPLOY_PYTHON, "-c", "import sys; from importlib.metadata import version; "
+                                "print(*(f'{name}=={version(name)}' for name in sys.argv[1:]))", *packages],
+                               capture_output=True, text=True, check=True).stdout.split()
+    assert installed == [f"{package}=={pins[package]}" for package in packages]

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pydicom
 import pytest
-from conftest import SHARED, require, require_module
+from conftest import SHARED, deploy_python, require
 from orthanc import Orthanc, running_orthanc
 
-require_module("monai.deploy.core", "the MONAI Deploy app needs the [deploy] extra")
+DEPLOY_PYTHON = deploy_python()
 
 from ctfm_engine.dicom.sr import read_triage_sr  # noqa: E402
 from ctfm_engine.dicom.validate import dciodvfy  # noqa: E402
@@ -39,7 +39,7 @@ def ctfm(orthanc: Orthanc, *args: object) -> tuple[int, dict, str]:
 
 
 def app(orthanc: Orthanc, *args: object) -> tuple[int, str]:
-    result = orthanc.run([sys.executable, "-m", "deploy_app", *map(str, args)], timeout=600)
+    result = orthanc.run([DEPLOY_PYTHON, "-m", "deploy_app", *map(str, args)], timeout=600)
     return result.returncode, result.stderr
 
 

@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from conftest import (
     SAMPLE_CT,
     SEGMENTATION_REPO,
     SHARED,
-    require_module,
+    deploy_python,
     run_cli,
 )
 
@@ -79,9 +78,9 @@ def test_ctfm_embed_and_search_find_the_published_encoder_by_policy_and_by_repo_
 
 
 def test_deploy_app_loads_the_published_layout_by_repo_id(published_cache, tmp_path):
-    require_module("monai.deploy.core", "the MONAI Deploy app needs the [deploy] extra")
+    app = [deploy_python(), "-m", "deploy_app"]
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "deploy_app", "-i", SLICER_HEAD, "-o", out, "-m", SEGMENTATION_REPO],
+    run = subprocess.run([*app, "-i", SLICER_HEAD, "-o", out, "-m", SEGMENTATION_REPO],
                          capture_output=True, text=True, cwd=REPOSITORY, timeout=900,
                          env={**os.environ, "CTFM_CACHE": str(published_cache)})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -95,7 +94,7 @@ def test_deploy_app_loads_the_published_layout_by_repo_id(published_cache, tmp_p
 
     algorithm = pydicom.dcmread(out / "ctfm-seg.dcm").SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert {"spacing_zyx_mm=1.5x1.5x1.5", "largest_component=on"} <= set(algorithm.AlgorithmParameters.split(","))
-    switched = subprocess.run([sys.executable, "-m", "deploy_app", "-i", SLICER_HEAD, "-o", tmp_path / "switched",
+    switched = subprocess.run([*app, "-i", SLICER_HEAD, "-o", tmp_path / "switched",
                                "-m", SEGMENTATION_REPO], capture_output=True, text=True, cwd=REPOSITORY, timeout=900,
                               env={**os.environ, "CTFM_CACHE": str(published_cache), "CTFM_NO_LARGEST_COMPONENT": "1",
                                    "CTFM_SPACING": "native"})
@@ -105,7 +104,7 @@ def test_deploy_app_loads_the_published_layout_by_repo_id(published_cache, tmp_p
     algorithm = pydicom.dcmread(tmp_path / "switched" / "ctfm-seg.dcm").SegmentSequence[0] \
         .SegmentationAlgorithmIdentificationSequence[0]
     assert {"spacing_zyx_mm=native", "largest_component=off"} <= set(algorithm.AlgorithmParameters.split(","))
-    bad = subprocess.run([sys.executable, "-m", "deploy_app", "-i", SLICER_HEAD, "-o", tmp_path / "bad",
+    bad = subprocess.run([*app, "-i", SLICER_HEAD, "-o", tmp_path / "bad",
                           "--spacing", "fine"], capture_output=True, text=True, cwd=REPOSITORY, timeout=300)
     assert bad.returncode == 2 and "spacing 'fine'" in bad.stderr
     assert not any((tmp_path / "bad").rglob("*"))  # refused before any series was read: nothing written
