@@ -93,3 +93,23 @@ def test_the_onnx_file_goes_with_runtimes_that_read_it(backend, tmp_path):
     missing = run_cli("segment", SAMPLE_CT, "--out", tmp_path / "x.nii.gz", "--backend", backend, "--onnx",
                       tmp_path / "missing.onnx", "--model", SHIPPED_SEG)
     assert missing.code != 0 and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_triage_auto_keeps_the_probability_within_a_thousandth_of_pytorch(isolated_cache, monkeypatch,
+                                                                          triage_model):
+    require_module("openvino", "OpenVINO is one of the measured runtimes (the [openvino] extra)")
+    from conftest import SHARED
+
+    head = SHARED / "dicom" / "slicer_head_64x64"
+    monkeypatch.delenv("CTFM_BACKEND")
+    auto = run_cli("triage", head, "--model", triage_model, "--json", "-q")
+    assert auto.code == 0, auto.stderr
+    runtime = auto.document["runtime"]
+    assert runtime["chosen"] == "measured" and len(runtime["trials"]) >= 3
+    chosen = next(t for t in runtime["trials"] if (t["backend"], t["precision"]) == (runtime["backend"],
+                                                                                     runtime["precision"]))
+    assert chosen["qualifies"] and chosen["foreground_agreement"] >= AGREEMENT
+    reference = run_cli("triage", head, "--model", triage_model, "--backend", "torch", "--json", "-q")
+    assert reference.code == 0
+    assert abs(auto.document["probability"] - reference.document["probability"]) <= 1 - AGREEMENT
+    assert auto.document["decision"] == reference.document["decision"]

@@ -61,6 +61,28 @@ def scan_source(path: str | Path, args: argparse.Namespace) -> ScanSource:
     return ScanSource(path, args.series, args.hu_offset, check_ct=not args.skip_ct_check)
 
 
+def add_runtime_options(parser: argparse.ArgumentParser, agreement: str) -> None:
+    """--backend, --precision, --onnx: the subcommands that run a model through a runtime backend have them;
+    ``agreement`` says what a runtime must agree on with PyTorch fp32 to be chosen by auto."""
+    parser.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
+                        help=f"auto (default): the fastest runtime of this machine whose {agreement} PyTorch fp32's, "
+                        "measured once per machine and model and cached (CTFM_BACKEND pins another default); torch "
+                        "(PyTorch eager), onnx (onnxruntime: CUDA/TensorRT when present, else CPU) or openvino (CPU) "
+                        "force one")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="force a precision: fp32 (default), "
+                        "bf16 (CPUs with AVX-512 BF16/AMX: torch autocast + channels-last, or OpenVINO), fp16 "
+                        "(GPUs); with --backend auto the fastest runtime of that precision")
+    parser.add_argument("--onnx", type=Path, metavar="FILE.onnx", help="with --backend onnx or openvino: the file "
+                        "`ctfm export` wrote (default: export to the cache)")
+
+
+def check_onnx_option(args: argparse.Namespace) -> None:
+    from ctfm_engine.errors import UsageError
+
+    if args.onnx is not None and args.backend not in ("onnx", "openvino"):
+        raise UsageError("--onnx FILE goes with --backend onnx or --backend openvino")
+
+
 def add_encoder_choices(parser: argparse.ArgumentParser) -> None:
     """--preprocessing and --allow-segmentation-encoder: the subcommands that embed scans have them."""
     parser.add_argument("--preprocessing", choices=("pretraining", "card"), default="pretraining",

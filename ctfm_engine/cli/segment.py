@@ -8,7 +8,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ctfm_engine.cli.common import device, progress_bar, scan_source, weights_lines, write_together
+from ctfm_engine.cli.common import (
+    add_runtime_options,
+    check_onnx_option,
+    device,
+    progress_bar,
+    scan_source,
+    weights_lines,
+    write_together,
+)
 from ctfm_engine.errors import UsageError
 
 log = logging.getLogger("ctfm")
@@ -25,16 +33,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
     segment.add_argument("--model", help="segmentation checkpoint folder or hub repo id (default: CTFM_SEG_WEIGHTS, "
                          "then project-lighter/whole_body_segmentation in the cache, then the bundled demonstration "
                          "model ctfm-mini-wholebody-seg)")
-    segment.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
-                         help="auto (default): the fastest runtime of this machine whose labels agree with PyTorch "
-                         "fp32 on a real CT window, measured once per machine and model and cached (CTFM_BACKEND "
-                         "pins another default); torch (PyTorch eager), onnx (onnxruntime: CUDA/TensorRT when "
-                         "present, else CPU) or openvino (CPU) force one")
-    segment.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="force a precision: fp32 (default), "
-                         "bf16 (CPUs with AVX-512 BF16/AMX: torch autocast + channels-last, or OpenVINO), fp16 "
-                         "(GPUs); with --backend auto the fastest runtime of that precision")
-    segment.add_argument("--onnx", type=Path, metavar="FILE.onnx", help="with --backend onnx or openvino: the file "
-                         "`ctfm export` wrote (default: export to the cache)")
+    add_runtime_options(segment, "labels agree on >= 0.999 of the foreground voxels with")
     segment.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"),
                          help="sliding-window size in model voxels (default: the checkpoint's)")
     segment.add_argument("--overlap", type=float,
@@ -65,8 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--out {args.out}: write the label map as one of {', '.join(LABEL_MAP_SUFFIXES)}")
     if args.volumes is not None and args.volumes.suffix.lower() != ".csv":
         raise UsageError(f"--volumes {args.volumes}: the volume table is written as .csv")
-    if args.onnx is not None and args.backend not in ("onnx", "openvino"):
-        raise UsageError("--onnx FILE goes with --backend onnx or --backend openvino")
+    check_onnx_option(args)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.dicom_seg is not None and args.dicom_seg.suffix.lower() != ".dcm":

@@ -4,10 +4,9 @@ found."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from ctfm_engine.cli.common import device, scan_source, weights_lines
+from ctfm_engine.cli.common import add_runtime_options, check_onnx_option, device, scan_source, weights_lines
 from ctfm_engine.errors import UsageError
 
 
@@ -21,22 +20,18 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
                         "the checkpoint records, else 0.5)")
     triage.add_argument("--accept-partial", action="store_true", help="judge a head CT that covers less than a "
                         "whole head along S (refused by default: a normal call would not cover the missing part)")
-    triage.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="PyTorch eager (default) "
-                        "or onnxruntime (CUDA/TensorRT providers when present, else CPU)")
-    triage.add_argument("--onnx", type=Path, metavar="FILE.onnx",
-                        help="with --backend onnx: the file `ctfm export` wrote (default: export to the cache)")
-
+    add_runtime_options(triage, "probability stays within 0.001 of")
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ctfm_engine.pipelines.triage import TriageRequest, run_triage
 
-    if args.onnx is not None and args.backend != "onnx":
-        raise UsageError("--onnx FILE goes with --backend onnx")
+    check_onnx_option(args)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold {args.threshold}: give a probability between 0 and 1")
     outcome = run_triage(TriageRequest(
         scan_source(args.input, args), weights=args.model, threshold=args.threshold,
-        accept_partial=args.accept_partial, backend=args.backend, onnx_file=args.onnx, device=device(args)))
+        accept_partial=args.accept_partial, backend=args.backend, onnx_file=args.onnx, device=device(args),
+        precision=args.precision))
     result = outcome.result
     return {
         "command": "triage",
@@ -50,6 +45,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checks": result.checks,
         "weights": outcome.weights,
         "backend": outcome.backend,
+        "runtime": None if outcome.runtime is None else outcome.runtime.describe(),
         "device": outcome.device,
         "preprocessing": outcome.preprocessing,
         "seconds": round(outcome.seconds, 2),

@@ -10,7 +10,6 @@ assembles a writer's arguments either.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -266,16 +265,14 @@ def runtime_choice(model: SegmentationModel, request: SegmentationRequest, devic
     """The runtime this segmentation runs on: the one requested, or with ``auto`` the fastest of this machine whose
     labels agree with PyTorch fp32 on a real CT window (measured once per machine, model, window and batch;
     :mod:`ctfm_engine.runtime.selection`).  ``CTFM_BACKEND`` pins another default than auto."""
-    backend = request.backend
-    if backend == "auto" and os.environ.get("CTFM_BACKEND", "auto") != "auto":
-        backend = os.environ["CTFM_BACKEND"]
-        check_backend_choice(backend)
+    from ctfm_engine.runtime.selection import cache_name, choose_runtime, label_agreement, requested
+
     precision = request.precision or ("fp16" if request.fp16 else None)
-    if backend != "auto":
-        return Choice(Runtime(backend, precision or "fp32"), "requested")
+    forced = requested(request.backend, precision)
+    if forced is not None:
+        return forced
     from ctfm_engine.models.registry import cache_dir
     from ctfm_engine.models.segmentation import inference_network
-    from ctfm_engine.runtime.selection import cache_name, choose_runtime
 
     key = {"task": "segmentation", "weights_sha256": model.checkpoint.sha256, "roi_size_zyx": list(roi),
            "batch_size": request.batch_size, "precision": precision}
@@ -291,7 +288,7 @@ def runtime_choice(model: SegmentationModel, request: SegmentationRequest, devic
     def build(runtime: Runtime) -> Backend:
         return segmentation_backend(model, sample_volume[0], request, device, roi, runtime)[0]
 
-    return choose_runtime(key, device, build, sample, head, cache_dir() / "runtime" / cache_name(
+    return choose_runtime(key, device, build, sample, label_agreement(head), cache_dir() / "runtime" / cache_name(
         "segmentation", model.checkpoint.sha256, key), progress=lambda line: log.warning("%s", line),
         precision=precision)
 

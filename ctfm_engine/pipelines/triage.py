@@ -51,14 +51,19 @@ class TriageRequest:
     hu_offset: float | None = None
     threshold: float | None = None
     accept_partial: bool = False
-    backend: str = "torch"
+    # "auto": the fastest runtime whose probability stays within 0.001 of PyTorch fp32's (measured once, cached;
+    # CTFM_BACKEND pins another default); "torch", "onnx" or "openvino" force one
+    backend: str = "auto"
     onnx_file: Path | None = None
     device: str = "cpu"
+    precision: str | None = None
     progress: Progress | None = field(default=None, compare=False)
     cancel: CancelCheck | None = field(default=None, compare=False)
 
     def check(self) -> None:
-        check_backend_choice(self.backend, self.onnx_file)
+        check_backend_choice(self.backend, self.onnx_file, self.precision)
+        if self.backend == "auto" and self.onnx_file is not None:
+            raise UsageError("an ONNX file goes with the onnx or openvino backend, not auto")
         if self.threshold is not None:
             try:
                 check_threshold(self.threshold)
@@ -79,6 +84,7 @@ class TriageOutcome:
     backend: str
     device: str
     seconds: float
+    runtime: Any = None  # the runtime selection's Choice: runtime, precision, how chosen, trials
 
     @property
     def weights(self) -> dict[str, Any]:
@@ -118,23 +124,53 @@ def run_triage(request: TriageRequest) -> TriageOutcome:
     model_input = triage_input(volume, network.preprocessing, screened=screened)
     for note in model_input.checks.notes:
         log.warning("%s: %s", volume.source, note)
-    backend = triage_backend(request, network, checkpoint, model_input, device)
+    choice = triage_runtime(request, network, checkpoint, model_input, device)
+    backend = triage_backend(request, network, checkpoint, model_input, device, choice.runtime)
     log.info("triage model %s (sha256 %s), %s", checkpoint.name, checkpoint.sha256[:12], backend.name)
     result = triage(volume, backend, network.preprocessing, threshold, model_input=model_input,
                     accept_partial=request.accept_partial, progress=request.progress, cancel=request.cancel)
     return TriageOutcome(result, volume, checkpoint, threshold_source, network.preprocessing.describe(),
-                         list(model_input.checks.notes), backend.name, str(device), time.perf_counter() - started)
+                         list(model_input.checks.notes), backend.name, str(device), time.perf_counter() - started,
+                         choice)
+
+
+def triage_runtime(request: TriageRequest, network: TriageClassifier, checkpoint: Checkpoint, model_input: Any,
+                   device: Any) -> Any:
+    """The runtime requested, or with ``auto`` the fastest whose probability on this (real, screened) head CT
+    stays within 0.001 of PyTorch fp32's, measured once per machine and model and cached."""
+    from ctfm_engine.models.registry import cache_dir
+    from ctfm_engine.runtime.selection import cache_name, choose_runtime, probability_agreement, requested
+
+    forced = requested(request.backend, request.precision)
+    if forced is not None:
+        return forced
+    sample = torch.from_numpy(model_input.image)[None, None]
+    key = {"task": "triage", "weights_sha256": checkpoint.sha256, "input_zyx": list(sample.shape[2:]),
+           "precision": request.precision}
+    return choose_runtime(
+        key, torch.device(device), lambda runtime: triage_backend(request, network, checkpoint, model_input, device,
+                                                                  runtime),
+        lambda: sample, probability_agreement, cache_dir() / "runtime" / cache_name("triage", checkpoint.sha256, key),
+        progress=lambda line: log.warning("%s", line), precision=request.precision)
 
 
 def triage_backend(request: TriageRequest, network: TriageClassifier, checkpoint: Checkpoint, model_input: Any,
-                   device: Any) -> Backend:
-    """PyTorch, or onnxruntime on the given file or on the cached export (made and validated on this scan)."""
+                   device: Any, runtime: Any) -> Backend:
+    """``runtime`` (a :class:`~ctfm_engine.runtime.selection.Runtime`): PyTorch, or onnxruntime/OpenVINO on the
+    given file or on the cached export (made and validated on this scan)."""
     from ctfm_engine.runtime.backends import OnnxBackend, TorchBackend
 
-    if request.backend == "torch":
-        return TorchBackend(network, device)
+    if runtime.backend == "torch":
+        return TorchBackend(network, device, precision=runtime.precision)
     from ctfm_engine.runtime.onnx_export import onnx_for
 
     sample = torch.from_numpy(model_input.image)[None, None]
     path = request.onnx_file or onnx_for(checkpoint, "triage", network, sample)
-    return OnnxBackend.open(path, checkpoint, "triage", device, batch_shape=tuple(sample.shape))
+    if runtime.backend == "openvino":
+        from ctfm_engine.runtime.openvino_backend import OpenVinoBackend
+
+        if torch.device(device).type != "cpu":
+            raise UsageError("the openvino backend runs on the CPU here: pass --device cpu, or another backend")
+        return OpenVinoBackend.open(path, checkpoint, "triage", runtime.precision, batch_shape=tuple(sample.shape))
+    return OnnxBackend.open(path, checkpoint, "triage", device, fp16=runtime.precision == "fp16",
+                            batch_shape=tuple(sample.shape))

@@ -88,6 +88,21 @@ class Choice:
                 "speedup_vs_torch_fp32": speedup, "trials": [trial.as_dict() for trial in self.trials]}
 
 
+def requested(backend: str, precision: str | None) -> Choice | None:
+    """The runtime a request forces (a backend other than auto, or ``CTFM_BACKEND`` pinning the default), or None
+    when it is to be chosen by measurement."""
+    import os
+
+    from ctfm_engine.runtime.backends import check_backend_choice
+
+    if backend == "auto" and os.environ.get("CTFM_BACKEND", "auto") != "auto":
+        backend = os.environ["CTFM_BACKEND"]
+        check_backend_choice(backend)
+    if backend == "auto":
+        return None
+    return Choice(Runtime(backend, precision or "fp32"), "requested")
+
+
 def candidates(device: torch.device) -> list[Runtime]:
     """The runtimes worth measuring on ``device``, PyTorch fp32 (the reference) first."""
     from ctfm_engine.runtime.backends import cpu_has_bf16
@@ -141,9 +156,34 @@ def labels_of(output: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor] | No
     return output.argmax(dim=1).numpy()
 
 
-def measure(runtime: Runtime, build: Callable[[Runtime], Any], sample: torch.Tensor,
-            head: tuple[torch.Tensor, torch.Tensor] | None, reference: np.ndarray | None) -> tuple[Trial, np.ndarray]:
-    """Build ``runtime``, run the sample once to warm it up, then time one run and compare its labels."""
+Compare = Callable[[torch.Tensor, torch.Tensor], tuple[float, float]]
+
+
+def label_agreement(head: tuple[torch.Tensor, torch.Tensor] | None) -> Compare:
+    """Segmentation: (foreground agreement, all-voxel agreement) of a candidate's labels with the reference's;
+    foreground is every voxel either labels as a structure, so voxels gained count as much as voxels lost."""
+
+    def compare(output: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+        labels, expected = labels_of(output, head), labels_of(reference, head)
+        foreground = (expected != 0) | (labels != 0)
+        agreement = float(np.mean(labels == expected))
+        return (float(np.mean(labels[foreground] == expected[foreground])) if foreground.any() else agreement,
+                agreement)
+
+    return compare
+
+
+def probability_agreement(output: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Classification (triage): 1 - the largest difference of the sigmoid probabilities, so the threshold 0.999
+    means probabilities within 0.001 of PyTorch fp32's."""
+    difference = float((torch.sigmoid(output.float()) - torch.sigmoid(reference.float())).abs().max())
+    return 1.0 - difference, 1.0 - difference
+
+
+def measure(runtime: Runtime, build: Callable[[Runtime], Any], sample: torch.Tensor, compare: Compare,
+            reference: torch.Tensor | None) -> tuple[Trial, torch.Tensor | None]:
+    """Build ``runtime``, run the sample once to warm it up, then time one run and compare its output with the
+    reference's (None: this is the reference)."""
     try:
         backend = build(runtime)
         backend(sample)
@@ -152,23 +192,22 @@ def measure(runtime: Runtime, build: Callable[[Runtime], Any], sample: torch.Ten
         seconds = time.perf_counter() - started
     except Exception as error:  # a runtime that cannot run this model here is simply not a candidate
         log.info("runtime %s: not usable here (%s: %s)", runtime, type(error).__name__, str(error)[:200])
-        return Trial(runtime, None, None, None, f"{type(error).__name__}: {str(error)[:200]}"), np.empty(0)
-    labels = labels_of(output, head)
+        return Trial(runtime, None, None, None, f"{type(error).__name__}: {str(error)[:200]}"), None
+    output = output.float().cpu()
     if reference is None:
-        return Trial(runtime, seconds, 1.0, 1.0), labels
-    foreground = (reference != 0) | (labels != 0)  # a structure in either: voxels gained count as well as lost
-    agreement = float(np.mean(labels == reference))
-    foreground_agreement = float(np.mean(labels[foreground] == reference[foreground])) if foreground.any() \
-        else agreement
-    return Trial(runtime, seconds, foreground_agreement, agreement), labels
+        return Trial(runtime, seconds, 1.0, 1.0), output
+    primary, overall = compare(output, reference)
+    return Trial(runtime, seconds, primary, overall), output
 
 
 def choose_runtime(key: dict[str, Any], device: torch.device, build: Callable[[Runtime], Any],
-                   sample: Callable[[], torch.Tensor], head: tuple[torch.Tensor, torch.Tensor] | None,
-                   cache_file: Path, progress: Callable[[str], None] | None = None,
-                   precision: str | None = None) -> Choice:
+                   sample: Callable[[], torch.Tensor], compare: Compare, cache_file: Path,
+                   progress: Callable[[str], None] | None = None, precision: str | None = None,
+                   allowed: Callable[[Runtime], bool] | None = None) -> Choice:
     """The fastest runtime whose labels agree with PyTorch fp32 on ``sample``, from the cache when this machine,
-    these runtime versions and ``key`` (model sha256, window, batch) were measured before.  With ``precision``
+    these runtime versions and ``key`` (model sha256, window, batch) were measured before.  ``compare`` gives a
+    candidate's (agreement, overall agreement) with the reference output; ``allowed`` narrows the candidates (e.g.
+    to runtimes that can run this network's input shapes).  With ``precision``
     the choice is among that precision's runtimes, and their agreement is recorded but does not exclude them:
     the precision was asked for."""
     identity = {"format": FORMAT, "machine": machine_key(device), **key}
@@ -179,16 +218,18 @@ def choose_runtime(key: dict[str, Any], device: torch.device, build: Callable[[R
     found = candidates(device)
     if precision is not None:
         found = found[:1] + [runtime for runtime in found[1:] if runtime.precision == precision]
+    if allowed is not None:
+        found = found[:1] + [runtime for runtime in found[1:] if allowed(runtime)]
     if progress is not None:
         progress(f"choosing the fastest runtime for this machine and model (once): {', '.join(map(str, found))}")
-    reference_trial, reference = measure(found[0], build, window, head, None)
+    reference_trial, reference = measure(found[0], build, window, compare, None)
     trials = [reference_trial]
     for runtime in found[1:]:
-        trial, _ = measure(runtime, build, window, head, reference)
+        trial, _ = measure(runtime, build, window, compare, reference)
         trials.append(trial)
     for trial in trials:
         log.info("runtime %-14s %s", str(trial.runtime), "failed: " + trial.error if trial.error else
-                 f"{trial.seconds:.2f} s/window, foreground agreement {trial.foreground_agreement:.5f}")
+                 f"{trial.seconds:.2f} s per run, agreement {trial.foreground_agreement:.5f}")
     choice = Choice(best_trial(trials, precision).runtime, "measured", tuple(trials))
     _write_cache(cache_file, identity, choice)
     return choice
