@@ -113,3 +113,25 @@ def test_triage_auto_keeps_the_probability_within_a_thousandth_of_pytorch(isolat
     assert reference.code == 0
     assert abs(auto.document["probability"] - reference.document["probability"]) <= 1 - AGREEMENT
     assert auto.document["decision"] == reference.document["decision"]
+
+
+def test_search_runs_its_dense_pass_in_the_fastest_precision_that_keeps_the_features(isolated_cache, monkeypatch):
+    from conftest import SHARED
+
+    target = SHARED / "ct-nifti" / "s0335.nii.gz"
+    query = ("--source", SAMPLE_CT, "--point", "0", "-150", "100", "--target", target, "--json", "-q")
+    monkeypatch.delenv("CTFM_BACKEND")
+    auto = run_cli("search", *query)
+    assert auto.code == 0, auto.stderr
+    runtime = auto.document["runtime"]
+    assert runtime["chosen"] == "measured" and runtime["backend"] == "torch"
+    chosen = next(t for t in runtime["trials"] if t["precision"] == runtime["precision"])
+    assert chosen["qualifies"] and chosen["foreground_agreement"] >= AGREEMENT  # every cell's cosine >= 0.999
+    for trial in runtime["trials"]:
+        if trial["seconds"] is not None and trial["seconds"] < chosen["seconds"]:
+            assert not trial["qualifies"], trial
+    fp32 = run_cli("search", *query, "--precision", "fp32")
+    assert fp32.code == 0 and fp32.document["runtime"]["chosen"] == "requested"
+    best, reference = auto.document["targets"][0]["matches"][0], fp32.document["targets"][0]["matches"][0]
+    assert np.linalg.norm(np.subtract(best["point_lps"], reference["point_lps"])) < 3.0  # mm
+    assert abs(best["similarity"] - reference["similarity"]) < 0.01

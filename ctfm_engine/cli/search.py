@@ -40,6 +40,9 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
                         help="fast method: do not read or write feature maps in the cache folder")
     search.add_argument("--batch-size", type=int, default=8, help="exact method: windows per forward pass (8)")
     add_encoder_choices(search)
+    search.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="the fast method's dense pass: fp32, "
+                        "bf16 (CPUs with native bf16) or fp16 (GPUs); default: the fastest whose features keep a "
+                        "cosine of 0.999 with fp32's on every cell, measured once and cached")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights=args.weights, method=args.method, patch_mm_zyx=tuple(args.patch_mm), overlap=args.overlap,
         top_k=args.top_k, batch_size=args.batch_size, heatmaps=args.heatmap_dir is not None,
         disk_cache=not args.no_cache, device=device(args), preprocessing=args.preprocessing,
-        allow_segmentation_encoder=args.allow_segmentation_encoder)
+        allow_segmentation_encoder=args.allow_segmentation_encoder, precision=args.precision)
     settings = request.settings()  # a bad setting is refused before any scan is read
     with progress_bar(args, "searching", "step", total=len(args.target) + 1) as progress:
         outcome = run_search(replace(request, progress=progress))
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": outcome.searcher.device,
         "method": result.method,
         "settings": (outcome.settings or settings).describe(),
+        "runtime": None if outcome.searcher.runtime is None else outcome.searcher.runtime.describe(),
         "query": {"source": result.source, "point_lps": list(result.point_lps)},
         "targets": [
             {

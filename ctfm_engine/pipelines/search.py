@@ -18,7 +18,7 @@ from ctfm_engine.errors import UsageError
 from ctfm_engine.models.checkpoint import Checkpoint
 from ctfm_engine.models.registry import cache_dir
 from ctfm_engine.pipelines.embedding import open_encoder
-from ctfm_engine.pipelines.inputs import Scan, ValidatedScans, as_source, read_scan
+from ctfm_engine.pipelines.inputs import Scan, ScanSource, ValidatedScans, as_source, read_scan, sample_ct_path
 from ctfm_engine.preprocess import Preprocessing, preprocessing_named
 from ctfm_engine.progress import CancelCheck, Progress
 from ctfm_engine.tasks.search import (
@@ -46,6 +46,7 @@ class Searcher:
     search: SemanticSearch
     checkpoint: Checkpoint
     device: str
+    runtime: Any = None  # the dense pass's runtime Choice (precision, how chosen, trials)
 
     @property
     def weights(self) -> dict[str, Any]:
@@ -54,18 +55,62 @@ class Searcher:
 
 def open_searcher(weights: str | Path | None = None, *, device: str = "cpu", settings: SearchSettings | None = None,
                   cache_folder: str | Path | None = None, disk_cache: bool = True,
-                  allow_segmentation_encoder: bool = False) -> Searcher:
+                  allow_segmentation_encoder: bool = False, precision: str | None = None) -> Searcher:
     """The encoder the policy picks, wrapped for search; features are cached in memory and, unless ``disk_cache``
     is False, in ``cache_folder`` (default ``<ctfm cache>/features``).  A segmentation checkpoint's encoder is
-    refused unless ``allow_segmentation_encoder``."""
+    refused unless ``allow_segmentation_encoder``.  The fast method's dense pass runs in ``precision``, or (None)
+    in the fastest one whose features keep what a search ranks (:func:`dense_pass_runtime`)."""
     from ctfm_engine.runtime.device import resolve_device
 
     torch_device = resolve_device(device)
     encoder, checkpoint = open_encoder(weights, allow_segmentation_encoder=allow_segmentation_encoder)
     folder = None if not disk_cache else Path(cache_folder) if cache_folder is not None else cache_dir() / "features"
-    search = SemanticSearch(encoder, checkpoint.sha256, device=torch_device, settings=settings or SearchSettings(),
-                            cache=FeatureCache(folder))
-    return Searcher(search, checkpoint, str(torch_device))
+    settings = settings or SearchSettings()
+    choice = dense_pass_runtime(encoder, checkpoint, torch_device, settings, precision)
+    search = SemanticSearch(encoder, checkpoint.sha256, device=torch_device, settings=settings,
+                            cache=FeatureCache(folder), precision=choice.runtime.precision)
+    return Searcher(search, checkpoint, str(torch_device), choice)
+
+
+def dense_pass_runtime(encoder: Any, checkpoint: Checkpoint, device: Any, settings: SearchSettings,
+                       precision: str | None) -> Any:
+    """PyTorch fp32, or the faster reduced precision (bf16 autocast on CPUs with native bf16, fp16 on a GPU) when,
+    measured once on the bundled sample CT, every cell of its dense features keeps a cosine of at least 0.999 with
+    fp32's (:func:`ctfm_engine.runtime.selection.feature_agreement`); cached like segmentation's choice."""
+    import torch
+
+    from ctfm_engine.runtime.selection import (
+        Choice,
+        Runtime,
+        cache_name,
+        choose_runtime,
+        feature_agreement,
+        requested,
+    )
+
+    if precision is not None:
+        return Choice(Runtime("torch", precision), "requested")
+    if requested("auto", None) is not None:  # CTFM_BACKEND pins the runtime: the dense pass stays PyTorch fp32
+        return Choice(Runtime("torch", "fp32"), "requested")
+    key = {"task": "search-dense-pass", "weights_sha256": checkpoint.sha256,
+           "preprocessing": settings.preprocessing.describe()}
+
+    def sample() -> Any:
+        from ctfm_engine.preprocess import preprocess
+
+        return torch.from_numpy(preprocess(read_scan(ScanSource(sample_ct_path())), settings.preprocessing).image)
+
+    def build(runtime: Any) -> Any:
+        if runtime.backend != "torch":
+            raise ValueError("the dense pass runs in PyTorch")
+        search = SemanticSearch(encoder, checkpoint.sha256, device=device, settings=settings,
+                                precision=runtime.precision)
+        return lambda image: torch.from_numpy(search.dense_features(image.numpy()))
+
+    return choose_runtime(key, device, build, sample, feature_agreement,
+                          cache_dir() / "runtime" / cache_name("search", checkpoint.sha256, key),
+                          progress=lambda line: log.warning("%s", line),
+                          allowed=lambda runtime: runtime.backend == "torch")
 
 
 @dataclass(frozen=True)
@@ -91,6 +136,7 @@ class SearchRequest:
     # at the query scan's own voxel size, to which every target is brought so that windows compare like with like
     preprocessing: str = "pretraining"
     allow_segmentation_encoder: bool = False
+    precision: str | None = None  # of the fast method's dense pass; None: chosen by measurement
     progress: Progress | None = field(default=None, compare=False)
     cancel: CancelCheck | None = field(default=None, compare=False)
 
@@ -147,7 +193,8 @@ def run_search(request: SearchRequest, searcher: Searcher | None = None) -> Sear
     if searcher is None:
         searcher = open_searcher(request.weights, device=request.device, settings=settings,
                                  disk_cache=request.disk_cache,
-                                 allow_segmentation_encoder=request.allow_segmentation_encoder)
+                                 allow_segmentation_encoder=request.allow_segmentation_encoder,
+                                 precision=request.precision)
     search = searcher.search
     if search.settings.preprocessing != settings.preprocessing:  # a kept searcher, another preprocessing
         search = search.with_settings(replace(search.settings, preprocessing=settings.preprocessing))

@@ -95,8 +95,9 @@ def requested(backend: str, precision: str | None) -> Choice | None:
 
     from ctfm_engine.runtime.backends import check_backend_choice
 
-    if backend == "auto" and os.environ.get("CTFM_BACKEND", "auto") != "auto":
-        backend = os.environ["CTFM_BACKEND"]
+    pinned = os.environ.get("CTFM_BACKEND") or "auto"
+    if backend == "auto" and pinned != "auto":
+        backend = pinned
         check_backend_choice(backend)
     if backend == "auto":
         return None
@@ -178,6 +179,21 @@ def probability_agreement(output: torch.Tensor, reference: torch.Tensor) -> tupl
     means probabilities within 0.001 of PyTorch fp32's."""
     difference = float((torch.sigmoid(output.float()) - torch.sigmoid(reference.float())).abs().max())
     return 1.0 - difference, 1.0 - difference
+
+
+def feature_agreement(output: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Dense feature maps (C, Z, Y, X): (the lowest per-cell cosine similarity with the reference's features, the
+    share of cells whose most similar other cell stays the same).  The cosine decides: similarities then move by
+    at most about 1 - cosine, and a search's ranking changes only between near-equal candidates; the share of
+    unchanged nearest cells is recorded but not required (cells of air are near-equal, their order arbitrary)."""
+    cells = torch.nn.functional.normalize(output.float().reshape(output.shape[0], -1).T, dim=1)
+    expected = torch.nn.functional.normalize(reference.float().reshape(reference.shape[0], -1).T, dim=1)
+    cosine = (cells * expected).sum(dim=1)
+    ranked, reference_ranked = cells @ cells.T, expected @ expected.T
+    ranked.fill_diagonal_(-2.0)
+    reference_ranked.fill_diagonal_(-2.0)
+    same_best = float((ranked.argmax(dim=1) == reference_ranked.argmax(dim=1)).float().mean())
+    return float(cosine.min()), same_best
 
 
 def measure(runtime: Runtime, build: Callable[[Runtime], Any], sample: torch.Tensor, compare: Compare,

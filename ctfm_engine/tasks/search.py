@@ -326,8 +326,13 @@ class SemanticSearch:
         settings: SearchSettings = SearchSettings(),
         cache: FeatureCache | None = None,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        precision: str = "fp32",
     ) -> None:
+        """``precision`` of the fast method's dense pass: fp32, or bf16 on a CPU (fp16 on a GPU) under autocast
+        where :func:`ctfm_engine.pipelines.search.open_searcher` measured that it keeps the features (the exact
+        method, the reference, stays fp32)."""
         self.device = torch.device(device)
+        self.precision = precision
         self.encoder = encoder.eval().to(self.device)
         if self.device.type == "cpu":
             # oneDNN runs 3-D convolutions ~18 % faster on channels-last weights (measured at CT-FM's width on a
@@ -422,7 +427,8 @@ class SemanticSearch:
         """The scan's feature-cache key (:func:`volume_key`: a hash of its voxels, geometry, the preprocessing and
         the weights).  Hashing a 512x512x300 scan takes ~0.2 s: a caller that keeps scans across queries keys each
         once and passes the key to :meth:`features` and :meth:`search`."""
-        return volume_key(volume, self.settings.preprocessing, self.weights_sha256)
+        weights = self.weights_sha256 if self.precision == "fp32" else f"{self.weights_sha256}:{self.precision}"
+        return volume_key(volume, self.settings.preprocessing, weights)
 
     def features(self, volume: CTVolume, key: str | None = None) -> DenseFeatures:
         """The scan's dense last feature map, from the cache or computed (and cached) under ``key``, the scan's
@@ -444,7 +450,9 @@ class SemanticSearch:
         tensor = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(self.device)
         if self.device.type == "cpu":
             tensor = tensor.contiguous(memory_format=torch.channels_last_3d)
-        features = last_feature_map(self.encoder, tensor, memory_budget_bytes=self.memory_budget_bytes)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            features = last_feature_map(self.encoder, tensor, memory_budget_bytes=self.memory_budget_bytes)
         return features[0].float().cpu().numpy()
 
     # -- fast method --
