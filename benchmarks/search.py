@@ -82,6 +82,11 @@ def target_volume(name: str) -> CTVolume:
     return large_target() if name == "large" else read_volume(TARGETS[name])
 
 
+# The reference app's per-window method, and ours (dense, cached) with its dense pass in fp32 and in bf16 (the
+# default on CPUs with native bf16 where its features keep a cosine >= 0.999 with fp32's; see runtime/selection.py).
+METHODS = ("exact", "fast", "fast-bf16")
+
+
 def run_child(args: argparse.Namespace) -> None:
     """One method on one target in this process: two queries, their times and the peak memory."""
     torch.set_grad_enabled(False)
@@ -90,13 +95,14 @@ def run_child(args: argparse.Namespace) -> None:
     source = LabelledScan.read(SHARED / "totalsegmentator" / "example_ct_sm.nii.gz",
                                SHARED / "totalsegmentator" / "example_seg.nii.gz")
     target = target_volume(args.target)
+    method, _, precision = args.child.partition("-")  # "fast-bf16": the fast method, its dense pass in bf16
     searcher = SemanticSearch(encoder, checkpoint.sha256, device=device, settings=SearchSettings(overlap=args.overlap),
-                              cache=FeatureCache())
+                              cache=FeatureCache(), precision=precision or "fp32")
     seconds, best = [], []
     with PeakMemory(device) as memory:
         for organ in (LIVER, SPLEEN):
             started = time.perf_counter()
-            result = searcher.search(source.volume, source.centroid_lps(organ), [target], method=args.child)
+            result = searcher.search(source.volume, source.centroid_lps(organ), [target], method=method)
             seconds.append(time.perf_counter() - started)
             best.append(list(result.targets[0].matches[0].point_lps))
     print(json.dumps({"method": args.child, "target": args.target, "first_s": round(seconds[0], 3),
@@ -112,7 +118,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("shipped", "published"), default="shipped")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--child", choices=("exact", "fast"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--target", choices=tuple(TARGETS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,7 +139,7 @@ def main() -> None:
         volume = target_volume(name)
         shape = preprocess(volume, settings.preprocessing).image.shape
         pair = {}
-        for method in ("exact", "fast"):
+        for method in METHODS:
             command = [sys.executable, __file__, "--child", method, "--target", name, "--overlap", str(args.overlap),
                        "--device", args.device, "--model", args.model]
             child = subprocess.run(command, capture_output=True, text=True)
@@ -146,11 +152,13 @@ def main() -> None:
             rows.append(row)
             print(f"{volume.source[-44:]:<44} {','.join(map(str, shape)):>14} {method:>6} {row['windows']:>7} "
                   f"{row['first_s']:>7.2f} s {row['repeated_s']:>7.3f} s {row['peak_rss_gib']:>6.2f} GiB", flush=True)
-        if len(pair) == 2:
-            exact, fast = pair["exact"], pair["fast"]
+        for fast_method in METHODS[1:]:
+            if "exact" not in pair or fast_method not in pair:
+                continue
+            exact, fast = pair["exact"], pair[fast_method]
             offset = np.abs(volume.lps_to_zyx_index(np.array(exact["best"]))
                             - volume.lps_to_zyx_index(np.array(fast["best"]))).max(axis=1)
-            print(f"{'':<44} {'':>14} {'ratio':>6} {'':>7} {exact['first_s'] / fast['first_s']:>7.1f} x "
+            print(f"{'':<44} {'':>14} {'exact/' + fast_method:>6} {'':>7} {exact['first_s'] / fast['first_s']:>7.1f} x "
                   f"{exact['repeated_s'] / fast['repeated_s']:>7.0f} x   (best matches {offset.round(0).tolist()} "
                   f"source voxels apart)", flush=True)
     if args.json:
