@@ -96,6 +96,16 @@ def _release_freed_memory() -> None:
         pass
 
 
+def randomise_batchnorm_statistics(network: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm running statistics, so a random-weight network of a published width computes what a trained
+    one would cost (its outputs mean nothing)."""
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return network
+
+
 def stretched_ct(size_xyz: tuple[int, int, int], spacing_xyz_mm: tuple[float, float, float], source: str) -> CTVolume:
     """A real scan (TotalSegmentator_0009, lumbar spine/pelvis) resampled to ``size_xyz`` voxels, then labelled with
     ``spacing_xyz_mm``: stretched so that the body fills the field of view like a clinical scan instead of sitting

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from embed import PeakMemory, stretched_ct
+from embed import PeakMemory, randomise_batchnorm_statistics, stretched_ct
 
 from ctfm_engine.models.checkpoint import save_checkpoint
 from ctfm_engine.models.encoder import build_encoder, encoder_config
@@ -69,11 +69,7 @@ def published_width_weights() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="ctfm-bench-")) / "ctfm-published-width-random"
     torch.manual_seed(0)
     config = encoder_config(init_filters=32)
-    encoder = build_encoder(config)
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.BatchNorm3d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
+    encoder = randomise_batchnorm_statistics(build_encoder(config))
     save_checkpoint(encoder, folder, config)
     return folder
 

@@ -25,17 +25,15 @@ HEAD_CT = SHARED / "dicom" / "slicer_head_64x64"
 
 
 def published_width_triage(folder: Path) -> Path:
+    from embed import randomise_batchnorm_statistics
+
     from ctfm_engine.models.checkpoint import save_checkpoint
     from ctfm_engine.models.encoder import encoder_config
     from ctfm_engine.models.triage import TriageClassifier
 
     torch.manual_seed(0)
     config = {**encoder_config(init_filters=32), "threshold": 0.5}
-    network = TriageClassifier(**config)
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm3d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
+    network = randomise_batchnorm_statistics(TriageClassifier(**config))
     save_checkpoint(network, folder, config)
     return folder
 
