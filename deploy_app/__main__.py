@@ -27,6 +27,11 @@ can be configured without changing its command line):
     --rules FILE       series selection rules, JSON (CTFM_SELECTION_RULES; default deploy_app/selection_rules.json)
     --device D         cpu (default), cuda, cuda:N or auto (CTFM_DEVICE)
 
+The runtime that segments (and triages) is chosen by measurement on the first study, as `ctfm segment --backend
+auto` does: the fastest of PyTorch, onnxruntime and OpenVINO (and bf16 where it agrees with fp32 to 0.999 of the
+foreground voxels), cached in the ctfm cache (CTFM_CACHE; keep it on a writable volume so that only the first study
+pays for the measurement).  CTFM_BACKEND=torch|onnx|openvino pins one.
+
 Exit codes are the engine's: 0 done; 2 usage; 3 the input is not acceptable (no CT series, localiser only, MR,
 truncated or duplicated files, ...); 4 model problem; 1 anything else, including a PACS that is down or refuses
 the results (they stay in OUT_DIR and in its outbox; ``ctfm pacs outbox OUT_DIR --send URL`` delivers them later).
