@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from embed import PeakMemory, stretched_ct
+from embed import PeakMemory, randomise_batchnorm_statistics, stretched_ct
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import SegResNetDS
 
@@ -86,11 +86,7 @@ def published_width_model(folder: Path) -> SegmentationModel:
     torch.manual_seed(0)
     config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 118, "init_filters": 32,
               "blocks_down": [1, 2, 2, 4, 4], "dsdepth": 4}
-    network = SegResNetDS(**config)
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm3d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
+    network = randomise_batchnorm_statistics(SegResNetDS(**config))
     save_checkpoint(network, folder, config)
     write_inference_settings(folder, PUBLISHED_WHOLE_BODY)
     return open_segmentation_model(folder)
