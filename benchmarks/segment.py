@@ -166,8 +166,7 @@ def run_method(args: argparse.Namespace) -> None:
 
 
 def setup(args: argparse.Namespace) -> tuple[SegmentationModel, CTVolume, float]:
-    scratch = Path(tempfile.mkdtemp(prefix="ctfm-bench-"))
-    model = published_width_model(scratch / "published") if args.model == "published" else \
+    model = published_width_model(args.scratch / "published") if args.model == "published" else \
         open_segmentation_model(SHIPPED)
     overlap = model.overlap if args.overlap is None else args.overlap
     if args.scan == "sample":
@@ -199,16 +198,16 @@ def agreement(labels: np.ndarray, reference: np.ndarray, names: dict[int, str]) 
 
 def run_children(args: argparse.Namespace, names: dict[int, str]) -> tuple[list[dict], list[dict]]:
     """Each method in its own child process: (measured rows, skipped rows with the reason)."""
-    scratch = Path(tempfile.mkdtemp(prefix="ctfm-bench-labels-"))
     results, skipped, reference = [], [], None
     for method in args.methods:
-        labels_out = scratch / f"{method}.npy"
+        labels_out = args.scratch / f"{method}.npy"
         environment = dict(os.environ)
         if method == "auto":  # measure as a first run on this machine does, whatever was cached or pinned
-            environment["CTFM_CACHE"] = tempfile.mkdtemp(prefix="ctfm-bench-cache-")
+            environment["CTFM_CACHE"] = str(args.scratch / "empty-cache")
             environment.pop("CTFM_BACKEND", None)
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", method,
-                                "--labels-out", str(labels_out)], capture_output=True, text=True, env=environment)
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", method, "--scratch",
+                                str(args.scratch), "--labels-out", str(labels_out)], capture_output=True, text=True,
+                               env=environment)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode != 0 or not lines:
             why = (child.stderr.strip().splitlines() or ["no output"])[-1][:300]
@@ -280,10 +279,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--labels-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run_method(args)
         return
+    with tempfile.TemporaryDirectory(prefix="ctfm-bench-segment-") as scratch:  # label maps, checkpoint, auto's cache
+        args.scratch = Path(scratch)
+        compare_methods(args)
+
+
+def compare_methods(args: argparse.Namespace) -> None:
+    """The header, every method in its own child process, the tables (and the JSON with ``--json``)."""
     model, volume, overlap = setup(args)
     model_shape = preprocess(volume, model.preprocessing).image.shape
     print(f"device: {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
