@@ -319,15 +319,10 @@ def segmentation_backend(model: SegmentationModel, volume: CTVolume, request: Se
     if runtime.backend == "openvino":
         from ctfm_engine.runtime.openvino_backend import OpenVinoBackend
 
-        if torch_device(device).type != "cpu":
+        if device.type != "cpu":  # a torch.device: run_segmentation resolved it
             raise UsageError("the openvino backend runs on the CPU here: pass --device cpu, or another backend")
         return OpenVinoBackend.open(path, model.checkpoint, task, runtime.precision, batch_shape=batch_shape), head
     backend = OnnxBackend.open(path, model.checkpoint, task, device, fp16=runtime.precision == "fp16",
                                batch_shape=batch_shape)
     return backend, head
 
-
-def torch_device(device: Any) -> Any:
-    import torch
-
-    return torch.device(device)
