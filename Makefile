@@ -14,9 +14,13 @@ TORCH_SPEC ?= torch==2.13.0
 # Debian packages used by tests: dcm2niix (independent DICOM -> NIfTI converter), dicom3tools (dciodvfy, the
 # DICOM validator), orthanc + orthanc-dicomweb (the real PACS the end-to-end tests start in a network namespace),
 # iproute2 (`ip`) and util-linux (`unshare`, `nsenter`) to make that namespace.
-APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb iproute2 util-linux
+APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb iproute2 util-linux chromium
+# The viewers' own readers run under Node (dcmjs / Cornerstone3D adapters, the built OHIF viewer): every folder
+# tests/*/package.json is an npm project installed before the tests (`npm install` from the registry).
+NODE_PROJECTS := $(patsubst %/package.json,%,$(wildcard tests/*/package.json))
+NODE_STAMPS := $(addsuffix /node_modules/.installed,$(NODE_PROJECTS))
 
-.PHONY: demo test lint apt clean
+.PHONY: demo test lint apt node clean
 
 %/bin/python:
 	$(PYTHON) -m venv $* || python3 -m venv $*
@@ -43,14 +47,23 @@ apt:
 	  else echo "make: Debian packages missing:$$missing (run as root or: sudo apt-get install$$missing); tests needing them are skipped (under .ci/run they fail)"; fi; \
 	fi
 
+node:
+	@command -v npm >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; \
+	  else echo "make: Node.js/npm missing (sudo apt-get install nodejs npm); the viewer-reader tests are skipped"; fi; }
+
+%/node_modules/.installed: %/package.json | node
+	cd $* && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/ctfm demo --out-dir ctfm-demo
 
-test: $(VENV)/.installed $(DEPLOY_VENV)/.installed apt
+test: $(VENV)/.installed $(DEPLOY_VENV)/.installed apt $(NODE_STAMPS)
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check ctfm_engine tests benchmarks deploy_app SlicerCTFM
 
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) ctfm-demo .pytest_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) ctfm-demo .pytest_cache $(addsuffix /node_modules,$(NODE_PROJECTS))
