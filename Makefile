@@ -9,6 +9,12 @@ BIN := $(VENV)/bin
 DEPLOY_VENV := .venv-deploy
 DEPLOY_BIN := $(DEPLOY_VENV)/bin
 DEPLOY_ONLY_PACKAGES := monai-deploy-app-sdk holoscan-cu13 holoscan-cli cupy-cuda13x tritonclient
+# The Slicer module's environment as a radiologist's Slicer has it (tests/test_slicer_install_tree.py): what Slicer
+# 5.12 ships in its Python (numpy, SimpleITK, pydicom 3.0.2, highdicom 0.27.0, requests, packaging, its MRML core --
+# slicer-core), torch as the PyTorch extension installs it, then only the module's Resources/requirements.txt.  No
+# ctfm_engine: the module must import the one its install tree carries.
+SLICER_VENV := .venv-slicer
+SLICER_SHIPPED := numpy SimpleITK pydicom==3.0.2 highdicom==0.27.0 requests packaging slicer-core==5.13.31053.0
 # CPU wheel of PyTorch; on a CUDA machine see README ("GPU") for the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # Debian packages used by tests: dcm2niix (independent DICOM -> NIfTI converter), dicom3tools (dciodvfy, the
@@ -40,6 +46,11 @@ $(DEPLOY_VENV)/.installed: pyproject.toml | $(DEPLOY_BIN)/python
 	$(DEPLOY_BIN)/pip install -q -e ".[deploy]"
 	touch $@
 
+$(SLICER_VENV)/.installed: SlicerCTFM/Resources/requirements.txt | $(SLICER_VENV)/bin/python
+	$(SLICER_VENV)/bin/pip install -q "$(TORCH_SPEC)" $(SLICER_SHIPPED)
+	$(SLICER_VENV)/bin/pip install -q -r SlicerCTFM/Resources/requirements.txt
+	touch $@
+
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -59,11 +70,11 @@ node:
 demo: $(VENV)/.installed
 	$(BIN)/ctfm demo --out-dir ctfm-demo
 
-test: $(VENV)/.installed $(DEPLOY_VENV)/.installed apt $(NODE_STAMPS)
+test: $(VENV)/.installed $(DEPLOY_VENV)/.installed $(SLICER_VENV)/.installed apt $(NODE_STAMPS)
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check ctfm_engine tests benchmarks deploy_app SlicerCTFM
 
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) ctfm-demo .pytest_cache $(addsuffix /node_modules,$(NODE_PROJECTS))
+	rm -rf $(VENV) $(DEPLOY_VENV) $(SLICER_VENV) ctfm-demo .pytest_cache $(addsuffix /node_modules,$(NODE_PROJECTS))

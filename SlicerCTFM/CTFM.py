@@ -29,6 +29,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+install.use_bundled_engine()  # ctfm_engine ships with the module: import it from the module's own folder
+
 try:
     from slicer.i18n import tr as _
     from slicer.i18n import translate
@@ -107,6 +109,11 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.ui.progressBar.setVisible(False)
         self.ui.activeModelLabel.setText(_("(checked when a task starts)"))
+        # Slicer 5.8 and older (Python 3.9) cannot run the engine: say so once, instead of a pip failure later
+        self.unsupported = install.unsupported_reason(install.slicer_version())
+        if self.unsupported:
+            self.ui.statusLabel.setText(self.unsupported)
+            self.addLog(self.unsupported)
         self.updateButtons()
 
     def cleanup(self) -> None:
@@ -130,7 +137,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return "Cancelling" if self.job.state == "cancelling" else "Running"
 
     def updateButtons(self, *unused: Any) -> None:
-        state, hasInput = self.state, self.ui.inputVolumeSelector.currentNode() is not None
+        state = self.state
+        hasInput = self.ui.inputVolumeSelector.currentNode() is not None and not getattr(self, "unsupported", None)
         for kind, button in (("segmentation", self.ui.segmentationApplyButton),
                              ("triage", self.ui.triageApplyButton)):
             ownsJob = state != "Idle" and self.jobKind == kind

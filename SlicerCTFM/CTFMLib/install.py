@@ -1,12 +1,20 @@
-"""First-use setup of the CTFM module: the engine's Python packages inside Slicer, and which weights are active.
+"""First use of the CTFM module: where the engine comes from, the Python packages it needs, which weights are active.
 
-Packages.  ``Resources/requirements.txt`` lists what the module installs (ctfm-engine, MONAI, safetensors,
-huggingface-hub, ...).  Slicer owns SimpleITK (its build carries Slicer's in-memory ITK IO), numpy, requests, and
-the pydicom/highdicom its DICOM module uses; replacing them breaks Slicer (Slicer/Slicer#6711), so they are never
-installed and are skipped when ctfm-engine's metadata asks for them.  PyTorch comes from the PyTorch extension's
+The engine ships with the module.  The extension's CMake installs ``ctfm_engine`` (its code, data and the
+demonstration checkpoints) beside ``CTFM.py``; in a source checkout loaded through *Additional module paths* it is
+the repository's own ``ctfm_engine`` one folder up.  :func:`use_bundled_engine` puts that folder first on
+``sys.path`` (the module and its worker processes both call it), so nothing is built by hand and no wheel is needed.
+Developers may still install a wheel or source folder of the engine instead (*Advanced -> Engine wheel/folder*).
+
+Slicer versions.  The engine needs Python >= 3.10: Slicer 5.10 and 5.12 (Python 3.12) are supported; Slicer 5.8 and
+older (Python 3.9) are refused with one sentence saying so (:func:`unsupported_reason`) instead of a pip failure.
+
+Packages.  ``Resources/requirements.txt`` lists the third-party packages first use installs (MONAI, safetensors,
+huggingface-hub, onnxruntime, OpenVINO, ...), never ``ctfm-engine`` itself.  Slicer owns SimpleITK (its build
+carries Slicer's in-memory ITK IO), numpy, requests, and the pydicom/highdicom its DICOM module uses; replacing them
+breaks Slicer (Slicer/Slicer#6711), so they are never installed.  PyTorch comes from the PyTorch extension's
 ``PyTorchUtils`` (it picks the CUDA build that matches the driver).  Slicer >= 5.12 installs the rest with
-``slicer.packaging.pip_ensure(..., skip_packages=...)``; older releases with ``slicer.util.pip_install``:
-ctfm-engine with ``--no-deps``, then the listed requirements, which already leave Slicer's packages out.
+``slicer.packaging.pip_ensure(..., skip_packages=...)``; 5.10 with ``slicer.util.pip_install``.
 
 Weights.  A task's checkpoint comes from the engine's weights policy (``auto``: the published CT-FM checkpoint when
 the cache holds it, else the bundled demonstration model, which then says so), a local folder (``config.json`` +
@@ -20,14 +28,21 @@ Everything here runs without Slicer except :func:`ensure_dependencies`, whose Sl
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
+MODULE_DIR = Path(__file__).resolve().parents[1]
+REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 ENGINE_PACKAGE = "ctfm-engine"
+ENGINE_MODULE = "ctfm_engine"
+# Oldest Slicer the module runs in, and why: the engine needs Python >= 3.10; Slicer 5.10 moved from Python 3.9 to
+# 3.12 (5.8 and older ship 3.9).
+MINIMUM_SLICER = (5, 10)
+MINIMUM_PYTHON = (3, 10)
 # Packages Slicer ships and relies on: never installed or upgraded by this module.
 SLICER_OWNED_PACKAGES = ("SimpleITK", "numpy", "requests", "pydicom", "highdicom", "torch", "torchvision",
                          "torchaudio")
@@ -38,6 +53,36 @@ PACKAGING_SLICER_VERSION = (5, 12)  # slicer.packaging (pip_ensure with skip_pac
 MODEL_KINDS = {"segmentation": "segmentation", "search": "encoder", "triage": "triage"}
 TASKS = tuple(MODEL_KINDS)
 SOURCES = ("auto", "folder", "hub")
+
+
+def bundled_engine_folder(module_dir: Path = MODULE_DIR) -> Path | None:
+    """The folder that holds the engine shipped with the module: the module's own folder (the extension's install
+    tree) or, in a source checkout, the repository root one level up; None when neither has ``ctfm_engine``."""
+    for folder in (module_dir, module_dir.parent):
+        if (folder / ENGINE_MODULE / "__init__.py").is_file():
+            return folder
+    return None
+
+
+def use_bundled_engine(module_dir: Path = MODULE_DIR) -> Path | None:
+    """Make ``import ctfm_engine`` find the engine shipped with the module (first on ``sys.path``); the folder, or
+    None when the module carries none (then an engine installed into Slicer's Python is used, if any)."""
+    folder = bundled_engine_folder(module_dir)
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder
+
+
+def unsupported_reason(slicer: tuple[int, int] | None, python: tuple[int, int] = sys.version_info[:2]) -> str | None:
+    """One sentence saying why this Slicer cannot run the module, or None when it can (``slicer`` None: not in
+    Slicer, only the Python version counts)."""
+    need = f"Slicer {MINIMUM_SLICER[0]}.{MINIMUM_SLICER[1]} or newer (Python {MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}+)"
+    if slicer is not None and tuple(slicer) < MINIMUM_SLICER:
+        return (f"CT-FM needs {need}; this is Slicer {slicer[0]}.{slicer[1]} with Python {python[0]}.{python[1]}. "
+                "Install a current Slicer from download.slicer.org.")
+    if tuple(python) < MINIMUM_PYTHON:
+        return f"CT-FM needs {need}; this Python is {python[0]}.{python[1]}."
+    return None
 
 
 def normalise(name: str) -> str:
@@ -77,13 +122,10 @@ def missing_requirements(requirements: Sequence[str]) -> list[str]:
     return missing
 
 
-def engine_requirement(source: str | Path | None = None) -> str:
-    """How to install the engine, as one requirement: the ``ctfm-engine`` line of the requirements (from the
-    package index), or for a wheel file or source folder (``pyproject.toml``) given as ``source`` the PEP 508 direct
+def engine_requirement(source: str | Path) -> str:
+    """How to install a developer's engine wheel file or source folder (``pyproject.toml``): the PEP 508 direct
     reference ``ctfm-engine @ file:///...`` (what ``slicer.packaging.load_requirements`` and pip both accept; a bare
     path is not a requirement)."""
-    if source is None:
-        return next(line for line in read_requirements() if requirement_name(line) == normalise(ENGINE_PACKAGE))
     path = Path(source).expanduser().resolve()
     if path.is_file() and path.suffix == ".whl" and normalise(path.name.split("-")[0]) == ENGINE_PACKAGE:
         return f"{ENGINE_PACKAGE} @ {path.as_uri()}"
@@ -109,17 +151,24 @@ def ensure_dependencies(
 ) -> list[str]:
     """Install what is missing into Slicer's Python; the requirements that were missing (empty: nothing to do).
 
-    ``confirm(message)`` is asked once before anything is installed (the widget shows a dialog; None installs
-    without asking, for tests and scripts); it returning False raises RuntimeError.  Torch comes from PyTorchUtils
-    (PyTorch extension); Slicer's own packages are never touched.
+    The engine itself ships with the module and is never installed, unless a developer gives ``engine_source`` (a
+    wheel or source folder), installed without its dependencies.  ``confirm(message)`` is asked once before anything
+    is installed (the widget shows a dialog; None installs without asking, for tests and scripts); it returning
+    False raises RuntimeError.  A Slicer too old for the engine raises RuntimeError before pip runs.  Torch comes
+    from PyTorchUtils (PyTorch extension); Slicer's own packages are never touched.
     """
     import slicer
 
-    requirements = [line for line in read_requirements() if requirement_name(line) != normalise(ENGINE_PACKAGE)]
-    engine = engine_requirement(engine_source)
-    missing = missing_requirements([engine] if engine_source is None else [ENGINE_PACKAGE]) + missing_requirements(
-        requirements)
-    torch_missing = not _torch_installed()
+    reason = unsupported_reason(slicer_version())
+    if reason:
+        raise RuntimeError(reason)
+    requirements = read_requirements()
+    engine = None if engine_source is None else engine_requirement(engine_source)
+    if engine is None and use_bundled_engine() is None and not _installed(ENGINE_PACKAGE):
+        raise RuntimeError(f"the module folder {MODULE_DIR} has no ctfm_engine: reinstall the CT-FM extension, or "
+                           "choose an engine wheel/folder under Advanced")
+    missing = ([engine] if engine else []) + missing_requirements(requirements)
+    torch_missing = not _installed("torch")
     if not missing and not torch_missing:
         return []
     wanted = (["torch (through the PyTorch extension)"] if torch_missing else []) + missing
@@ -128,19 +177,20 @@ def ensure_dependencies(
         raise RuntimeError("the CT-FM dependencies were not installed; the module cannot run without them")
     if torch_missing:
         _install_torch(log)
-    if (slicer_version() or (0, 0)) >= PACKAGING_SLICER_VERSION:
-        _pip_ensure([engine, *requirements], log)
-    else:
+    if engine is not None:
         log(f"installing {engine} (without its dependencies: Slicer owns SimpleITK, numpy and requests)")
         slicer.util.pip_install(["--no-deps", engine])  # a list: each item is one argument (the reference has spaces)
+    if (slicer_version() or (0, 0)) >= PACKAGING_SLICER_VERSION:
+        _pip_ensure(requirements, log)
+    else:
         log("installing " + ", ".join(requirements))
         slicer.util.pip_install(list(requirements))
     return wanted
 
 
-def _torch_installed() -> bool:
+def _installed(distribution: str) -> bool:
     try:
-        metadata.version("torch")
+        metadata.version(distribution)
         return True
     except metadata.PackageNotFoundError:
         return False
@@ -154,7 +204,7 @@ def _install_torch(log: Callable[[str], None]) -> None:
                            "Extensions Manager, restart Slicer and try again") from None
     log("installing PyTorch through the PyTorch extension")
     PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=MINIMUM_TORCH)
-    if not _torch_installed():
+    if not _installed("torch"):
         raise RuntimeError("PyTorch could not be installed; see the Python console for the reason")
 
 

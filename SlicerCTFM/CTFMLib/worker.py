@@ -25,7 +25,9 @@ from typing import IO, TYPE_CHECKING, Any
 if __package__ in (None, ""):  # run as a script by the client: make the CTFMLib package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from CTFMLib import protocol  # noqa: E402
+from CTFMLib import install, protocol  # noqa: E402
+
+install.use_bundled_engine()  # the engine the module carries (install tree) or the source checkout's, first
 
 if TYPE_CHECKING:
     from ctfm_engine.pipelines import Searcher
