@@ -518,31 +518,39 @@ def _segment_description(
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label.name[:LO_LENGTH],
-        segmented_property_category=_coded(label.category or GENERIC_CATEGORY),
-        segmented_property_type=_coded(label.type or GENERIC_TYPE),
+        segmented_property_category=coded_concept(label.category or GENERIC_CATEGORY),
+        segmented_property_type=coded_concept(label.type or GENERIC_TYPE),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm.identification(),
-        tracking_uid=generate_uid(entropy_srcs=["ctfm-segment", series_uid, label.name]),
-        tracking_id=_tracking_id(label),
-        anatomic_regions=[_coded(label.region)] if label.region is not None else None,
+        tracking_uid=segment_tracking_uid(label, series_uid),
+        tracking_id=segment_tracking_id(label),
+        anatomic_regions=[coded_concept(label.region)] if label.region is not None else None,
         display_color=hd.color.CIELabColor.from_rgb(*label.color_rgb),
     )
     # highdicom has no argument for these modifiers (laterality): they sit inside the coded items.
     if label.type_modifier is not None:
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-            _coded(label.type_modifier)
+            coded_concept(label.type_modifier)
         ]
     if label.region is not None and label.region_modifier is not None:
-        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [_coded(label.region_modifier)]
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [coded_concept(label.region_modifier)]
     return description
 
 
-def _tracking_id(label: Label) -> str:
+def segment_tracking_id(label: Label) -> str:
+    """The Tracking ID of ``label``'s segment, ``"<name> [label <value>]"``: a report about the segment reuses it."""
     suffix = f" [label {label.value}]"
     return label.name[: LO_LENGTH - len(suffix)] + suffix
 
 
-def _coded(code: Code) -> hd.sr.CodedConcept:
+def segment_tracking_uid(label: Label, series_uid: str) -> str:
+    """The Tracking UID of ``label``'s segment in a SEG of the series ``series_uid`` (derived from both, so every
+    object about that structure of that series, a SEG or a measurement report, names it the same)."""
+    return generate_uid(entropy_srcs=["ctfm-segment", series_uid, label.name])
+
+
+def coded_concept(code: Code) -> hd.sr.CodedConcept:
+    """A label table's code as highdicom's coded concept."""
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 

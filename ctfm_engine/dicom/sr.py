@@ -32,11 +32,18 @@ import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from ctfm_engine import __version__
 from ctfm_engine.dicom.seg import MANUFACTURER, Algorithm, SegInfo, quiet_identifying_warnings, source_headers
+from ctfm_engine.dicom.tid1500 import (
+    algorithm_identification,
+    code_key,
+    content_items,
+    device_observer,
+    numeric_value,
+    seg_header,
+)
 from ctfm_engine.errors import InputError
 from ctfm_engine.io import atomic_output
 from ctfm_engine.volume import CTVolume
@@ -54,8 +61,6 @@ DECISION_CODES = {"normal": codes.SCT.Normal, "abnormal": codes.SCT.Abnormal}
 PROBABILITY = codes.DCM.Probability
 THRESHOLD = codes.DCM.ThresholdValue
 NO_UNITS = codes.UCUM.NoUnits
-AI_FAMILY = codes.cid7162.ArtificialIntelligence
-SEG_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ def write_triage_sr(
             raise ValueError(f"the triage {name} must lie in [0, 1], got {value}")
     sources = source_headers(volume, needed_by="a triage SR")
     series_uid = str(sources[0].SeriesInstanceUID)
-    evidence = [*sources, *([_seg_header(seg.path)] if seg is not None else [])]
+    evidence = [*sources, *([seg_header(seg.path, "it cannot be listed as the triage's segmentation")]
+                            if seg is not None else [])]
     entropy = [
         "ctfm-triage-sr",
         series_uid,
@@ -174,16 +180,18 @@ def read_triage_sr(path: str | Path) -> dict[str, Any]:
     except Exception as error:  # pydicom/highdicom signal non-SR files with many exception types
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise InputError(f"{path}: is not a readable Comprehensive 3D SR ({reason}); give a CT-FM triage SR") from None
-    numbers = {_key(item.ConceptNameCodeSequence[0]): _number(item.MeasuredValueSequence[0])
-               for item in _items(report, "NUM") if "MeasuredValueSequence" in item}
-    normality = [item for item in _items(report, "CODE") if _key(item.ConceptNameCodeSequence[0]) == _key(NORMALITY)]
+    numbers = {code_key(item.ConceptNameCodeSequence[0]): numeric_value(item.MeasuredValueSequence[0])
+               for item in content_items(report, "NUM") if "MeasuredValueSequence" in item}
+    normality = [item for item in content_items(report, "CODE")
+                 if code_key(item.ConceptNameCodeSequence[0]) == code_key(NORMALITY)]
     decision = next((name for item in normality for name, code in DECISION_CODES.items()
-                     if _key(item.ConceptCodeSequence[0]) == _key(code)), None)
-    if _key(PROBABILITY) not in numbers or _key(THRESHOLD) not in numbers or decision is None:
+                     if code_key(item.ConceptCodeSequence[0]) == code_key(code)), None)
+    if code_key(PROBABILITY) not in numbers or code_key(THRESHOLD) not in numbers or decision is None:
         raise InputError(
             f"{path}: holds no triage (probability, threshold and normality); give an SR written by CT-FM triage"
         )
-    referenced = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for item in _items(report, "IMAGE")}
+    referenced = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                  for item in content_items(report, "IMAGE")}
     series = [
         str(entry.SeriesInstanceUID)
         for study in report.get("CurrentRequestedProcedureEvidenceSequence") or []
@@ -191,8 +199,8 @@ def read_triage_sr(path: str | Path) -> dict[str, Any]:
         if any(str(instance.ReferencedSOPInstanceUID) in referenced for instance in entry.ReferencedSOPSequence)
     ]
     return {
-        "probability": numbers[_key(PROBABILITY)],
-        "threshold": numbers[_key(THRESHOLD)],
+        "probability": numbers[code_key(PROBABILITY)],
+        "threshold": numbers[code_key(THRESHOLD)],
         "decision": decision,
         "referenced_series_uid": series[0] if series else None,
     }
@@ -201,26 +209,12 @@ def read_triage_sr(path: str | Path) -> dict[str, Any]:
 def _measurement_report(
     result: TriageResult, algorithm: Algorithm, sources: list[Dataset], series_uid: str
 ) -> hd.sr.MeasurementReport:
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=["ctfm-device", algorithm.weights_sha256]),
-        name=algorithm.name,
-        manufacturer_name=MANUFACTURER,
-        model_name=f"{algorithm.name} {algorithm.version}"[:64],
-        serial_number=algorithm.weights_sha256,
-    )
-    algorithm_id = hd.sr.AlgorithmIdentification(
-        name=algorithm.name,
-        version=algorithm.version,
-        parameters=[f"{key}={value}" for key, value in algorithm.parameters.items()],
-        family=AI_FAMILY,
-        manufacturer=MANUFACTURER,
-    )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=["ctfm-triage-tracking", series_uid, algorithm.weights_sha256]),
             identifier=TRACKING_ID,
         ),
-        algorithm_id=algorithm_id,
+        algorithm_id=algorithm_identification(algorithm),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(NORMALITY, DECISION_CODES[result.decision])],
         measurements=[
             hd.sr.Measurement(name=PROBABILITY, value=float(result.probability), unit=NO_UNITS),
@@ -229,46 +223,7 @@ def _measurement_report(
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header) for header in sources],
     )
     return hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Device, observer_identifying_attributes=device
-            )
-        ),
+        observation_context=device_observer(algorithm),
         procedure_reported=PROCEDURE,
         imaging_measurements=[group],
     )
-
-
-def _seg_header(path: Path) -> Dataset:
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as error:
-        raise InputError(f"{path}: the DICOM-SEG to list as evidence cannot be read ({error})") from None
-    if str(header.get("SOPClassUID", "")) not in SEG_SOP_CLASSES:
-        raise InputError(f"{path}: is not a DICOM-SEG, so it cannot be listed as the triage's segmentation")
-    return header
-
-
-def _items(report: Dataset, value_type: str) -> list[Dataset]:
-    """Every content item of ``value_type`` in the report's content tree."""
-    found: list[Dataset] = []
-    pending = list(report.get("ContentSequence") or [])
-    while pending:
-        item = pending.pop()
-        if item.get("ValueType") == value_type:
-            found.append(item)
-        pending.extend(item.get("ContentSequence") or [])
-    return found
-
-
-def _number(value: Dataset) -> float:
-    """A NUM item's value: the exact FloatingPointValue when present, else the (16-character) NumericValue."""
-    if "FloatingPointValue" in value:
-        return float(value.FloatingPointValue)
-    return float(value.NumericValue)
-
-
-def _key(code: Dataset | Code) -> tuple[str, str]:
-    if isinstance(code, Code):
-        return code.scheme_designator, code.value
-    return str(code.CodingSchemeDesignator), str(code.CodeValue)
