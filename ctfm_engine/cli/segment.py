@@ -1,5 +1,5 @@
-"""``ctfm segment``: whole-body segmentation, a label map on the input's own grid (and optionally a volume table and
-a DICOM-SEG of the input series)."""
+"""``ctfm segment``: whole-body segmentation, a label map on the input's own grid (and optionally a volume table, a
+DICOM-SEG of the input series, a measurement SR of its segments and a measurement table)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
     segment.add_argument("--seg-encoding", default="binary", choices=("binary", "binary-j2k", "labelmap",
                          "labelmap-rle", "labelmap-jpegls"), help="DICOM-SEG encoding: binary (most compatible, "
                          "default), binary-j2k (BINARY, lossless JPEG 2000), labelmap (+rle/-jpegls: smallest)")
+    segment.add_argument("--measurements-sr", type=Path, metavar="FILE.dcm", help="also write each structure's "
+                         "volume (mL) and HU statistics (mean, SD, median, min, max, 5/25/75/95th percentiles, on the "
+                         "input's grid) as a DICOM measurement report (TID 1500, Comprehensive 3D SR) referencing the "
+                         "--dicom-seg's segments and the input series (needs --dicom-seg)")
+    segment.add_argument("--measurements", type=Path, metavar="FILE.csv|FILE.json", help="write the same "
+                         "measurements as a research table, CSV or JSON by the suffix (any input)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.dicom_seg is not None and args.dicom_seg.suffix.lower() != ".dcm":
         raise UsageError(f"--dicom-seg {args.dicom_seg}: write the DICOM-SEG as a .dcm file")
+    check_measurement_options(args)
     with progress_bar(args, "segmenting", "window") as progress:
         outcome = run_segmentation(SegmentationRequest(
             scan_source(args.input, args), weights=args.model, backend=args.backend, onnx_file=args.onnx,
@@ -80,9 +87,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     writers = [] if args.volumes is None else [(outcome.write_volume_table, args.volumes)]
     writers.append((outcome.write_labels, args.out))
     dicom_seg: dict[str, Any] = {}
+    seg_info: list[Any] = []  # what the DICOM-SEG writer wrote, for the measurement SR that references it
     if args.dicom_seg is not None and outcome.labels.any():
         def write_dicom_seg(path: Path) -> Path:
             info = outcome.write_dicom_seg(path, args.seg_encoding)
+            seg_info.append(info)
             dicom_seg.update({"path": str(path), "encoding": args.seg_encoding,
                               "sop_instance_uid": info.sop_instance_uid,
                               "series_instance_uid": info.series_instance_uid, "frames": info.frames,
@@ -92,6 +101,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         writers.append((write_dicom_seg, args.dicom_seg))
     elif args.dicom_seg is not None:
         log.warning("no structure found: no DICOM-SEG written (a DICOM-SEG needs at least one segment)")
+    measurements_sr: dict[str, Any] = {}
+    if args.measurements_sr is not None and outcome.labels.any():
+        def write_measurements_sr(path: Path) -> Path:
+            info = outcome.write_measurements_sr(path, seg_info[0])
+            measurements_sr.update({"path": str(path), "sop_instance_uid": info.sop_instance_uid,
+                                    "series_instance_uid": info.series_instance_uid,
+                                    "structures": info.structures})
+            return path
+
+        writers.append((write_measurements_sr, args.measurements_sr))
+    elif args.measurements_sr is not None:
+        log.warning("no structure found: no measurement SR written (it measures the DICOM-SEG's segments)")
+    if args.measurements is not None:
+        writers.append((outcome.write_measurements, args.measurements))
     write_together(writers)
     return {
         "command": "segment",
@@ -99,6 +122,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "output": str(args.out),
         "volumes": None if args.volumes is None else str(args.volumes),
         "dicom_seg": dicom_seg or None,
+        "measurements_sr": measurements_sr or None,
+        "measurements": None if args.measurements is None else str(args.measurements),
         "weights": outcome.weights,
         "backend": outcome.backend,
         "device": outcome.device,
@@ -109,6 +134,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(outcome.seconds, 2),
         "labels": outcome.label_rows(),
     }
+
+
+def check_measurement_options(args: argparse.Namespace) -> None:
+    """UsageError for --measurements-sr without --dicom-seg, or either measurement file with the wrong suffix."""
+    report = args.measurements_sr
+    if report is not None and args.dicom_seg is None:
+        raise UsageError(f"--measurements-sr {report}: the measurement report references the segments of a DICOM-SEG; "
+                         f"add --dicom-seg FILE.dcm")
+    if report is not None and report.suffix.lower() != ".dcm":
+        raise UsageError(f"--measurements-sr {report}: write the measurement report as a .dcm file")
+    if report is not None and report.resolve() == args.dicom_seg.resolve():
+        raise UsageError(f"--measurements-sr {report}: the same file as --dicom-seg; give each its own file")
+    from ctfm_engine.tasks.measure import TABLE_SUFFIXES
+
+    if args.measurements is not None and args.measurements.suffix.lower() not in TABLE_SUFFIXES:
+        raise UsageError(f"--measurements {args.measurements}: write the measurement table as .csv or .json")
 
 
 def human_lines(document: dict[str, Any]) -> list[str]:
@@ -126,4 +167,8 @@ def human_lines(document: dict[str, Any]) -> list[str]:
         seg = document["dicom_seg"]
         lines.append(f"DICOM-SEG ({seg['encoding']}, {seg['frames']} frames, {seg['bytes'] / 1e6:.2f} MB) -> "
                      f"{seg['path']}")
+    if document.get("measurements_sr") or document.get("measurements"):
+        report, table = document.get("measurements_sr"), document.get("measurements")
+        written = [f"measurement SR of {report['structures']} structures -> {report['path']}"] if report else []
+        lines.append("volumes and HU statistics: " + "; ".join([*written, *([f"table -> {table}"] if table else [])]))
     return lines

@@ -3,8 +3,8 @@
 :func:`run_segmentation` reads and validates the input, resolves the weights by the one policy
 (:mod:`ctfm_engine.models.registry`), loads the checkpoint with the settings it was trained with, builds the runtime
 backend (PyTorch, or onnxruntime on an exported file), runs the streamed sliding window and maps the labels back
-onto the input's own grid.  The result knows how to write itself (label map, volume table, DICOM-SEG) so no face
-assembles a writer's arguments either.
+onto the input's own grid.  The result knows how to write itself (label map, volume table, DICOM-SEG, measurement
+table and measurement SR) so no face assembles a writer's arguments either.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from ctfm_engine.preprocess import Preprocessing
 from ctfm_engine.progress import CancelCheck, Progress, check_cancelled
 from ctfm_engine.runtime.backends import Backend, check_backend_choice
 from ctfm_engine.runtime.selection import Choice, Runtime
+from ctfm_engine.tasks.measure import StructureStatistics, structure_statistics, write_measurement_table
 from ctfm_engine.tasks.segment import (
     MemoryEstimate,
     Segmentation,
@@ -179,6 +181,30 @@ class SegmentationOutcome:
             raise InputError(f"{self.volume.source}: no structure was found, and a DICOM-SEG needs at least one")
         return write_dicom_seg(self.labels, self.volume, self.label_table, path, algorithm=self.algorithm(),
                                encoding=SegEncoding(encoding))
+
+    @cached_property
+    def statistics(self) -> list[StructureStatistics]:
+        """Volume and HU statistics of each present structure on the input's grid, in label-value order (computed
+        once; :mod:`ctfm_engine.tasks.measure`)."""
+        return structure_statistics(self.labels, self.volume, self.names)
+
+    def measurements(self) -> list[dict[str, Any]]:
+        """:attr:`statistics` as JSON-ready rows: value, name, voxels, volume_ml and the hu_* statistics."""
+        return [row.as_dict() for row in self.statistics]
+
+    def write_measurements(self, path: str | Path) -> Path:
+        """The measurements as CSV or JSON (by the suffix), atomically."""
+        return write_measurement_table(self.measurements(), path)
+
+    def write_measurements_sr(self, path: str | Path, seg_info: Any) -> Any:
+        """The measurements as a TID 1500 measurement SR referencing the segments of the DICOM-SEG that
+        :meth:`write_dicom_seg` wrote (``seg_info``) and the input series."""
+        from ctfm_engine.dicom.measurements_sr import write_measurements_sr
+
+        if not self.labels.any():
+            raise InputError(f"{self.volume.source}: no structure was found, and a measurement SR needs at least one")
+        return write_measurements_sr(self.statistics, self.volume, seg_info, self.label_table, path,
+                                     algorithm=self.algorithm())
 
 
 def open_model(weights: str | Path | None = None) -> SegmentationModel:
