@@ -76,6 +76,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job: jobs.Job | None = None
         self.jobKind = ""  # "segmentation" or "triage"
         self.jobVolume = None
+        self.measurementsTable = None  # the table node of the last segmentation's measurements
         self.searchRequest: int | None = None
         self.searchActive = False
         self.timer = qt.QTimer()
@@ -191,6 +192,9 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     segmentation = self.logic.importSegmentation(job.result, self.jobVolume,
                                                                  self.ui.segmentationOutputSelector.currentNode())
                     self.ui.segmentationOutputSelector.setCurrentNode(segmentation)
+                    self.measurementsTable = self.logic.importMeasurements(job.result, self.jobVolume,
+                                                                           self.measurementsTable)
+                    self.ui.measurementsTableView.setMRMLTableNode(self.measurementsTable)
                     self.ui.statusLabel.setText(self.logic.describeSegmentation(job.result))
                 else:
                     self.ui.triageResultLabel.setText(self.logic.describeTriage(job.result))
@@ -442,6 +446,15 @@ class CTFMLogic(ScriptedLoadableModuleLogic):
 
         return session.import_segmentation(result, volumeNode, slicer.mrmlScene, replace=segmentationNode)
 
+    def importMeasurements(self, result: dict[str, Any], volumeNode: Any, tableNode: Any = None) -> Any:
+        """The organ measurements (volume, HU statistics per structure) as a table node named after the input (or
+        replacing ``tableNode``); None when nothing was segmented."""
+        from CTFMLib import session
+
+        if tableNode is not None and slicer.mrmlScene.GetNodeByID(tableNode.GetID()) is None:
+            tableNode = None  # removed by the user meanwhile
+        return session.import_measurements(result, volumeNode, slicer.mrmlScene, replace=tableNode)
+
     @staticmethod
     def describeSegmentation(result: dict[str, Any]) -> str:
         from CTFMLib import session
@@ -621,6 +634,8 @@ class CTFMTest(ScriptedLoadableModuleTest):
         self.assertEqual(job.state, "done", job.error)
         segmentation = logic.importSegmentation(job.result, volume)
         self.assertEqual(segmentation.GetName(), f"{volume.GetName()} segmentation")
+        table = logic.importMeasurements(job.result, volume)
+        self.assertEqual(table.GetNumberOfRows(), segmentation.GetSegmentation().GetNumberOfSegments())
         self.assertGreater(segmentation.GetSegmentation().GetNumberOfSegments(), 0)
         algorithm = vtk.mutable("")
         self.assertTrue(segmentation.GetSegmentation().GetNthSegment(0).GetTag("DICOM.SegmentAlgorithmType", algorithm))

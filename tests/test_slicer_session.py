@@ -80,6 +80,27 @@ def test_a_segmentation_job_becomes_a_named_coded_automatic_segmentation_in_the_
         assert _tag(segment, "DICOM.SegmentAlgorithmName") == "CT-FM ctfm-mini-wholebody-seg"
         assert "~SCT^" in _tag(segment, segment.GetTerminologyEntryTagName())
 
+    # The measurements table beside it: one row per segment, the HU statistics of exactly those voxels of the input.
+    table_node = session.import_measurements(job.result, ct, scene)
+    assert table_node.GetName() == "abdomen CT measurements"
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(table_node)) == study
+    table = table_node.GetTable()
+    assert table.GetNumberOfRows() == len(present)
+    assert [table.GetColumn(i).GetName() for i in range(3)] == ["Structure", "Volume (mL)", "Mean (HU)"]
+    assert table_node.GetColumnUnitLabel("Mean (HU)") == "HU"
+    voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
+    hu = whole.voxels[box].astype(np.float64)
+    for row in range(table.GetNumberOfRows()):
+        value = next(v for v in present if names[v] == table.GetValue(row, 0).ToString())
+        inside = hu[labels == value]
+        assert table.GetValue(row, 1).ToDouble() == pytest.approx(inside.size * voxel_ml, abs=0.006)
+        assert table.GetValue(row, 2).ToDouble() == pytest.approx(inside.mean(), abs=0.051)
+        sd = inside.std(ddof=1) if inside.size > 1 else 0.0  # the sample SD (SimpleITK's sigma); one voxel: 0
+        assert table.GetValue(row, 3).ToDouble() == pytest.approx(sd, abs=0.051)
+        assert table.GetValue(row, 4).ToDouble() == pytest.approx(np.median(inside), abs=0.051)
+    again_table = session.import_measurements(job.result, ct, scene, replace=table_node)
+    assert again_table.GetName() == "abdomen CT measurements" and len(_nodes(scene, "vtkMRMLTableNode")) == 1
+
     # Apply again with the same output node: the node is replaced, its name kept, nothing piles up.
     node.SetName("my segmentation")
     again = session.import_segmentation(job.result, ct, scene, replace=node)

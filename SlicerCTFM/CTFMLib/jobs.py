@@ -336,7 +336,8 @@ def start_segmentation(
     post-processing (the published model: on, as its card); ``skip_ct_check``
     reads a volume that does not look like CT in Hounsfield units instead of refusing it.  Result: ``labels``
     (uint8 (z, y, x) on ``volume``'s grid), ``names`` ({value: TotalSegmentator name}), ``structures`` (label, name,
-    voxels, volume_ml), ``weights`` ({name, sha256, demonstration}), ``model``, ``device``, ``seconds``.
+    voxels, volume_ml), ``measurements`` (per structure: volume_ml and HU mean, sd, median, min, max, p5/25/75/95 on
+    the input's grid), ``weights`` ({name, sha256, demonstration}), ``model``, ``device``, ``seconds``.
     """
     request = {"weights": _absolute(weights), "device": device,
                "roi_size_zyx": None if roi_size_zyx is None else [int(v) for v in roi_size_zyx],

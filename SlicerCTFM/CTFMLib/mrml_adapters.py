@@ -296,8 +296,47 @@ def _attach_to_reference(
     place_in_study(segmentation, reference_node)
 
 
+# The organ measurements table: (row key of the engine's measurements, column title, unit); HU statistics on the
+# source grid, as ``ctfm segment --measurements`` and the measurement SR give them.
+MEASUREMENT_COLUMNS = (
+    ("name", "Structure", ""), ("volume_ml", "Volume", "mL"), ("hu_mean", "Mean", "HU"), ("hu_sd", "SD", "HU"),
+    ("hu_median", "Median", "HU"), ("hu_p5", "P5", "HU"), ("hu_p25", "P25", "HU"), ("hu_p75", "P75", "HU"),
+    ("hu_p95", "P95", "HU"), ("hu_min", "Min", "HU"), ("hu_max", "Max", "HU"), ("voxels", "Voxels", ""),
+)
+
+
+def measurements_to_table_node(
+    rows: Sequence[Mapping[str, object]],
+    reference_node: slicer.vtkMRMLScalarVolumeNode,
+    scene: slicer.vtkMRMLScene,
+    name: str,
+) -> slicer.vtkMRMLTableNode:
+    """A table node of per-structure measurements (one row per structure, the columns of MEASUREMENT_COLUMNS with
+    their units), beside ``reference_node`` in its study; numbers rounded for reading (1 decimal, volume 2)."""
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = table_node.GetTable()
+    for key, title, unit in MEASUREMENT_COLUMNS:
+        column = vtk.vtkStringArray() if key == "name" else vtk.vtkDoubleArray()
+        column.SetName(f"{title} ({unit})" if unit else title)
+        for row in rows:
+            value = row[key]
+            if key == "name":
+                column.InsertNextValue(str(value))
+            else:
+                column.InsertNextValue(round(float(value), 2 if key == "volume_ml" else 1))
+        table.AddColumn(column)
+    for _key, title, unit in MEASUREMENT_COLUMNS:
+        if unit:
+            table_node.SetColumnUnitLabel(f"{title} ({unit})", unit)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.SetLocked(True)  # results, not a spreadsheet to edit
+    table_node.Modified()
+    place_in_study(table_node, reference_node)
+    return table_node
+
+
 def place_in_study(
-    segmentation: slicer.vtkMRMLSegmentationNode, reference_node: slicer.vtkMRMLScalarVolumeNode
+    segmentation: slicer.vtkMRMLNode, reference_node: slicer.vtkMRMLScalarVolumeNode
 ) -> None:
     """Put the segmentation's subject hierarchy item beside ``reference_node``'s (its study), creating the item where
     no hierarchy plugin did (slicer-core); for a volume loaded from DICOM, pass its ``DICOM.instanceUIDs`` on as the

@@ -45,6 +45,18 @@ def import_segmentation(result: dict[str, Any], volume_node: Any, scene: Any, re
                                                      model_name=result["weights"]["name"])
 
 
+def import_measurements(result: dict[str, Any], volume_node: Any, scene: Any, replace: Any = None) -> Any:
+    """A finished segmentation job's organ measurements (volume, HU statistics on the input's grid) as a table node
+    ``"<volume> measurements"`` beside ``volume_node`` (replacing ``replace``), or None when nothing was found."""
+    rows = result.get("measurements") or []
+    name = replace.GetName() if replace is not None else f"{volume_node.GetName()} measurements"
+    if replace is not None:
+        scene.RemoveNode(replace)
+    if not rows:
+        return None
+    return mrml_adapters.measurements_to_table_node(rows, volume_node, scene, name)
+
+
 def describe_segmentation(result: dict[str, Any]) -> str:
     """The status line: structure count, time, the three largest structures, and what made them."""
     rows = result["structures"]

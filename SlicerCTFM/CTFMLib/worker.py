@@ -106,7 +106,7 @@ def segmentation_job(folder: Path, request: dict[str, Any], events: EventWriter,
     events.progress("writing result", 0, 1)
     labels = protocol.save_array(folder, "labels", outcome.labels)
     events.emit(protocol.RESULT, arrays={"labels": labels}, names={str(k): v for k, v in outcome.names.items()},
-                structures=outcome.structures(), weights=outcome.weights,
+                structures=outcome.structures(), measurements=outcome.measurements(), weights=outcome.weights,
                 model={**outcome.describe_model(), "backend": outcome.backend},
                 device=outcome.device, seconds=round(outcome.seconds, 3))
 
