@@ -22,12 +22,14 @@ set(CTFM_ENGINE_PYTHON_SCRIPTS
   ctfm_engine/cli/weights.py
   ctfm_engine/demo.py
   ctfm_engine/dicom/__init__.py
+  ctfm_engine/dicom/measurements_sr.py
   ctfm_engine/dicom/outbox.py
   ctfm_engine/dicom/pacs.py
   ctfm_engine/dicom/seg.py
   ctfm_engine/dicom/selection.py
   ctfm_engine/dicom/series.py
   ctfm_engine/dicom/sr.py
+  ctfm_engine/dicom/tid1500.py
   ctfm_engine/dicom/uids.py
   ctfm_engine/dicom/validate.py
   ctfm_engine/errors.py
@@ -65,6 +67,7 @@ set(CTFM_ENGINE_PYTHON_SCRIPTS
   ctfm_engine/tasks/archive_builder.py
   ctfm_engine/tasks/concept_map.py
   ctfm_engine/tasks/embed.py
+  ctfm_engine/tasks/measure.py
   ctfm_engine/tasks/ocd.py
   ctfm_engine/tasks/saliency.py
   ctfm_engine/tasks/scan_index.py
