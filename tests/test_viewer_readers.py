@@ -296,7 +296,7 @@ def test_label_maps_are_asymmetric_and_lie_on_the_source_slices(cases: dict[str,
 @pytest.mark.parametrize("name", ["tilt-4mm", "tilt-7mm"])
 def test_tilted_label_map_on_each_slice_matches_that_slices_own_ct(cases: dict[str, Case], name: str) -> None:
     """What readers must show on a tilted slice is where that slice's own pixels are bone and body (the de-shearing
-    interpolates, so borders may differ by a voxel)."""
+    interpolates, so borders may differ by a voxel: Dice 0.97 or more per slice and label)."""
     case = cases[name]
     for uid, path in zip(case.volume.dicom.sop_instance_uids, case.volume.dicom.files, strict=True):
         slice_ = pydicom.dcmread(path)
@@ -305,7 +305,7 @@ def test_tilted_label_map_on_each_slice_matches_that_slices_own_ct(cases: dict[s
         for value, own in ((SKULL, hu > 300), (BODY, (hu > -300) & (hu <= 300))):
             dice = 2 * np.count_nonzero(own & (shown == value)) / (np.count_nonzero(own) + np.count_nonzero(
                 shown == value))
-            assert dice > 0.9, f"{name} {path.name}: label {value} on the slice vs its own CT: Dice {dice:.3f}"
+            assert dice > 0.95, f"{name} {path.name}: label {value} on the slice vs its own CT: Dice {dice:.3f}"
 
 
 # --- highdicom and pydicom --------------------------------------------------------------------------------------------
