@@ -2,7 +2,8 @@
 
 Today that is: read and validate the sample, CT-FM preprocessing, scan and patch embeddings, an npz with
 provenance, a picture of what the model saw, and a whole-body segmentation on the sample's own grid with a table
-of structure volumes and an overlay picture.  Every step goes through the task layer (``ctfm_engine.pipelines``),
+of structure volumes, the organ measurements (volume and HU statistics per structure) and an overlay picture.
+Every step goes through the task layer (``ctfm_engine.pipelines``),
 so the demo resolves weights exactly as every other command does: ``--weights``/``--seg-weights`` (a folder or a
 hub repo id), the environment variables, the published checkpoints in the cache, then the bundled demonstration
 checkpoints (ctfm-mini and ctfm-mini-wholebody-seg, trained by ``training/`` on a handful of public scans: they
@@ -58,7 +59,8 @@ def run_demo(out_dir: Path, *, weights: str | None = None, seg_weights: str | No
     table = write_structure_table(structures, out_dir / "structures.csv")
     overlay = out_dir / "segmentation.png"
     draw_segmentation(segmentation, structures, overlay)
-    outputs = [npz, patch_npz, picture, label_path, table, overlay]
+    measurements = segmentation.write_measurements(out_dir / "measurements.csv")
+    outputs = [npz, patch_npz, picture, label_path, table, overlay, measurements]
     largest = ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in structures[:4]) or "nothing"
     summary = [
         f"input: bundled sample CT ({sample_ct_path().name}, {'x'.join(map(str, volume.shape_zyx))} voxels z,y,x)",
@@ -71,6 +73,7 @@ def run_demo(out_dir: Path, *, weights: str | None = None, seg_weights: str | No
         _weights_line("segmentation", segmentation.weights),
         f"segmentation: {len(structures)} structures on the sample's own grid -> {label_path}",
         f"largest: {largest}; all volumes -> {table}; overlay -> {overlay}",
+        f"organ measurements (volume, HU mean/SD/median/percentiles on the sample's own grid) -> {measurements}",
     ]
     return {
         "command": "demo",

@@ -38,10 +38,10 @@ def test_demo_uses_the_shipped_demonstration_models_by_default(tmp_path):
         assert result.stderr.count(f"demonstration model {name}, not CT-FM, not for clinical use") == 1
     assert sum("[demonstration model: not CT-FM, not for clinical use]" in line for line in document["summary"]) == 2
     names = ("scan_embedding.npz", "patch_embeddings.npz", "preprocessing.png", "segmentation.nii.gz",
-             "structures.csv", "segmentation.png")
+             "structures.csv", "segmentation.png", "measurements.csv")
     paths = [tmp_path / "demo" / name for name in names]
     assert [str(p) for p in paths] == document["outputs"]
-    npz, patch_npz, picture, labels_path, table, overlay = paths
+    npz, patch_npz, picture, labels_path, table, overlay, measurements = paths
     with np.load(npz) as saved:
         np.testing.assert_allclose(saved["embeddings"][0], document["results"][0]["embedding"], rtol=1e-6)
     with np.load(patch_npz) as saved:
@@ -61,6 +61,13 @@ def test_demo_uses_the_shipped_demonstration_models_by_default(tmp_path):
     assert rows and {int(row["label"]) for row in rows} == set(np.unique(predicted)) - {0}
     for row in rows:
         assert int(row["voxels"]) == int(np.sum(predicted == int(row["label"])))
+    # the organ measurements: the liver's HU statistics are those of the sample's voxels under the liver label
+    with open(measurements, newline="") as stream:
+        liver_row = next(row for row in csv.DictReader(stream) if int(row["value"]) == LIVER)
+    hu = sitk.GetArrayFromImage(sample)[liver[0]].astype(np.float64)
+    assert int(liver_row["voxels"]) == hu.size
+    np.testing.assert_allclose([float(liver_row["hu_mean"]), float(liver_row["hu_median"])],
+                               [hu.mean(), np.median(hu)], atol=1e-3)
 
 
 def test_demo_without_any_weights_exits_4_naming_what_is_missing_and_writes_nothing(tmp_path, monkeypatch):
