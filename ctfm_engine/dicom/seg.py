@@ -319,7 +319,7 @@ def _segmentation(
     series_number: int,
     series_description: str | None,
 ) -> hd.seg.Segmentation:
-    return hd.seg.Segmentation(
+    segmentation = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=segment_numbers,
         segmentation_type=encoding.segmentation_type,
@@ -338,6 +338,10 @@ def _segmentation(
         content_description=f"{algorithm.name} {algorithm.version}"[:LO_LENGTH],
         series_description=(series_description or algorithm.describe("segmentation"))[:LO_LENGTH],
     )
+    # Content Identification: ContentCreatorName is type 2 (present, empty for an automatic result); highdicom leaves
+    # it out when no name is given, and dcmqi, the reader Slicer uses, warns about the absence.
+    segmentation.ContentCreatorName = ""
+    return segmentation
 
 
 def read_dicom_seg(path: str | Path, volume: CTVolume) -> tuple[np.ndarray, dict[int, str]]:
