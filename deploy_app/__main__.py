@@ -23,6 +23,11 @@ can be configured without changing its command line):
                        keeps the largest connected component of each, as its model card (CTFM_NO_LARGEST_COMPONENT=1)
     --spacing S        the voxel size the model sees: native (the series' own, as the model card) or MM; default:
                        the spacing the model was trained at (CTFM_SPACING)
+    --no-measurements-sr
+                       write no measurement SR; by default each structure's volume (mL) and HU statistics (mean, SD,
+                       median, min, max, 5/25/75/95th percentiles, on the series' grid) go into
+                       ctfm-measurements-sr.dcm, a TID 1500 Comprehensive 3D SR referencing the DICOM-SEG's segments
+                       and the series, published and sent with the SEG (CTFM_NO_MEASUREMENTS_SR=1)
     --pacs URL         send the results: http://HOST:PORT/dicom-web or dicom://AET@HOST:PORT (CTFM_PACS_URL)
     --rules FILE       series selection rules, JSON (CTFM_SELECTION_RULES; default deploy_app/selection_rules.json)
     --device D         cpu (default), cuda, cuda:N or auto (CTFM_DEVICE)
@@ -69,6 +74,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--no-largest-component", action="store_true",
                         default=env("CTFM_NO_LARGEST_COMPONENT", "").lower() in ("1", "true", "yes"))
     parser.add_argument("--spacing", default=env("CTFM_SPACING") or None)
+    parser.add_argument("--no-measurements-sr", action="store_true",
+                        default=env("CTFM_NO_MEASUREMENTS_SR", "").lower() in ("1", "true", "yes"))
     parser.add_argument("--pacs", default=env("CTFM_PACS_URL") or None)
     parser.add_argument("--rules", type=Path, default=env("CTFM_SELECTION_RULES") or DEFAULT_RULES)
     parser.add_argument("--device", default=env("CTFM_DEVICE") or "cpu")
@@ -113,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                triage_accept_partial=options.triage_accept_partial,
                                skip_ct_check=options.skip_ct_check,
                                largest_component=False if options.no_largest_component else None,
-                               spacing=options.spacing)
+                               spacing=options.spacing, measurements_sr=not options.no_measurements_sr)
         output.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".ctfm-staging-", dir=output))
         try:

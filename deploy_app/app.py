@@ -1,4 +1,5 @@
-"""The CT-FM MONAI Deploy application: a CT DICOM series in, DICOM-SEG (and a triage SR) out, optionally sent to a PACS.
+"""The CT-FM MONAI Deploy application: a CT DICOM series in, DICOM-SEG, its measurement SR (and a triage SR) out,
+optionally sent to a PACS.
 
 Run it here with ``python -m deploy_app -i DICOM_DIR -o OUT_DIR [-m MODEL_DIR]`` (see ``__main__.py`` and
 README.md); packaged as a MONAI Application Package the same code runs with the ``HOLOSCAN_*`` folders.
@@ -15,6 +16,7 @@ from monai.deploy.core import Application
 
 from deploy_app.operators import (
     DicomSegWriterOperator,
+    MeasurementsSrWriterOperator,
     ResultsOperator,
     RunRecord,
     SegmentationOperator,
@@ -49,6 +51,7 @@ class AppSettings:
     skip_ct_check: bool = False
     largest_component: bool | None = None  # None: the model's own post-processing
     spacing: str | None = None  # None: the model's trained voxel size
+    measurements_sr: bool = True  # the SEG's volumes and HU statistics as a TID 1500 SR beside it
 
 
 def model_folders(model: str | None) -> tuple[str | Path | None, Path | None]:
@@ -68,7 +71,8 @@ def model_folders(model: str | None) -> tuple[str | Path | None, Path | None]:
 
 
 class CTFMSegmentationApp(Application):
-    """Selects the CT series, segments it with CT-FM, writes DICOM-SEG (and a triage SR), publishes and sends."""
+    """Selects the CT series, segments it with CT-FM, writes DICOM-SEG and its measurement SR (and a triage SR),
+    publishes and sends."""
 
     def __init__(self, settings: AppSettings, record: RunRecord, *args: Any, **kwargs: Any) -> None:
         self.settings = settings
@@ -90,11 +94,17 @@ class CTFMSegmentationApp(Application):
                                        spacing=settings.spacing, name="segment")
         write_seg = DicomSegWriterOperator(self, encoding=settings.encoding, record=record, name="write_seg")
         results = ResultsOperator(self, record=record, pacs_url=settings.pacs_url,
-                                  with_sr=settings.triage_model is not None, name="publish")
+                                  with_sr=settings.triage_model is not None,
+                                  with_measurements_sr=settings.measurements_sr, name="publish")
         self.add_flow(select, load, {("series", "series")})
         self.add_flow(load, segment, {("volume", "volume")})
         self.add_flow(segment, write_seg, {("segmentation", "segmentation")})
         self.add_flow(write_seg, results, {("seg", "seg")})
+        if settings.measurements_sr:
+            measure = MeasurementsSrWriterOperator(self, record=record, name="write_measurements_sr")
+            self.add_flow(segment, measure, {("segmentation", "segmentation")})
+            self.add_flow(write_seg, measure, {("seg", "seg")})
+            self.add_flow(measure, results, {("measurements_sr", "measurements_sr")})
         if settings.triage_model is not None:
             triage = TriageOperator(self, model=settings.triage_model, device=settings.device, record=record,
                                     accept_partial=settings.triage_accept_partial, name="triage")

@@ -1,7 +1,11 @@
 """The operators of the CT-FM MONAI Deploy application, one concern each, all doing their work through ctfm_engine.
 
-    SeriesSelectorOperator -> VolumeLoaderOperator -> SegmentationOperator -> DicomSegWriterOperator ─┐
-                                           └──────-> TriageOperator ------> TriageSrWriterOperator ──┴> ResultsOperator
+    SeriesSelectorOperator -> VolumeLoaderOperator -> SegmentationOperator -> DicomSegWriterOperator ─> ResultsOperator
+                                      │                         │                           │ seg          ▲  ▲
+                                      │                         └─> MeasurementsSrWriterOperator ──────────┘  │
+                                      └─> TriageOperator ─> TriageSrWriterOperator ────────────────────────────┘
+
+The measurement SR writer takes the segmentation and the SEG that the SEG writer wrote (it references its segments).
 
 The model operators call the engine's task layer (``ctfm_engine.pipelines``): the weights policy, preprocessing and
 runtime are the engine's, exactly as for the ``ctfm`` command and the Slicer module.  Every writer writes into the
@@ -193,6 +197,35 @@ class DicomSegWriterOperator(Operator):
         op_output.emit(info, "seg")
 
 
+class MeasurementsSrWriterOperator(Operator):
+    """Segmentation + its DICOM-SEG -> a TID 1500 measurement SR in the staging folder (``measurements_sr``): each
+    structure's volume and HU statistics on the source grid, referencing its SEG segment and the source series."""
+
+    def __init__(self, fragment: Fragment, *args: Any, record: RunRecord, **kwargs: Any) -> None:
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("segmentation")
+        spec.input("seg")
+        spec.output("measurements_sr")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        outcome = op_input.receive("segmentation")
+        seg = op_input.receive("seg")
+        if seg is None:
+            self.record.summary["measurements_sr"] = {"skipped": "no DICOM-SEG was written, so there is no segment "
+                                                                  "to measure"}
+            op_output.emit(None, "measurements_sr")
+            return
+        started = time.perf_counter()
+        path = self.record.staging / "ctfm-measurements-sr.dcm"
+        info = outcome.write_measurements_sr(path, seg)
+        self.record.staged_result("measurements_sr", path, info)
+        self.record.timed("write_measurements_sr", started)
+        op_output.emit(info, "measurements_sr")
+
+
 class TriageOperator(_ModelOperator):
     """CTVolume -> head-CT triage (``triage``): probability and decision, or why the scan could not be judged."""
 
@@ -258,21 +291,26 @@ class ResultsOperator(Operator):
     configured, records them in the output folder's outbox and sends them."""
 
     def __init__(self, fragment: Fragment, *args: Any, record: RunRecord, pacs_url: str | None, with_sr: bool,
-                 **kwargs: Any) -> None:
+                 with_measurements_sr: bool = False, **kwargs: Any) -> None:
         self.record = record
         self.pacs_url = pacs_url
         self.with_sr = with_sr
+        self.with_measurements_sr = with_measurements_sr
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("seg")
         if self.with_sr:
             spec.input("sr")
+        if self.with_measurements_sr:
+            spec.input("measurements_sr")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         op_input.receive("seg")
         if self.with_sr:
             op_input.receive("sr")
+        if self.with_measurements_sr:
+            op_input.receive("measurements_sr")
         publish(self.record)
         if self.pacs_url:
             deliver(self.record, self.pacs_url)
