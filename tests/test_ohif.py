@@ -5,7 +5,8 @@ with an ``app-config.js`` whose DICOMweb data source is a real Orthanc (tests/or
 reverse-proxies ``/dicom-web/`` to Orthanc, so the viewer and its data share one origin (no CORS).  Headless Debian
 Chromium, driven by puppeteer-core from ``tests/ohif/show_seg.mjs``, opens the study, loads one SEG series onto
 the CT as a user does (double-click its thumbnail, answer Yes), reads the segment names from the segmentation
-panel and takes screenshots of the viewport with all segments, with none, and with the spleen alone.
+panel and takes screenshots of the viewport with all segments, with none, and with the spleen alone.  Each
+encoding our writer offers is a SEG series of its own, shown in a Chromium of its own.
 
 Each screenshot pixel is mapped to the patient point it shows with cornerstone's canvas-to-world transform, a
 mapping the test first checks against the CT itself (the screenshot's grey levels follow our HU at those points,
@@ -17,6 +18,10 @@ Chromium renders with software WebGL (SwiftShader through ANGLE).  Orthanc runs 
 the HTTP server listens inside it (its thread joins the namespace with setns(2)) and Node/Chromium run there through
 nsenter.  Load times and memory per encoding go to ``display.json`` beside the screenshots;
 ``CTFM_UPDATE_FIGURES=1`` copies the BINARY view to docs/ohif_seg.png.
+
+Two findings are pinned as strict expected failures: OHIF colours LABELMAP segments off by one
+(:data:`LABELMAP_COLOUR_DEFECT`), and a JPEG 2000 BINARY SEG costs a failed whole-instance fetch from this Orthanc
+before OHIF loads it frame by frame (:data:`J2K_TRANSCODING`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -59,14 +65,20 @@ UPDATE_FIGURES = os.environ.get("CTFM_UPDATE_FIGURES") == "1"
 TS_EXPECTED = SHARED / "totalsegmentator" / "example_seg_dicom.nii.gz"
 TILT_DICOM = SHARED / "dicom" / "ge_head_gantry_tilt"
 ALGORITHM = Algorithm("ctfm-test-seg", "0.1.0", "3f" * 32)
-ENCODINGS = (SegEncoding.BINARY, SegEncoding.LABELMAP)
+ENCODINGS = tuple(SegEncoding)  # every encoding our writer offers, each its own SEG series
 BACKGROUND = "Background"
 SOLO_SEGMENT = "spleen"  # a lateral structure: on the patient's left, its mirror image lies in the liver
 SKULL_HU = 300.0
 LABELMAP_COLOUR_DEFECT = (
-    "OHIF 3.13.2 colours a LABELMAP SEG's segment n with the colour of the SegmentSequence item before it: our "
-    "segment 0 (Background, black) colours segment 1 (spleen), the spleen's green colours the liver, and so on "
-    "(the BINARY SEG of the same segments is coloured right)")
+    "OHIF 3.13.2 colours a LABELMAP SEG's segment n with the colour of SegmentSequence item n-1 (its bundled "
+    "@cornerstonejs/adapters getSegmentMetadata builds [undefined, ...SegmentSequence], taking item k for segment "
+    "k+1): our first item is segment 0, Background (black, as highdicom writes LABELMAP), so the spleen (1) is drawn "
+    "black, the liver (2) in the spleen's green, and so on; names and placement are right, BINARY colours too")
+J2K_TRANSCODING = (
+    "OHIF fetches a multi-frame SEG whole (WADO-RS, Accept: multipart/related; type=\"application/dicom\", so in the "
+    "default Explicit VR Little Endian); Orthanc 1.10.1 cannot decode JPEG 2000 to transcode it and answers 500, "
+    "and OHIF falls back to fetching the 520 frames one by one (transfer-syntax=*): displayed right, but slower "
+    "and with errors in the console")
 
 STEP_TIMEOUT_S = 60  # one step in the browser: page load, CT shown, SEG loaded
 RUN_TIMEOUT_S = 150  # one whole viewer session, Chromium start to close
@@ -261,7 +273,8 @@ class ViewerRequestHandler(SimpleHTTPRequestHandler):
         finally:
             connection.close()
         if response.status >= 500:
-            self.server.proxy_failures.append(f"GET {self.path}: Orthanc answered {response.status}")
+            self.server.proxy_failures.append(f"GET {self.path} (Accept: {self.headers.get('Accept')}): Orthanc "
+                                              f"answered {response.status}")
         self._answer(response.status, response.getheader("Content-Type", "application/octet-stream"), body)
 
     def _answer(self, status: int, content_type: str, body: bytes) -> None:
@@ -466,6 +479,7 @@ class Session:
     result: dict[str, Any]
     view: View
     out_dir: Path
+    archive_errors: list[str]  # requests the proxy saw fail, with Orthanc's status
 
 
 def open_in_ohif(pacs: Orthanc, viewer: ViewerHTTPServer, study: Study, seg: SegInfo, out_dir: Path) -> Session:
@@ -477,12 +491,15 @@ def open_in_ohif(pacs: Orthanc, viewer: ViewerHTTPServer, study: Study, seg: Seg
     np.testing.assert_allclose(result["geometry"]["image_position_patient"], position, atol=1e-3,
                                err_msg="the viewport must show the slice asked for")
     timings, memory = result["timings_s"], result["memory"]
+    archive_errors = list(viewer.proxy_failures)
+    viewer.proxy_failures.clear()
     document = {
         "seg": {"encoding": seg.encoding.value, "series_description": result["seg_description"],
                 "bytes": seg.bytes, "frames": seg.frames, "segments": len(seg.segments)},
         "timings_s": timings,
         "memory": memory,
         "chromium": result["chromium"],
+        "archive_errors": archive_errors,
         "screenshots": {name: shot["file"] if isinstance(shot, dict) else shot
                         for name, shot in result["shots"].items()},
     }
@@ -494,7 +511,7 @@ def open_in_ohif(pacs: Orthanc, viewer: ViewerHTTPServer, study: Study, seg: Seg
           f"{memory['ct_displayed']['js_heap_used_mib']:.0f} -> {memory['seg_displayed']['js_heap_used_mib']:.0f} "
           f"MiB, Chromium PSS {memory['ct_displayed']['pss_mib']:.0f} -> {memory['seg_displayed']['pss_mib']:.0f} "
           f"MiB; {out_dir / 'display.json'}")
-    return Session(study, seg, result, view_of(result), out_dir)
+    return Session(study, seg, result, view_of(result), out_dir, archive_errors)
 
 
 @pytest.fixture(scope="module", params=ENCODINGS, ids=[encoding.value for encoding in ENCODINGS])
@@ -525,7 +542,14 @@ def test_the_segmentation_panel_lists_our_segment_names_in_our_order(abdomen_ses
     listed = [row["title"] for row in result["segments"]]
     assert listed == segment_labels(seg), "the panel must list the SEG's segments, in order"
     assert [name for name in listed if name != BACKGROUND] == [name for _, _, name in seg.segments]
-    assert not result["console_errors"], result["console_errors"]
+
+
+def test_the_seg_loads_without_errors(abdomen_session: Session, request: pytest.FixtureRequest) -> None:
+    """No error in the browser console, no failed request to the archive."""
+    if abdomen_session.seg.encoding is SegEncoding.BINARY_J2K:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=J2K_TRANSCODING))
+    assert not abdomen_session.archive_errors, abdomen_session.archive_errors
+    assert not abdomen_session.result["console_errors"], abdomen_session.result["console_errors"]
 
 
 def test_the_screenshot_pixels_show_our_ct_where_cornerstone_places_them(abdomen_session: Session) -> None:
@@ -568,7 +592,7 @@ def test_each_segment_is_drawn_in_its_own_colour(abdomen_session: Session, table
                                                  request: pytest.FixtureRequest) -> None:
     """The panel's colour of every segment is ours (the SEG's RecommendedDisplayCIELabValue), and the spleen shown
     alone is filled with the spleen's colour: the fill moves the CT's grey towards that colour."""
-    if abdomen_session.seg.encoding is SegEncoding.LABELMAP:
+    if abdomen_session.seg.encoding.segmentation_type is hd.seg.SegmentationTypeValues.LABELMAP:
         request.applymarker(pytest.mark.xfail(strict=True, reason=LABELMAP_COLOUR_DEFECT))
     seg, view, result = abdomen_session.seg, abdomen_session.view, abdomen_session.result
     ours = {name: table[value].color_rgb for _, value, name in seg.segments}
@@ -590,6 +614,8 @@ def test_a_seg_of_a_gantry_tilted_series_is_overlaid_in_the_tilted_planes(tilted
                                 tilted_session.result)
     geometry = result["geometry"]
     assert [row["title"] for row in result["segments"]] == segment_labels(seg) == ["skull"]
+    assert not tilted_session.archive_errors and not result["console_errors"], (
+        tilted_session.archive_errors, result["console_errors"])
     source = pydicom.dcmread(study.volume.dicom.files[0], stop_before_pixels=True)
     np.testing.assert_allclose(geometry["image_orientation_patient"],
                                np.array(source.ImageOrientationPatient, dtype=float), atol=1e-4)
