@@ -65,19 +65,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
-from ctfm_engine import __version__
 from ctfm_engine.dicom.seg import (
     GENERIC_CATEGORY,
     GENERIC_TYPE,
-    LO_LENGTH,
-    MANUFACTURER,
     TRACKING_ID,
     Algorithm,
     SegInfo,
     coded_concept,
-    quiet_identifying_warnings,
     segment_tracking_id,
     segment_tracking_uid,
     source_headers,
@@ -89,9 +84,9 @@ from ctfm_engine.dicom.tid1500 import (
     device_observer,
     numeric_value,
     seg_header,
+    write_report,
 )
 from ctfm_engine.errors import InputError
-from ctfm_engine.io import atomic_output
 from ctfm_engine.labels import Label
 from ctfm_engine.tasks.measure import StructureStatistics
 from ctfm_engine.volume import CTVolume
@@ -195,25 +190,12 @@ def write_measurements_sr(
     ]
     entropy = ["ctfm-measurements-sr", series_uid, algorithm.weights_sha256, seg.sop_instance_uid,
                hashlib.sha256(json.dumps([row.as_dict() for row in measured]).encode()).hexdigest()]
-    with quiet_identifying_warnings():
-        report = hd.sr.Comprehensive3DSR(
-            evidence=[*sources, seg_dataset],
-            content=hd.sr.MeasurementReport(observation_context=device_observer(algorithm),
-                                            procedure_reported=PROCEDURE, imaging_measurements=groups),
-            series_instance_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(entropy_srcs=[*entropy, "instance"]),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            manufacturer_model_name=algorithm.name,
-            software_versions=__version__,
-            device_serial_number=algorithm.weights_sha256,
-            series_description=(series_description or algorithm.describe("measurements"))[:LO_LENGTH],
-        )
     path = Path(path)
-    with atomic_output(path) as temporary:
-        report.save_as(temporary, enforce_file_format=True)
+    report = write_report(path, evidence=[*sources, seg_dataset],
+                          content=hd.sr.MeasurementReport(observation_context=device_observer(algorithm),
+                                                          procedure_reported=PROCEDURE, imaging_measurements=groups),
+                          entropy=entropy, algorithm=algorithm, series_number=series_number,
+                          series_description=series_description or algorithm.describe("measurements"))
     info = MeasurementsSrInfo(path=path, sop_instance_uid=str(report.SOPInstanceUID),
                               series_instance_uid=str(report.SeriesInstanceUID), structures=len(groups),
                               bytes=path.stat().st_size, seconds=time.perf_counter() - started)

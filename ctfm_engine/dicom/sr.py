@@ -34,8 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from ctfm_engine import __version__
-from ctfm_engine.dicom.seg import MANUFACTURER, Algorithm, SegInfo, quiet_identifying_warnings, source_headers
+from ctfm_engine.dicom.seg import Algorithm, SegInfo, source_headers
 from ctfm_engine.dicom.tid1500 import (
     algorithm_identification,
     code_key,
@@ -43,9 +42,9 @@ from ctfm_engine.dicom.tid1500 import (
     device_observer,
     numeric_value,
     seg_header,
+    write_report,
 )
 from ctfm_engine.errors import InputError
-from ctfm_engine.io import atomic_output
 from ctfm_engine.volume import CTVolume
 
 if TYPE_CHECKING:
@@ -130,24 +129,10 @@ def write_triage_sr(
         repr(float(result.probability)),
         repr(float(result.threshold)),
     ]
-    with quiet_identifying_warnings():
-        report = hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=_measurement_report(result, algorithm, sources, series_uid),
-            series_instance_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(entropy_srcs=[*entropy, "instance"]),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            manufacturer_model_name=algorithm.name,
-            software_versions=__version__,
-            device_serial_number=algorithm.weights_sha256,
-            series_description=(series_description or algorithm.describe("triage"))[:64],
-        )
     path = Path(path)
-    with atomic_output(path) as temporary:
-        report.save_as(temporary, enforce_file_format=True)
+    report = write_report(path, evidence=evidence, content=_measurement_report(result, algorithm, sources, series_uid),
+                          entropy=entropy, algorithm=algorithm, series_number=series_number,
+                          series_description=series_description or algorithm.describe("triage"))
     info = SrInfo(
         path=path,
         sop_instance_uid=str(report.SOPInstanceUID),

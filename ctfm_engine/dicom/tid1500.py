@@ -19,8 +19,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from ctfm_engine.dicom.seg import MANUFACTURER, Algorithm
+from ctfm_engine import __version__
+from ctfm_engine.dicom.seg import LO_LENGTH, MANUFACTURER, Algorithm, quiet_identifying_warnings
 from ctfm_engine.errors import InputError
+from ctfm_engine.io import atomic_output
 
 AI_FAMILY = codes.cid7162.ArtificialIntelligence
 SEG_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}
@@ -88,3 +90,36 @@ def code_key(code: Dataset | Code) -> tuple[str, str]:
     if isinstance(code, Code):
         return code.scheme_designator, code.value
     return str(code.CodingSchemeDesignator), str(code.CodeValue)
+
+
+def write_report(
+    path: str | Path,
+    *,
+    evidence: list[Dataset],
+    content: hd.sr.MeasurementReport,
+    entropy: list[str],
+    algorithm: Algorithm,
+    series_number: int,
+    series_description: str,
+) -> hd.sr.Comprehensive3DSR:
+    """A complete Comprehensive 3D SR of ``content`` made by ``algorithm`` (manufacturer, model name, version and the
+    weights' sha256 as device serial number), its UIDs derived from ``entropy`` (a re-run writes the same instance),
+    saved atomically at ``path``; returns the report."""
+    with quiet_identifying_warnings():
+        report = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=content,
+            series_instance_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
+            series_number=series_number,
+            sop_instance_uid=generate_uid(entropy_srcs=[*entropy, "instance"]),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            manufacturer_model_name=algorithm.name,
+            software_versions=__version__,
+            device_serial_number=algorithm.weights_sha256,
+            series_description=series_description[:LO_LENGTH],
+        )
+    with atomic_output(Path(path)) as temporary:
+        report.save_as(temporary, enforce_file_format=True)
+    return report
