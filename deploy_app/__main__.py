@@ -1,4 +1,5 @@
 """``python -m deploy_app -i DICOM_DIR -o OUT_DIR [-m MODEL] [options]``: run the CT-FM application once.
+``python -m deploy_app serve ...`` / ``status --spool DIR``: the DICOM node (see deploy_app/node/cli.py).
 
     -m MODEL           the segmentation model: a checkpoint folder, a hub repo id found in the cache (as
                        `ctfm weights pull` leaves it), or a MAP models folder holding segmentation/ (and triage/)
@@ -84,6 +85,10 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["serve"], ["status"]):  # the DICOM node (deploy_app/node)
+        from deploy_app.node.cli import main as node_main
+
+        return node_main(argv)
     options, rest = parse(argv)
     if options.help:
         print(__doc__)
