@@ -1,0 +1,243 @@
+"""The node's DICOM listener: a pynetdicom storage SCP (C-ECHO, C-STORE) that writes every instance durably into the
+spool before it answers success.
+
+* Association: a calling AE title not in the allow-list is rejected permanently ("calling AE title not recognised",
+  PS3.8 A-ASSOCIATE-RJ result 1, source 1, reason 3), as is a wrong called AE title; while the spool is full every
+  association is rejected as transient ("temporary congestion", result 2, source 3, reason 1) so the sender tries
+  again later.
+* C-STORE: an instance already in the spool (same SOP Instance UID) is answered success and not stored again; a new
+  one is written to a temporary file, flushed to disk, renamed, recorded in the queue, and only then answered
+  0x0000; a spool that filled up during the association answers 0xA700 (Refused: out of resources), a write that
+  fails 0xA700 too, an instance that cannot be decoded 0xC000 (Error: cannot understand).
+* Completion: a study is complete ``quiet_seconds`` after its last instance (the scheduler's job) or, with
+  ``queue_on_release``, as soon as the association that sent it is released normally (not aborted).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ctfm_engine.dicom.pacs import COMPRESSED, LABELMAP_SEGMENTATION, UNCOMPRESSED
+from deploy_app.node.audit import AuditLog
+from deploy_app.node.config import NodeConfig
+from deploy_app.node.queue import JobQueue
+from deploy_app.node.spool import Spool, uid_key
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
+
+log = logging.getLogger("deploy_app.node")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+REJECT_UNKNOWN_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CONGESTION = (0x02, 0x03, 0x01)
+
+
+@dataclass
+class AssociationTally:
+    """What one association did, for the audit trail."""
+
+    calling_ae: str
+    peer: str
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    bytes: int = 0
+    jobs: set[int] = field(default_factory=set)
+
+
+class Receiver:
+    """The storage SCP of ``config`` writing into ``spool`` and ``queue``.
+
+    Parameters
+    ----------
+    on_complete:
+        Called with the ids of the jobs an association's release completed (``queue_on_release``), and with an
+        empty list whenever a new study starts arriving, so the node can wake its scheduler.
+    """
+
+    def __init__(self, config: NodeConfig, spool: Spool, queue: JobQueue, audit: AuditLog,
+                 on_complete: Callable[[list[int]], None]) -> None:
+        self.config = config
+        self.spool = spool
+        self.queue = queue
+        self.audit = audit
+        self.on_complete = on_complete
+        self._server: ThreadedAssociationServer | None = None
+        self._tallies: dict[int, AssociationTally] = {}
+        self._lock = threading.Lock()
+        self._spool_bytes = queue.spool_bytes()
+
+    # Backpressure.
+
+    def full(self) -> str | None:
+        """Why the spool takes no more instances now (quota reached, disk almost full), or None."""
+        quota = self.config.spool_quota_mb
+        if quota is not None and self._spool_bytes >= quota * 2**20:
+            return f"the spool holds {self._spool_bytes / 2**20:.1f} MB, its quota is {quota:g} MB"
+        free = self.spool.free_mb()
+        if free < self.config.min_free_mb:
+            return f"{free:.0f} MB free on the spool's disk, less than the {self.config.min_free_mb:g} MB kept free"
+        return None
+
+    def released_bytes(self, size: int) -> None:
+        """Retention removed ``size`` bytes of instances from the spool."""
+        with self._lock:
+            self._spool_bytes = max(0, self._spool_bytes - size)
+
+    # Server.
+
+    def start(self) -> None:
+        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.require_called_aet = True
+        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for whole CT slices
+        syntaxes = [*UNCOMPRESSED, *COMPRESSED]
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(LABELMAP_SEGMENTATION, syntaxes)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store),
+                    (evt.EVT_RELEASED, self._released), (evt.EVT_ABORTED, self._aborted),
+                    (evt.EVT_REJECTED, self._rejected)]
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        log.info("listening as %s on port %d%s", self.config.ae_title, self.config.port,
+                 f" ({self.config.host})" if self.config.host else "")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # Handlers (each runs in its association's thread).
+
+    def _requested(self, event: Event) -> None:
+        calling = _calling_ae(event)
+        allowed = self.config.allow_ae
+        if allowed and calling not in allowed:
+            self._reject(event, REJECT_UNKNOWN_CALLING_AE, calling, "calling AE title not in the allow-list")
+            return
+        full = self.full()
+        if full:
+            self._reject(event, REJECT_CONGESTION, calling, f"spool full: {full}")
+            return
+        with self._lock:
+            self._tallies[id(event.assoc)] = AssociationTally(calling, _peer(event))
+
+    def _reject(self, event: Event, answer: tuple[int, int, int], calling: str, reason: str) -> None:
+        event.assoc.acse.send_reject(*answer)
+        event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is out; the socket is closed right after
+        log.warning("association from %s (%s) rejected: %s", calling, _peer(event), reason)
+        self.audit.record("association-refused", calling_ae=calling, peer=_peer(event), reason=reason)
+
+    def _rejected(self, event: Event) -> None:
+        # pynetdicom's own rejections (wrong called AE title); ours are recorded where they are made.
+        with self._lock:
+            if id(event.assoc) in self._tallies:
+                tally = self._tallies.pop(id(event.assoc))
+                reason = "called AE title is not ours"
+                log.warning("association from %s (%s) rejected: %s", tally.calling_ae, tally.peer, reason)
+                self.audit.record("association-refused", calling_ae=tally.calling_ae, peer=tally.peer,
+                                  reason=reason)
+
+    def _store(self, event: Event) -> int:
+        tally = self._tally(event)
+        full = self.full()
+        if full:
+            tally.refused += 1
+            log.warning("C-STORE from %s refused (0xA700): %s", tally.calling_ae, full)
+            return OUT_OF_RESOURCES
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
+        if not sop_uid:
+            tally.refused += 1
+            return CANNOT_UNDERSTAND
+        sop_key = uid_key("sop", sop_uid)
+        if self.queue.known_instance(sop_key):
+            tally.duplicates += 1
+            return SUCCESS
+        try:
+            study_key = self._study_key(event, tally.calling_ae)
+            data = event.encoded_dataset()
+        except Exception as error:  # pydicom signals undecodable data with many exception types
+            tally.refused += 1
+            log.warning("C-STORE from %s: cannot decode the instance (%s)", tally.calling_ae, type(error).__name__)
+            return CANNOT_UNDERSTAND
+        path = self.spool.instance_path(study_key, sop_key)
+        try:
+            self.spool.write_durably(path, data)
+        except OSError as error:
+            tally.refused += 1
+            log.error("C-STORE from %s: cannot write to the spool (%s)", tally.calling_ae, error.strerror)
+            return OUT_OF_RESOURCES
+        stored = self.queue.record_instance(study_key=study_key, sop_key=sop_key,
+                                            file=str(path.relative_to(self.spool.root)), size=len(data),
+                                            calling_ae=tally.calling_ae)
+        if stored.duplicate:  # the same instance arrived over two associations at once: one copy, one record
+            tally.duplicates += 1
+            return SUCCESS
+        with self._lock:
+            self._spool_bytes += len(data)
+        tally.stored += 1
+        tally.bytes += len(data)
+        tally.jobs.add(stored.job_id)
+        if stored.new_job:
+            log.info("job %d: study %s arriving from %s", stored.job_id, study_key[:12], tally.calling_ae)
+        return SUCCESS
+
+    def _study_key(self, event: Event, calling_ae: str) -> str:
+        header = event.dataset
+        study_uid = str(header.get("StudyInstanceUID") or "").strip()
+        if study_uid:
+            return uid_key("study", study_uid)
+        # A sender that blanked the Study Instance UID: its instances are grouped by series (or frame of reference).
+        series_uid = str(header.get("SeriesInstanceUID") or header.get("FrameOfReferenceUID") or "").strip()
+        return uid_key("blank-study", f"{calling_ae}:{series_uid}")
+
+    def _released(self, event: Event) -> None:
+        tally = self._end(event, "released")
+        if tally is not None and self.config.queue_on_release and tally.jobs:
+            self.on_complete(sorted(tally.jobs))
+
+    def _aborted(self, event: Event) -> None:
+        self._end(event, "aborted")
+
+    def _end(self, event: Event, outcome: str) -> AssociationTally | None:
+        with self._lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is None:
+            return None
+        log.info("association from %s %s: %d stored, %d duplicate(s), %d refused", tally.calling_ae, outcome,
+                 tally.stored, tally.duplicates, tally.refused)
+        self.audit.record("association", calling_ae=tally.calling_ae, peer=tally.peer, outcome=outcome,
+                          stored=tally.stored, duplicates=tally.duplicates, refused=tally.refused, bytes=tally.bytes,
+                          jobs=sorted(tally.jobs))
+        if tally.stored:
+            self.on_complete([])
+        return tally
+
+    def _tally(self, event: Event) -> AssociationTally:
+        with self._lock:
+            tally = self._tallies.get(id(event.assoc))
+            if tally is None:  # an association that started before a handler was bound: count it anyway
+                tally = self._tallies[id(event.assoc)] = AssociationTally(_calling_ae(event), _peer(event))
+            return tally
+
+
+def _calling_ae(event: Any) -> str:
+    # The A-ASSOCIATE request's own value: the requestor's ae_title is only set after EVT_REQUESTED.
+    title = event.assoc.requestor.primitive.calling_ae_title
+    return (title.decode(errors="replace") if isinstance(title, bytes) else str(title)).strip()
+
+
+def _peer(event: Any) -> str:
+    return str(event.assoc.requestor.address)
