@@ -36,8 +36,9 @@ class NodeConfig:
     Backpressure: no new instance is accepted (associations rejected as transient, C-STORE answered 0xA700) while the
     spool holds ``spool_quota_mb`` or its file system has less than ``min_free_mb`` free.
     Processing: ``workers`` studies at a time, each by the deploy app with ``model``, ``encoding``,
-    ``triage_model``, ``rules``, ``device`` and ``measurements_sr``; a failed run is tried ``max_attempts`` times in
-    all, ``retry_seconds`` apart (doubled each time).  Delivery: to ``pacs`` (a DICOMweb base URL or
+    ``triage_model``, ``rules``, ``device`` and ``measurements_sr``; a run that takes longer than
+    ``job_timeout_minutes`` is stopped; a failed run is tried ``max_attempts`` times in all, ``retry_seconds`` apart
+    (doubled each time).  Delivery: to ``pacs`` (a DICOMweb base URL or
     ``dicom://AET@HOST:PORT``; our calling AE title is ``ae_title``); a PACS that is down is tried again after
     ``delivery_retry_seconds`` (doubled each time, at most an hour).  Retention: the spool copy of a study and its
     results are removed ``retention_hours`` after delivery or refusal (None: kept).  The log file rotates at
@@ -62,6 +63,7 @@ class NodeConfig:
     spool_quota_mb: float | None = None
     min_free_mb: float = 500.0
     max_attempts: int = 3
+    job_timeout_minutes: float = 60.0
     retry_seconds: float = 60.0
     delivery_retry_seconds: float = 30.0
     pacs_timeout_seconds: float = 30.0
@@ -86,6 +88,8 @@ class NodeConfig:
             raise UsageError(f"encoding {self.encoding!r}: give one of {', '.join(SEG_ENCODINGS)}")
         if self.max_attempts < 1:
             raise UsageError(f"max_attempts {self.max_attempts}: give at least 1")
+        if self.job_timeout_minutes <= 0:
+            raise UsageError(f"job_timeout_minutes {self.job_timeout_minutes}: must be positive")
         for name in ("quiet_seconds", "retry_seconds", "delivery_retry_seconds", "min_free_mb", "log_max_mb"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} {getattr(self, name)}: must not be negative")

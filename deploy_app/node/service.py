@@ -24,7 +24,7 @@ from ctfm_engine.errors import UsageError
 from deploy_app.node.audit import AuditLog
 from deploy_app.node.config import NodeConfig
 from deploy_app.node.delivery import Courier
-from deploy_app.node.queue import JobQueue
+from deploy_app.node.queue import JobQueue, JobState
 from deploy_app.node.receiver import Receiver
 from deploy_app.node.spool import INCOMING, TEMPORARY_PREFIX, Spool
 from deploy_app.node.worker import Runner
@@ -195,8 +195,16 @@ class Node:
                 self._work.wait(TICK_S)
                 self._work.clear()
                 continue
-            job = self.runner.run(*claimed)
-            if job.state.value == "sending":
+            job, files = claimed
+            try:
+                job = self.runner.run(job, files)
+            except Exception as error:  # the node's own trouble (e.g. a full disk): the study is tried again later
+                log.exception("job %d: the node could not run it", job.id)
+                retry_at = time.time() + self.config.retry_seconds * 2 ** (job.attempts - 1) \
+                    if job.attempts < self.config.max_attempts else None
+                job = self.queue.finish(job.id, JobState.FAILED, reason=f"the node could not run it: {error}",
+                                        next_try=retry_at)
+            if job.state is JobState.SENDING:
                 self._deliveries.set()
 
     def _deliver(self) -> None:
@@ -204,7 +212,12 @@ class Node:
             for job in self.queue.delivery_due():
                 if self._stop.is_set():
                     return
-                self.courier.deliver(job)
+                try:
+                    self.courier.deliver(job)
+                except Exception as error:  # e.g. the results folder unreadable: try again later, not in a loop
+                    log.exception("job %d: delivery failed", job.id)
+                    self.queue.finish(job.id, JobState.SENDING, reason=f"delivery failed: {error}",
+                                      next_try=time.time() + self.config.delivery_retry_seconds)
             self._deliveries.wait(TICK_S * 2)
             self._deliveries.clear()
 

@@ -85,7 +85,12 @@ class Runner:
                                      env=environment, start_new_session=True)
             with self._lock:
                 self._children[child.pid] = child
+            timed_out = False
             try:
+                code = child.wait(timeout=self.config.job_timeout_minutes * 60)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _signal_group(child, signal.SIGKILL)
                 code = child.wait()
             finally:
                 with self._lock:
@@ -96,8 +101,11 @@ class Runner:
         if code == 0:
             return self._succeeded(job, output, seconds)
         shutil.rmtree(output, ignore_errors=True)
-        reason = _error_line(log_path) or (f"the deploy app was killed by signal {-code}" if code < 0
-                                           else f"the deploy app exited with status {code}")
+        if timed_out:
+            reason = f"the deploy app took longer than {self.config.job_timeout_minutes:g} min and was stopped"
+        else:
+            reason = _error_line(log_path) or (f"the deploy app was killed by signal {-code}" if code < 0
+                                               else f"the deploy app exited with status {code}")
         if code == INPUT_NOT_ACCEPTABLE:
             log.warning("job %d refused: %s", job.id, reason)
             self.audit.record("refused", job=job.id, study=job.study_key, calling_ae=job.calling_ae, reason=reason,
