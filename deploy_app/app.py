@@ -14,6 +14,7 @@ from typing import Any
 from holoscan.conditions import CountCondition
 from monai.deploy.core import Application
 
+from ctfm_engine.errors import ModelError
 from deploy_app.operators import (
     DicomSegWriterOperator,
     MeasurementsSrWriterOperator,
@@ -58,16 +59,26 @@ def model_folders(model: str | None) -> tuple[str | Path | None, Path | None]:
     """The segmentation (and triage) models a ``-m`` value names.
 
     A folder of named models (the MAP layout, ``models/<name>/``) gives ``segmentation`` and, when present,
-    ``triage``; anything else (a checkpoint folder, a hub repo id) is the segmentation model, resolved by the
+    ``triage``; without a ``segmentation/``, its one checkpoint folder under any other name is the segmentation
+    model (as the MAP ships ``models/ctfm-mini-wholebody-seg/`` and a site mounts, say, ``models/
+    project-lighter--whole_body_segmentation/`` in its place: the folder's name is the checkpoint's name in the
+    results).  Anything else (a checkpoint folder, a hub repo id) is the segmentation model, resolved by the
     engine's weights policy like every other face's; None lets the policy choose.
     """
     if not model:
         return None, None
     folder = Path(model)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return model, None
     segmentation, triage = folder / "segmentation", folder / "triage"
-    if folder.is_dir() and not (folder / "config.json").is_file() and segmentation.is_dir():
-        return segmentation, triage if triage.is_dir() else None
-    return model, None
+    triage_folder = triage if triage.is_dir() else None
+    if segmentation.is_dir():
+        return segmentation, triage_folder
+    named = sorted(sub for sub in folder.iterdir() if sub != triage and (sub / "config.json").is_file())
+    if len(named) > 1:
+        raise ModelError(f"{folder}: holds {len(named)} checkpoints ({', '.join(sub.name for sub in named)}); "
+                         "name the segmentation model's folder segmentation/ (and a triage model's triage/)")
+    return (named[0] if named else model), triage_folder
 
 
 class CTFMSegmentationApp(Application):
