@@ -431,8 +431,11 @@ def mr_series(folder: Path) -> list[Path]:
 
 def test_bad_input_from_the_network_is_refused_with_its_reason_and_the_node_keeps_serving(orthanc, tmp_path, nodes):
     spool = tmp_path / "spool"
-    arguments = ["--ae-title", NODE_AET, "--port", str(NODE_PORT), "--pacs", orthanc.dimse_url, "--allow-ae",
-                 MODALITY_AET, "--quiet-seconds", "1"]
+    # A study is complete when its sender releases the association (no quiet period to wait); refused studies leave
+    # the spool at the next retention pass (retention_hours 0: at once; a pass runs at start and every minute).
+    config = node_config(tmp_path, queue_on_release=True, quiet_seconds=600, retention_hours=0)
+    arguments = ["--config", str(config), "--ae-title", NODE_AET, "--port", str(NODE_PORT), "--pacs",
+                 orthanc.dimse_url, "--allow-ae", MODALITY_AET]
     node = NodeProcess(spool, arguments, orthanc.namespace).start()
     nodes.append(node)
 
@@ -454,15 +457,33 @@ def test_bad_input_from_the_network_is_refused_with_its_reason_and_the_node_keep
     events = read_audit(spool / "logs")
     refusals = [event for event in events if event["event"] == "association-refused"]
     assert [event["calling_ae"] for event in refusals] == ["STRANGER", MODALITY_AET]
+    [queued] = [event for event in events if event["event"] == "queued"]
+    assert queued["why"] == "the sender released the association" and queued["instances"] == len(mr)
     [refused] = [event for event in events if event["event"] == "refused"]
     assert refused["reason"] == job.reason and refused["job"] == job.id
     assert not list(spool.glob("jobs/*/results"))
-    assert orthanc.instance_count() == 0  # nothing reached the PACS
 
-    # Still serving: it answers an echo-and-store association and stores a CT instance.
+    # Still serving: two CT slices are stored, and refused in turn (too few slices for the rules).
     assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES[:2])] == [0, 0]
+    [_, short] = node.wait_for(lambda: (jobs := node.jobs()) and all(job.state is JobState.REFUSED for job in jobs)
+                               and len(jobs) == 2 and jobs, "the second refusal", 90)
+    assert "2 slices < 10" in short.reason, short.reason
+    assert orthanc.instance_count() == 0  # nothing reached the PACS
     assert node.alive()
     assert_no_patient_data(spool, mr[0])
+
+    # Retention: after a restart both refused studies are gone from the spool; their instances stay known, so the
+    # MR sent again is answered success and makes no new job.
+    assert node.stop() == 0
+    node = NodeProcess(spool, arguments, orthanc.namespace).start()
+    nodes.append(node)
+    node.wait_for(lambda: not list(spool.glob("incoming/*/*.dcm")) and not list(spool.glob("jobs/*")), "clean-up", 30)
+    cleaned = [event for event in read_audit(spool / "logs") if event["event"] == "cleaned"]
+    assert sorted(event["instances_removed"] for event in cleaned) == [2, len(mr)]
+    assert [answer["status"] for answer in send(orthanc, MODALITY_AET, mr)] == [0] * len(mr)
+    node.wait_for(lambda: [event for event in read_audit(spool / "logs") if event["event"] == "association"
+                           and event["duplicates"] == len(mr) and event["stored"] == 0], "the duplicates' record", 30)
+    assert len(node.jobs()) == 2
 
 
 def free_port() -> int:
@@ -490,7 +511,8 @@ def test_a_full_spool_answers_out_of_resources_and_then_rejects_associations_as_
     assert answer == {"rejected": True, "result": 2, "source": 3, "reason": 1}  # transient: temporary congestion
     [job] = node.jobs()
     assert job.instances == stored and job.state is JobState.RECEIVED
-    events = read_audit(spool / "logs")
+    events = node.wait_for(lambda: (events := read_audit(spool / "logs")) and "association-refused" in
+                           [event["event"] for event in events] and events, "the rejection's record", 30)
     assert [event["refused"] for event in events if event["event"] == "association"] == [93 - stored]
     assert [event["reason"][:10] for event in events if event["event"] == "association-refused"] == ["spool full"]
     assert node.stop() == 0

@@ -135,10 +135,10 @@ class Receiver:
             self._tallies[id(event.assoc)] = AssociationTally(calling, _peer(event))
 
     def _reject(self, event: Event, answer: tuple[int, int, int], calling: str, reason: str) -> None:
-        event.assoc.acse.send_reject(*answer)
-        event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is out; the socket is closed right after
         log.warning("association from %s (%s) rejected: %s", calling, _peer(event), reason)
         self.audit.record("association-refused", calling_ae=calling, peer=_peer(event), reason=reason)
+        event.assoc.acse.send_reject(*answer)
+        event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is out; the socket is closed right after
 
     def _rejected(self, event: Event) -> None:
         # pynetdicom's own rejections (wrong called AE title); ours are recorded where they are made.
