@@ -547,3 +547,16 @@ def test_the_queue_takes_an_instance_once_reopens_a_queued_study_and_requeues_wh
     assert requeued.interruptions == 1 and requeued.attempts == 0
     assert queue.counts() == {"received": 1, "queued": 1, "running": 0, "sending": 0, "delivered": 0,
                               "refused": 0, "failed": 0}
+
+
+def test_the_example_settings_load_and_a_bad_setting_is_refused_naming_it(tmp_path):
+    from deploy_app.node.config import load_config
+
+    example = load_config(REPOSITORY / "deploy_app" / "node" / "node.example.toml", {"port": 4242})
+    assert example.port == 4242 and example.allow_ae == ("PACS",) and example.retention_hours == 168
+    bad = node_config(tmp_path, ae_title=NODE_AET, port=NODE_PORT, spool="spool", pacs="dicom://PACS@127.0.0.1:104",
+                      quiet_second=5)
+    result = subprocess.run([DEPLOY_PYTHON, "-m", "deploy_app", "serve", "--config", bad], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "unknown setting(s) quiet_second" in result.stderr, result.stderr
+    assert not (tmp_path / "spool").exists()
