@@ -31,7 +31,8 @@ class NodeConfig:
     """Everything the node needs.
 
     Receiving: ``ae_title`` and ``port`` it listens on (every interface, or ``host``); ``allow_ae`` the calling AE
-    titles it accepts (empty: any, which the log warns about); a study is complete ``quiet_seconds`` after its last
+    titles it accepts (empty: any, which the log warns about); at most ``max_associations`` at once (more are
+    rejected as transient, "local limit exceeded"); a study is complete ``quiet_seconds`` after its last
     instance arrived, or, with ``queue_on_release``, as soon as the association that sent it is released normally.
     Backpressure: no new instance is accepted (associations rejected as transient, C-STORE answered 0xA700) while the
     spool holds ``spool_quota_mb`` or its file system has less than ``min_free_mb`` free.
@@ -51,6 +52,7 @@ class NodeConfig:
     pacs: str
     host: str = ""
     allow_ae: tuple[str, ...] = ()
+    max_associations: int = 10
     quiet_seconds: float = 30.0
     queue_on_release: bool = False
     workers: int = 1
@@ -82,6 +84,8 @@ class NodeConfig:
         if not 1 <= self.port <= 65535:
             raise UsageError(f"port {self.port}: give a port from 1 to 65535 (e.g. 11112)")
         parse_address(self.pacs, calling_aet=self.ae_title)  # a UsageError naming the address when it is not one
+        if self.max_associations < 1:
+            raise UsageError(f"max_associations {self.max_associations}: give at least 1")
         if self.workers < 1:
             raise UsageError(f"workers {self.workers}: give at least 1")
         if self.encoding not in SEG_ENCODINGS:

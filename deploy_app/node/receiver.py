@@ -101,6 +101,7 @@ class Receiver:
 
         ae = AE(ae_title=self.config.ae_title)
         ae.require_called_aet = True
+        ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for whole CT slices
         syntaxes = [*UNCOMPRESSED, *COMPRESSED]
         for context in StoragePresentationContexts:
