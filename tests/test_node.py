@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -492,13 +494,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_a_full_spool_answers_out_of_resources_and_then_rejects_associations_as_transient(tmp_path, nodes):
+def health(port: int) -> tuple[int, dict]:
+    """GET /health of a node: HTTP status and document."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_full_spool_answers_out_of_resources_rejects_associations_as_transient_and_reports_unhealthy(tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
     quota_mb = 0.3
-    config = node_config(tmp_path, host="127.0.0.1", spool_quota_mb=quota_mb, quiet_seconds=600, min_free_mb=0)
+    health_port = free_port()
+    config = node_config(tmp_path, host="127.0.0.1", spool_quota_mb=quota_mb, quiet_seconds=600, min_free_mb=0,
+                         health_port=health_port)
     node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
                                f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
     nodes.append(node)
+    code, document = health(health_port)
+    assert code == 200 and document["ok"] is True and document["reason"] is None
 
     answers = send(None, MODALITY_AET, HEAD_FILES, port=port)
     statuses = [answer["status"] for answer in answers]
@@ -511,6 +526,8 @@ def test_a_full_spool_answers_out_of_resources_and_then_rejects_associations_as_
     assert answer == {"rejected": True, "result": 2, "source": 3, "reason": 1}  # transient: temporary congestion
     [job] = node.jobs()
     assert job.instances == stored and job.state is JobState.RECEIVED
+    code, document = health(health_port)
+    assert code == 503 and document["reason"].startswith("spool full") and document["jobs"]["received"] == 1
     events = node.wait_for(lambda: (events := read_audit(spool / "logs")) and "association-refused" in
                            [event["event"] for event in events] and events, "the rejection's record", 30)
     assert [event["refused"] for event in events if event["event"] == "association"] == [93 - stored]

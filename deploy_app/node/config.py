@@ -32,7 +32,8 @@ class NodeConfig:
 
     Receiving: ``ae_title`` and ``port`` it listens on (every interface, or ``host``); ``allow_ae`` the calling AE
     titles it accepts (empty: any, which the log warns about); at most ``max_associations`` at once (more are
-    rejected as transient, "local limit exceeded"); a study is complete ``quiet_seconds`` after its last
+    rejected as transient, "local limit exceeded"); with ``health_port``, ``GET /health`` on that port answers 200 or
+    503 (see ``deploy_app.node.health``); a study is complete ``quiet_seconds`` after its last
     instance arrived, or, with ``queue_on_release``, as soon as the association that sent it is released normally.
     Backpressure: no new instance is accepted (associations rejected as transient, C-STORE answered 0xA700) while the
     spool holds ``spool_quota_mb`` or its file system has less than ``min_free_mb`` free.
@@ -51,6 +52,7 @@ class NodeConfig:
     spool: Path
     pacs: str
     host: str = ""
+    health_port: int | None = None
     allow_ae: tuple[str, ...] = ()
     max_associations: int = 10
     quiet_seconds: float = 30.0
@@ -81,8 +83,10 @@ class NodeConfig:
             problem = _ae_title_problem(title)
             if problem:
                 raise UsageError(f"AE title {title!r} {problem}; e.g. CTFM")
-        if not 1 <= self.port <= 65535:
-            raise UsageError(f"port {self.port}: give a port from 1 to 65535 (e.g. 11112)")
+        for name in ("port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 65535:
+                raise UsageError(f"{name} {value}: give a port from 1 to 65535 (e.g. 11112)")
         parse_address(self.pacs, calling_aet=self.ae_title)  # a UsageError naming the address when it is not one
         if self.max_associations < 1:
             raise UsageError(f"max_associations {self.max_associations}: give at least 1")
@@ -155,6 +159,7 @@ def _typed(name: str, value: Any, annotation: Any) -> Any:
         if "None" in text:
             return None
         raise TypeError(f"{name} must not be empty")
+    text = text.removesuffix(" | None")
     if text.startswith("tuple"):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(item, str) for item in items):

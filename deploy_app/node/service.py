@@ -24,6 +24,7 @@ from ctfm_engine.errors import UsageError
 from deploy_app.node.audit import AuditLog
 from deploy_app.node.config import NodeConfig
 from deploy_app.node.delivery import Courier
+from deploy_app.node.health import HealthServer
 from deploy_app.node.queue import JobQueue, JobState
 from deploy_app.node.receiver import Receiver
 from deploy_app.node.spool import INCOMING, TEMPORARY_PREFIX, Spool
@@ -66,6 +67,15 @@ class Node:
         except OSError as error:
             raise UsageError(f"cannot listen on port {self.config.port} ({error.strerror}): another program uses "
                              "it, or the port needs privileges; choose another --port") from None
+        self.health = None
+        if self.config.health_port is not None:
+            try:
+                self.health = HealthServer(self.config.host, self.config.health_port, self._health)
+            except OSError as error:
+                self.receiver.stop()
+                raise UsageError(f"cannot serve /health on port {self.config.health_port} ({error.strerror}); "
+                                 "choose another health_port") from None
+            self.health.start()
         self._write_pid_file()
         self.audit.record("node-started", pid=os.getpid(), ae_title=self.config.ae_title, port=self.config.port,
                           pacs=self.courier.address.display, workers=self.config.workers,
@@ -150,6 +160,8 @@ class Node:
     def _shutdown(self) -> None:
         log.info("stopping")
         self.receiver.stop()
+        if self.health is not None:
+            self.health.stop()
         self.runner.stop()
         self._work.set()
         self._deliveries.set()
@@ -159,6 +171,14 @@ class Node:
         (self.spool.root / PID_FILE).unlink(missing_ok=True)
         self.audit.record("node-stopped", pid=os.getpid(), requeued=len(requeued))
         log.info("stopped (%d running job(s) queued again)", len(requeued))
+
+    def _health(self) -> dict[str, Any]:
+        """Healthy while the node takes studies in: listening, spool not full, every thread alive."""
+        full = self.receiver.full()
+        dead = [thread.name for thread in self._threads if not thread.is_alive()]
+        reason = f"spool full: {full}" if full else f"thread(s) stopped: {', '.join(dead)}" if dead else None
+        return {"ok": reason is None and not self._stop.is_set(), "reason": reason,
+                "ae_title": self.config.ae_title, "jobs": self.queue.counts()}
 
     # The loops.
 
