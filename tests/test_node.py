@@ -313,7 +313,7 @@ def test_a_study_routed_by_the_pacs_comes_back_as_seg_and_sr_once_although_the_n
     assert status["counts"]["delivered"] == 1 and status["throughput"]["delivered_total"] == 1
 
 
-def test_a_study_cut_by_a_kill_while_receiving_is_completed_by_the_resend_and_waits_for_the_pacs_to_come_back(
+def test_a_study_cut_by_a_kill_while_receiving_is_completed_by_the_resend_and_its_results_wait_for_the_pacs(
         orthanc, tmp_path, nodes):
     spool = tmp_path / "spool"
     config = node_config(tmp_path, quiet_seconds=6, delivery_retry_seconds=1, allow_ae=[MODALITY_AET])
@@ -357,6 +357,11 @@ def test_a_study_cut_by_a_kill_while_receiving_is_completed_by_the_resend_and_wa
         assert job.instances == 93 and "waiting for" in job.reason
         status = node.status()
         assert status["counts"]["sending"] == 1 and status["errors"][0]["reason"] == job.reason
+        # Killed again while its results wait: the restarted node goes on waiting, it does not run the study again.
+        node.kill()
+        node = NodeProcess(spool, arguments, orthanc.namespace).start()
+        nodes.append(node)
+        assert [job.state for job in node.jobs()] == [JobState.SENDING]
     [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.DELIVERED], "a delivery", 60)
 
     # One SEG and one SR in the PACS, made from the whole series (93 instances), not from the 30 of the cut send.
