@@ -397,6 +397,23 @@ def test_a_jpeg2000_series_without_study_uids_is_stored_as_sent_and_kept_togethe
         assert stored.PixelData == original.PixelData  # the JPEG 2000 codestream, byte for byte
 
 
+def test_a_stopped_node_stops_its_running_study_and_queues_it_again(tmp_path, nodes):
+    spool, port = tmp_path / "spool", free_port()
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600)
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    nodes.append(node)
+    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
+    node.wait_for(lambda: deploy_apps_running(spool), "a deploy app", 30)
+    assert node.stop() == 0  # SIGTERM, as systemd stops it
+    assert deploy_apps_running(spool) == []
+    [job] = node.jobs()
+    assert job.state is JobState.QUEUED and job.interruptions == 1 and job.attempts == 0
+    assert read_audit(spool / "logs")[-1] == {**read_audit(spool / "logs")[-1], "event": "node-stopped",
+                                              "requeued": 1}
+    assert not node.status()["node"]["running"]
+
+
 def mr_series(folder: Path) -> list[Path]:
     """The real MR of the negative controls (brain1_image.nrrd) written as an MR Image Storage DICOM series."""
     import SimpleITK as sitk
