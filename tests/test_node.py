@@ -584,6 +584,7 @@ def test_the_queue_takes_an_instance_once_reopens_a_queued_study_and_requeues_wh
     [requeued] = JobQueue(tmp_path / "queue.sqlite").requeue_interrupted("stopped")
     assert requeued.id == job.id and requeued.state is JobState.QUEUED
     assert requeued.interruptions == 1 and requeued.attempts == 0
+    assert requeued.queued == 111.0  # still complete since then: the turnaround in status counts the lost run
     assert queue.counts() == {"received": 1, "queued": 1, "running": 0, "sending": 0, "delivered": 0,
                               "refused": 0, "failed": 0}
 

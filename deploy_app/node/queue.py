@@ -225,7 +225,8 @@ class JobQueue:
         with self._transaction() as connection:
             rows = connection.execute(f"SELECT * FROM jobs WHERE {condition}", parameters).fetchall()
             for row in rows:
-                connection.execute("UPDATE jobs SET state = ?, queued = ? WHERE id = ?",
+                # queued: when the study was complete; a retry keeps it, so turnaround counts the retries.
+                connection.execute("UPDATE jobs SET state = ?, queued = COALESCE(queued, ?) WHERE id = ?",
                                    (JobState.QUEUED.value, now, row["id"]))
         return [self.job(row["id"]) for row in rows]
 
@@ -286,9 +287,9 @@ class JobQueue:
         with self._transaction() as connection:
             rows = connection.execute("SELECT id FROM jobs WHERE state = ?", (JobState.RUNNING.value,)).fetchall()
             for row in rows:
-                connection.execute("UPDATE jobs SET state = ?, queued = ?, reason = ?, "
-                                   "interruptions = interruptions + 1, attempts = MAX(attempts - 1, 0) WHERE id = ?",
-                                   (JobState.QUEUED.value, time.time(), reason, row["id"]))
+                connection.execute("UPDATE jobs SET state = ?, reason = ?, interruptions = interruptions + 1, "
+                                   "attempts = MAX(attempts - 1, 0) WHERE id = ?",
+                                   (JobState.QUEUED.value, reason, row["id"]))
         return [self.job(row["id"]) for row in rows]
 
     def restart_quiet_clock(self, now: float | None = None) -> int:
