@@ -397,7 +397,7 @@ def test_a_jpeg2000_series_without_study_uids_is_stored_as_sent_and_kept_togethe
         assert stored.PixelData == original.PixelData  # the JPEG 2000 codestream, byte for byte
 
 
-def test_a_stopped_node_stops_its_running_study_and_queues_it_again(tmp_path, nodes):
+def test_a_stopped_node_queues_its_running_study_again_and_a_second_node_cannot_take_its_spool(tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
     config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600)
     node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
@@ -405,6 +405,10 @@ def test_a_stopped_node_stops_its_running_study_and_queues_it_again(tmp_path, no
     nodes.append(node)
     assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
     node.wait_for(lambda: deploy_apps_running(spool), "a deploy app", 30)
+    second = subprocess.run([DEPLOY_PYTHON, "-m", "deploy_app", "serve", "--config", config, "--ae-title", NODE_AET,
+                             "--port", str(free_port()), "--spool", spool, "--pacs", "dicom://PACS@127.0.0.1:104"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert second.returncode == 2 and "another node serves this spool" in second.stderr, second.stderr
     assert node.stop() == 0  # SIGTERM, as systemd stops it
     assert deploy_apps_running(spool) == []
     [job] = node.jobs()

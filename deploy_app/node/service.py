@@ -80,9 +80,9 @@ class Node:
         self.audit.record("node-started", pid=os.getpid(), ae_title=self.config.ae_title, port=self.config.port,
                           pacs=self.courier.address.display, workers=self.config.workers,
                           allow_ae=list(self.config.allow_ae), **recovered)
-        self._start_threads()
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, lambda *_: self._stop.set())
+        self._start_threads()
         try:
             while not self._stop.wait(TICK_S):
                 pass
