@@ -21,12 +21,20 @@ TORCH_SPEC ?= torch==2.13.0
 # DICOM validator), orthanc + orthanc-dicomweb (the real PACS the end-to-end tests start in a network namespace),
 # iproute2 (`ip`) and util-linux (`unshare`, `nsenter`) to make that namespace.
 APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb iproute2 util-linux chromium
+# The MONAI Application Package (make map, tests/test_map.py) is built here with podman/buildah from a Debian base
+# that debootstrap makes, and run with runc (crun refuses this machine's cgroups v1 hybrid).
+MAP_APT_PACKAGES := podman buildah runc debootstrap
+APT_PACKAGES += $(MAP_APT_PACKAGES)
+# The MAP image is rebuilt (deploy_app/scripts/build_map.sh, its caches under build/map/) when what it is made of
+# changes: the app, the engine, the recipe (deploy_app/map/stage.py lists the same files for the image's label).
+MAP_STAMP := build/map/.built
+MAP_INPUTS := $(shell find deploy_app ctfm_engine -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml README.md
 # The viewers' own readers run under Node (dcmjs / Cornerstone3D adapters, the built OHIF viewer): every folder
 # tests/*/package.json is an npm project installed before the tests (`npm install` from the registry).
 NODE_PROJECTS := $(patsubst %/package.json,%,$(wildcard tests/*/package.json))
 NODE_STAMPS := $(addsuffix /node_modules/.installed,$(NODE_PROJECTS))
 
-.PHONY: demo test lint apt node clean
+.PHONY: demo test lint apt node map clean
 
 %/bin/python:
 	$(PYTHON) -m venv $* || python3 -m venv $*
@@ -67,10 +75,19 @@ node:
 	cd $* && npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
+# `make map`: build the MAP image (cached layers: a few seconds when only the app changed); its tag is the last line.
+map: $(DEPLOY_VENV)/.installed | apt
+	deploy_app/scripts/build_map.sh
+	@touch $(MAP_STAMP)
+
+$(MAP_STAMP): $(MAP_INPUTS) $(DEPLOY_VENV)/.installed | apt
+	@if command -v podman >/dev/null 2>&1; then deploy_app/scripts/build_map.sh && touch $@; \
+	else echo "make: podman is missing (make apt, as root): the MAP is not built, tests/test_map.py is skipped"; fi
+
 demo: $(VENV)/.installed
 	$(BIN)/ctfm demo --out-dir ctfm-demo
 
-test: $(VENV)/.installed $(DEPLOY_VENV)/.installed $(SLICER_VENV)/.installed apt $(NODE_STAMPS)
+test: $(VENV)/.installed $(DEPLOY_VENV)/.installed $(SLICER_VENV)/.installed apt $(NODE_STAMPS) $(MAP_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
