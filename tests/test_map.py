@@ -241,3 +241,14 @@ def test_published_weights_mounted_in_place_of_the_bundled_models_are_used_and_n
         assert f"weights_sha256={weights}" in parameters and not any("demonstration" in p for p in parameters)
     recorded = json.loads((out / "ctfm-results.json").read_text())["segmentation"]["weights"]
     assert (recorded["name"], recorded["sha256"], recorded["demonstration"]) == (SEGMENTATION_REPO, weights, False)
+
+
+def test_a_mounted_models_folder_with_two_unnamed_checkpoints_is_a_model_error_naming_them(tmp_path):
+    models = tmp_path / "models"
+    for name in ("site-model-a", "site-model-b"):
+        shutil.copytree(SHIPPED_SEG, models / name)
+    completed = run_map(SLICER_HEAD, tmp_path / "out", models)
+    assert completed.returncode == 4, completed.stderr[-3000:]
+    [message] = error_lines(completed)
+    assert "site-model-a, site-model-b" in message and "segmentation/" in message, message
+    assert list((tmp_path / "out").iterdir()) == []
