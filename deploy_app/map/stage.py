@@ -104,7 +104,10 @@ def requirements(repo: Path, torch: str | None, swaps: dict[str, str]) -> str:
     swapped = []
     for line in named:
         name = re.split(r"[\s<>=!~\[;]", line, maxsplit=1)[0]
-        swapped.append(swaps[name] + line[len(name):] if name in swaps else line)
+        if name in swaps:  # a name keeps the requirement's version; a full requirement replaces it
+            swapped.append(swaps[name] if re.search(r"[<>=!~]", swaps[name]) else swaps[name] + line[len(name):])
+        else:
+            swapped.append(line)
     return "\n".join(swapped) + "\n"
 
 
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                         "environment)")
     parser.add_argument("--torch", help="the torch requirement (default: requirements.txt's)")
     parser.add_argument("--swap", action="append", default=[], metavar="OLD=NEW",
-                        help="install NEW in place of the requirement OLD (e.g. onnxruntime=onnxruntime-gpu)")
+                        help="install NEW in place of the requirement OLD: a name (same version) or a requirement "
+                        "(e.g. onnxruntime=onnxruntime-gpu==1.31.1)")
     parser.add_argument("--gpus", type=int, help="GPUs the package asks for (pkg.json resources.gpu; default: "
                         "app.yaml's)")
     parser.add_argument("--digest", action="store_true", help="print the source digest and stop")

@@ -17,8 +17,9 @@
 #   5. image    podman build -f deploy_app/map/Containerfile: dependency layer first, then models, engine, app
 #
 # Settings (environment):
-#   MAP_VARIANT=cpu|gpu  gpu: CUDA PyTorch (PyPI's torch==2.13.0, not the +cpu wheel) and onnxruntime-gpu in place of
-#                        onnxruntime, no constraints from .venv-deploy, pkg.json asks for 1 GPU; tag ctfm-seg-map-gpu
+#   MAP_VARIANT=cpu|gpu  gpu: CUDA PyTorch (PyPI's torch==2.13.0, not the +cpu wheel, with its CUDA 13 libraries) and
+#                        MAP_ONNXRUNTIME (default onnxruntime-gpu==1.31.1, the newest on PyPI) in place of onnxruntime,
+#                        no constraints from .venv-deploy, pkg.json asks for 1 GPU; tag ctfm-seg-map-gpu
 #   MAP_BASE_IMAGE       another base with Python 3.11 and its venv module (e.g. a CUDA runtime image with Python
 #                        3.11) instead of the debootstrap one
 #   MAP_TORCH            the torch requirement (cpu default torch==2.13.0: the CPU wheel pip finds on disk here)
@@ -87,7 +88,7 @@ if [ "$variant" = cpu ]; then
   "$python" -m pip freeze --exclude-editable | grep -v -e '^#' -e '^-e ' -e '^ctfm-engine' >"$constraints"
 else
   torch="${MAP_TORCH:-torch==2.13.0,!=2.13.0+cpu}"
-  stage_options=(--swap onnxruntime=onnxruntime-gpu --gpus 1)
+  stage_options=(--swap "onnxruntime=${MAP_ONNXRUNTIME:-onnxruntime-gpu==1.31.1}" --gpus 1)
 fi
 "$python" "$repo/deploy_app/map/stage.py" --out "$stage" --constraints "$constraints" --torch "$torch" \
   ${MAP_MODELS:+--models "$MAP_MODELS"} "${stage_options[@]}"
