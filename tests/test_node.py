@@ -418,6 +418,37 @@ def test_a_stopped_node_queues_its_running_study_again_and_a_second_node_cannot_
     assert not node.status()["node"]["running"]
 
 
+def reidentified_copy(folder: Path) -> list[Path]:
+    """The head CT with Study, Series and SOP Instance UIDs of its own: another patient's study, for the node."""
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    for source in HEAD_FILES:
+        dataset = pydicom.dcmread(source)
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.save_as(folder / source.name, enforce_file_format=True)
+    return sorted(folder.iterdir())
+
+
+def test_the_worker_pool_runs_at_most_workers_studies_at_once(tmp_path, nodes):
+    spool, port = tmp_path / "spool", free_port()
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, workers=2)
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    nodes.append(node)
+    # Three studies over one association: all three are complete when it is released.
+    studies = [*HEAD_FILES, *reidentified_copy(tmp_path / "b"), *reidentified_copy(tmp_path / "c")]
+    assert [answer["status"] for answer in send(None, MODALITY_AET, studies, port=port)] == [0] * 3 * 93
+    running = node.wait_for(lambda: len(deploy_apps_running(spool)) >= 2 and deploy_apps_running(spool),
+                            "two deploy apps", 30)
+    time.sleep(2.0)  # time enough for a third to start, were the pool not bounded
+    assert len(running) == 2 and len(deploy_apps_running(spool)) == 2
+    assert sorted(job.state.value for job in node.jobs()) == ["queued", "running", "running"]
+    assert node.stop() == 0
+
+
 def mr_series(folder: Path) -> list[Path]:
     """The real MR of the negative controls (brain1_image.nrrd) written as an MR Image Storage DICOM series."""
     import SimpleITK as sitk
