@@ -195,6 +195,11 @@ def test_same_result_twice_gives_the_same_uids(ts_volume: CTVolume, ts_labels: n
                             encoding=encoding)
     first = ts_segs[encoding]
     assert (again.sop_instance_uid, again.series_instance_uid) == (first.sop_instance_uid, first.series_instance_uid)
+    # every UID inside is derived too (highdicom's random DimensionOrganizationUID is replaced)
+    organisations = [{str(item.DimensionOrganizationUID) for item in [*seg.DimensionOrganizationSequence,
+                                                                       *seg.DimensionIndexSequence]}
+                     for seg in (pydicom.dcmread(first.path), pydicom.dcmread(again.path))]
+    assert organisations[0] == organisations[1] and len(organisations[0]) == 1
     changed = ts_labels.copy()
     changed[10, 256, 256] = 0 if changed[10, 256, 256] else 1
     other = write_dicom_seg(changed, ts_volume, table, tmp_path / "changed.dcm", algorithm=ALGORITHM,

@@ -40,9 +40,9 @@ SPECIFIED_ENVIRONMENT = {
     "HOLOSCAN_PKG_MANIFEST_PATH": "/etc/holoscan/pkg.json", "HOLOSCAN_DOCS_PATH": "/opt/holoscan/docs",
     "HOLOSCAN_LOGS_PATH": "/var/holoscan/logs",
 }
-# highdicom draws the SEG's DimensionOrganizationUID at random (ctfm_engine.dicom.seg does not pass one), so two
-# runs of the same app on the same series differ there, in or out of a container; every other UID is derived.
-RANDOM_PER_RUN = {"DimensionOrganizationUID"}
+# Every UID is derived from the series, the model and the labels (ctfm_engine.dicom.seg replaces the
+# DimensionOrganizationUID highdicom draws at random), so nothing but the clock differs between two runs.
+RANDOM_PER_RUN: set[str] = set()
 
 
 def image_tag() -> str:

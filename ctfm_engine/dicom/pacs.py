@@ -271,16 +271,17 @@ def parse_address(text: str, *, calling_aet: str = DEFAULT_CALLING_AET) -> PacsA
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise bad("a DIMSE address ends with the port")
     called_aet = unquote(parts.username)
-    problem = _ae_title_problem(called_aet)
+    problem = ae_title_problem(called_aet)
     if problem:
         raise bad(f"AE title {called_aet!r} {problem}")
-    problem = _ae_title_problem(calling_aet)
+    problem = ae_title_problem(calling_aet)
     if problem:
         raise UsageError(f"--aet {calling_aet!r}: an AE title {problem}; e.g. --aet CTFM")
     return DimseAddress(called_aet, parts.hostname, port, calling_aet)
 
 
-def _ae_title_problem(title: str) -> str | None:
+def ae_title_problem(title: str) -> str | None:
+    """Why ``title`` is not a valid AE title (empty, too long, characters DICOM forbids), or None when it is."""
     if not title.strip():
         return "is empty"
     if len(title) > AE_TITLE_LENGTH:

@@ -341,6 +341,13 @@ def _segmentation(
     # Content Identification: ContentCreatorName is type 2 (present, empty for an automatic result); highdicom leaves
     # it out when no name is given, and dcmqi, the reader Slicer uses, warns about the absence.
     segmentation.ContentCreatorName = ""
+    # highdicom draws the DimensionOrganizationUID at random: derive it like every other UID, so that the same
+    # series, model and labels give the same object byte for byte (a re-send, the MAP and a direct run agree).
+    organisation = generate_uid(entropy_srcs=[*entropy, "dimension-organization"])
+    dimensions = segmentation.get("DimensionOrganizationSequence", [])
+    for item in [*dimensions, *segmentation.get("DimensionIndexSequence", [])]:
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = organisation
     return segmentation
 
 

@@ -77,10 +77,10 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         # The engine's AE-title rule (PS3.5: 1 to 16 printable ASCII characters, no backslash), used by its clients.
-        from ctfm_engine.dicom.pacs import _ae_title_problem, parse_address
+        from ctfm_engine.dicom.pacs import ae_title_problem, parse_address
 
         for title in (self.ae_title, *self.allow_ae):
-            problem = _ae_title_problem(title)
+            problem = ae_title_problem(title)
             if problem:
                 raise UsageError(f"AE title {title!r} {problem}; e.g. CTFM")
         for name in ("port", "health_port"):
