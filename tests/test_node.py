@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import SHARED, TS_DICOM, deploy_python, require
+from conftest import SHARED, TS_DICOM, deploy_python, require, require_module
 from orthanc import Orthanc, running_orthanc
 
 DEPLOY_PYTHON = deploy_python()
@@ -560,6 +560,22 @@ def health(port: int) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+METRICS_GET = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read()" \
+    ".decode())"
+
+
+def scrape(port: int, orthanc: Orthanc | None = None) -> dict[tuple[str, tuple], float]:
+    """GET /metrics of a node (in the PACS's namespace when given), parsed by prometheus_client's own parser:
+    {(sample name, sorted labels): value}."""
+    parser = require_module("prometheus_client.parser", "the node's metrics are read with prometheus-client")
+    command = [sys.executable, "-c", METRICS_GET, f"http://127.0.0.1:{port}/metrics"]
+    result = orthanc.run(command, timeout=30) if orthanc is not None else subprocess.run(
+        command, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in parser.text_string_to_metric_families(result.stdout) for sample in family.samples}
+
+
 def test_a_full_spool_answers_out_of_resources_rejects_associations_as_transient_and_reports_unhealthy(tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
     quota_mb = 0.3
@@ -589,8 +605,58 @@ def test_a_full_spool_answers_out_of_resources_rejects_associations_as_transient
                            [event["event"] for event in events] and events, "the rejection's record", 30)
     assert [event["refused"] for event in events if event["event"] == "association"] == [93 - stored]
     assert [event["reason"][:10] for event in events if event["event"] == "association-refused"] == ["spool full"]
+    metrics = scrape(health_port)
+    assert metrics[("ctfm_node_instances_received_total", (("outcome", "new"),))] == stored
+    assert metrics[("ctfm_node_instances_received_total", (("outcome", "refused"),))] == 93 - stored
+    assert metrics[("ctfm_node_associations_accepted_total", ())] == 1
+    assert metrics[("ctfm_node_associations_rejected_total", (("reason", "spool_full"),))] == 1
+    assert metrics[("ctfm_node_spool_bytes", ())] == sum(sizes)
+    assert metrics[("ctfm_node_spool_quota_bytes", ())] == int(quota_mb * 2**20)
+    assert metrics[("ctfm_node_jobs", (("state", "received"),))] == 1
     assert node.stop() == 0
     assert node.status()["node"]["running"] is False
+
+
+def test_the_metrics_count_what_the_node_did_with_a_real_study(orthanc, tmp_path, nodes):
+    spool, health_port = tmp_path / "spool", 9464
+    config = node_config(tmp_path, queue_on_release=True, quiet_seconds=600, health_port=health_port,
+                         delivery_retry_seconds=1)
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(NODE_PORT), "--pacs",
+                               orthanc.dimse_url, "--allow-ae", MODALITY_AET], orthanc.namespace).start()
+    nodes.append(node)
+    before = scrape(health_port, orthanc)
+    assert before[("ctfm_node_instances_received_total", (("outcome", "new"),))] == 0
+    assert ("ctfm_node_spool_quota_bytes", ()) not in before  # no quota set
+
+    [answer] = send(orthanc, "STRANGER", HEAD_FILES[:1])
+    assert answer["rejected"] is True
+    assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES)] == [0] * 93
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.DELIVERED], "a delivery", 120)
+    assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES[:5])] == [0] * 5  # duplicates
+    node.wait_for(lambda: [event for event in read_audit(spool / "logs") if event["event"] == "association"
+                           and event["duplicates"] == 5], "the duplicates' record", 30)
+
+    metrics = scrape(health_port, orthanc)
+    received = {outcome: metrics[("ctfm_node_instances_received_total", (("outcome", outcome),))]
+                for outcome in ("new", "duplicate", "refused")}
+    assert received == {"new": 93, "duplicate": 5, "refused": 0}
+    assert metrics[("ctfm_node_associations_accepted_total", ())] == 2
+    rejected = {reason: metrics[("ctfm_node_associations_rejected_total", (("reason", reason),))]
+                for reason in ("calling_ae", "called_ae", "spool_full")}
+    assert rejected == {"calling_ae": 1, "called_ae": 0, "spool_full": 0}
+    jobs = {labels[0][1]: value for (name, labels), value in metrics.items() if name == "ctfm_node_jobs"}
+    assert jobs == {state.value: int(state is JobState.DELIVERED) for state in JobState}
+    # One run, ended with results to send (sending), as long as the run the audit trail timed; one delivery.
+    [processed] = [event for event in read_audit(spool / "logs") if event["event"] == "processed"]
+    assert metrics[("ctfm_node_job_run_seconds_count", (("outcome", "sending"),))] == 1
+    assert processed["seconds"] - 0.1 <= metrics[("ctfm_node_job_run_seconds_sum", (("outcome", "sending"),))] \
+        <= processed["seconds"] + 5
+    assert metrics[("ctfm_node_delivery_seconds_count", (("outcome", "delivered"),))] == 1
+    assert 0 < metrics[("ctfm_node_delivery_seconds_sum", (("outcome", "delivered"),))] <= job.delivered - \
+        job.finished + 1
+    assert metrics[("ctfm_node_spool_bytes", ())] == sum(path.stat().st_size for path in spool.glob("incoming/*/*"))
+    assert metrics[("ctfm_node_spool_free_bytes", ())] > 0
+    assert node.stop() == 0
 
 
 def test_the_queue_takes_an_instance_once_reopens_a_queued_study_and_requeues_what_a_dead_node_ran(tmp_path):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ctfm_engine.dicom.pacs import COMPRESSED, LABELMAP_SEGMENTATION, UNCOMPRESSED
 from deploy_app.node.audit import AuditLog
 from deploy_app.node.config import NodeConfig
+from deploy_app.node.metrics import NodeMetrics
 from deploy_app.node.queue import JobQueue
 from deploy_app.node.spool import Spool, uid_key
 
@@ -62,11 +63,14 @@ class Receiver:
     on_complete:
         Called with the ids of the jobs an association's release completed (``queue_on_release``), and with an
         empty list whenever a new study starts arriving, so the node can wake its scheduler.
+    metrics:
+        Counts instances (new, duplicate, refused) and associations (accepted, rejected by reason) when given.
     """
 
     def __init__(self, config: NodeConfig, spool: Spool, queue: JobQueue, audit: AuditLog,
-                 on_complete: Callable[[list[int]], None]) -> None:
+                 on_complete: Callable[[list[int]], None], metrics: NodeMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.spool = spool
         self.queue = queue
         self.audit = audit
@@ -77,6 +81,11 @@ class Receiver:
         self._spool_bytes = queue.spool_bytes()
 
     # Backpressure.
+
+    @property
+    def spool_bytes(self) -> int:
+        """Bytes of received instances the spool holds (as the quota counts them)."""
+        return self._spool_bytes
 
     def full(self) -> str | None:
         """Why the spool takes no more instances now (quota reached, disk almost full), or None."""
@@ -110,7 +119,7 @@ class Receiver:
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store),
                     (evt.EVT_RELEASED, self._released), (evt.EVT_ABORTED, self._aborted),
-                    (evt.EVT_REJECTED, self._rejected)]
+                    (evt.EVT_REJECTED, self._rejected), (evt.EVT_ACCEPTED, self._accepted)]
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         log.info("listening as %s on port %d%s", self.config.ae_title, self.config.port,
                  f" ({self.config.host})" if self.config.host else "")
@@ -126,16 +135,18 @@ class Receiver:
         calling = _calling_ae(event)
         allowed = self.config.allow_ae
         if allowed and calling not in allowed:
-            self._reject(event, REJECT_UNKNOWN_CALLING_AE, calling, "calling AE title not in the allow-list")
+            self._reject(event, REJECT_UNKNOWN_CALLING_AE, calling, "calling AE title not in the allow-list",
+                         "calling_ae")
             return
         full = self.full()
         if full:
-            self._reject(event, REJECT_CONGESTION, calling, f"spool full: {full}")
+            self._reject(event, REJECT_CONGESTION, calling, f"spool full: {full}", "spool_full")
             return
         with self._lock:
             self._tallies[id(event.assoc)] = AssociationTally(calling, _peer(event))
 
-    def _reject(self, event: Event, answer: tuple[int, int, int], calling: str, reason: str) -> None:
+    def _reject(self, event: Event, answer: tuple[int, int, int], calling: str, reason: str, kind: str) -> None:
+        self._count_rejection(kind)
         log.warning("association from %s (%s) rejected: %s", calling, _peer(event), reason)
         self.audit.record("association-refused", calling_ae=calling, peer=_peer(event), reason=reason)
         event.assoc.acse.send_reject(*answer)
@@ -147,12 +158,29 @@ class Receiver:
             if id(event.assoc) in self._tallies:
                 tally = self._tallies.pop(id(event.assoc))
                 reason = "called AE title is not ours"
+                self._count_rejection("called_ae")
                 log.warning("association from %s (%s) rejected: %s", tally.calling_ae, tally.peer, reason)
                 self.audit.record("association-refused", calling_ae=tally.calling_ae, peer=tally.peer,
                                   reason=reason)
 
+    def _accepted(self, event: Event) -> None:
+        if self.metrics is not None:
+            self.metrics.accepted.inc()
+
+    def _count_rejection(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(kind).inc()
+
     def _store(self, event: Event) -> int:
-        tally = self._tally(event)
+        tally = self._tally(event)  # one C-STORE at a time per association: its tally tells what this one did
+        stored, duplicates = tally.stored, tally.duplicates
+        status = self._store_instance(event, tally)
+        if self.metrics is not None:
+            outcome = "new" if tally.stored > stored else "duplicate" if tally.duplicates > duplicates else "refused"
+            self.metrics.instances.labels(outcome).inc()
+        return status
+
+    def _store_instance(self, event: Event, tally: AssociationTally) -> int:
         full = self.full()
         if full:
             tally.refused += 1

@@ -25,6 +25,7 @@ from deploy_app.node.audit import AuditLog
 from deploy_app.node.config import NodeConfig
 from deploy_app.node.delivery import Courier
 from deploy_app.node.health import HealthServer
+from deploy_app.node.metrics import CONTENT_TYPE, NodeMetrics
 from deploy_app.node.queue import JobQueue, JobState
 from deploy_app.node.receiver import Receiver
 from deploy_app.node.spool import INCOMING, TEMPORARY_PREFIX, Spool
@@ -57,7 +58,11 @@ class Node:
         self.queue = JobQueue(self.spool.queue_file)
         self.audit = AuditLog(self.spool.logs)
         recovered = self._recover()
-        self.receiver = Receiver(self.config, self.spool, self.queue, self.audit, self._completed)
+        quota = self.config.spool_quota_mb
+        self.metrics = NodeMetrics(jobs=self.queue.counts, spool_bytes=lambda: self.receiver.spool_bytes,
+                                   free_bytes=lambda: shutil.disk_usage(self.spool.root).free,
+                                   quota_bytes=None if quota is None else int(quota * 2**20))
+        self.receiver = Receiver(self.config, self.spool, self.queue, self.audit, self._completed, self.metrics)
         self.runner = Runner(self.config, self.spool, self.queue, self.audit)
         self.courier = Courier(self.config, self.spool, self.queue, self.audit)
         if not self.config.allow_ae:
@@ -70,7 +75,8 @@ class Node:
         self.health = None
         if self.config.health_port is not None:
             try:
-                self.health = HealthServer(self.config.host, self.config.health_port, self._health)
+                self.health = HealthServer(self.config.host, self.config.health_port, self._health,
+                                           self.metrics.exposition, CONTENT_TYPE)
             except OSError as error:
                 self.receiver.stop()
                 raise UsageError(f"cannot serve /health on port {self.config.health_port} ({error.strerror}); "
@@ -216,6 +222,7 @@ class Node:
                 self._work.clear()
                 continue
             job, files = claimed
+            started = time.monotonic()
             try:
                 job = self.runner.run(job, files)
             except Exception as error:  # the node's own trouble (e.g. a full disk): the study is tried again later
@@ -224,6 +231,8 @@ class Node:
                     if job.attempts < self.config.max_attempts else None
                 job = self.queue.finish(job.id, JobState.FAILED, reason=f"the node could not run it: {error}",
                                         next_try=retry_at)
+            if job.state is not JobState.RUNNING:  # RUNNING: stopped by the node, not a run that ended
+                self.metrics.job_run.labels(job.state.value).observe(time.monotonic() - started)
             if job.state is JobState.SENDING:
                 self._deliveries.set()
 
@@ -232,12 +241,14 @@ class Node:
             for job in self.queue.delivery_due():
                 if self._stop.is_set():
                     return
+                started = time.monotonic()
                 try:
-                    self.courier.deliver(job)
+                    job = self.courier.deliver(job)
                 except Exception as error:  # e.g. the results folder unreadable: try again later, not in a loop
                     log.exception("job %d: delivery failed", job.id)
-                    self.queue.finish(job.id, JobState.SENDING, reason=f"delivery failed: {error}",
-                                      next_try=time.time() + self.config.delivery_retry_seconds)
+                    job = self.queue.finish(job.id, JobState.SENDING, reason=f"delivery failed: {error}",
+                                            next_try=time.time() + self.config.delivery_retry_seconds)
+                self.metrics.delivery.labels(job.state.value).observe(time.monotonic() - started)
             self._deliveries.wait(TICK_S * 2)
             self._deliveries.clear()
 
