@@ -10,12 +10,14 @@ spool before it answers success.
   0x0000; a spool that filled up during the association answers 0xA700 (Refused: out of resources), a write that
   fails 0xA700 too, an instance that cannot be decoded 0xC000 (Error: cannot understand).
 * Completion: a study is complete ``quiet_seconds`` after its last instance (the scheduler's job) or, with
-  ``queue_on_release``, as soon as the association that sent it is released normally (not aborted).
+  ``queue_on_release``, as soon as the association that sent it is released normally (not aborted, and with no
+  instance refused: a sender told 0xA700 sends the rest again later).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,9 +210,15 @@ class Receiver:
             tally.refused += 1
             log.error("C-STORE from %s: cannot write to the spool (%s)", tally.calling_ae, error.strerror)
             return OUT_OF_RESOURCES
-        stored = self.queue.record_instance(study_key=study_key, sop_key=sop_key,
-                                            file=str(path.relative_to(self.spool.root)), size=len(data),
-                                            calling_ae=tally.calling_ae)
+        try:
+            stored = self.queue.record_instance(study_key=study_key, sop_key=sop_key,
+                                                file=str(path.relative_to(self.spool.root)), size=len(data),
+                                                calling_ae=tally.calling_ae)
+        except sqlite3.Error as error:  # e.g. "database or disk is full": the file is not kept unrecorded
+            path.unlink(missing_ok=True)
+            tally.refused += 1
+            log.error("C-STORE from %s: cannot record the instance in the queue (%s)", tally.calling_ae, error)
+            return OUT_OF_RESOURCES
         if stored.duplicate:  # the same instance arrived over two associations at once: one copy, one record
             tally.duplicates += 1
             return SUCCESS
@@ -234,7 +242,8 @@ class Receiver:
 
     def _released(self, event: Event) -> None:
         tally = self._end(event, "released")
-        if tally is not None and self.config.queue_on_release and tally.jobs:
+        # An association that had instances refused (spool full) sent a study cut short: the quiet period decides.
+        if tally is not None and self.config.queue_on_release and tally.jobs and not tally.refused:
             self.on_complete(sorted(tally.jobs))
 
     def _aborted(self, event: Event) -> None:

@@ -1,0 +1,178 @@
+"""The DICOM node under faults of the disk and the network: the spool's file system really full (a small tmpfs
+mounted for the test), and a sender that aborts its association half-way.  Each node is a real child process
+(`python -m deploy_app serve` in the deploy environment) on loopback, fed by a pynetdicom modality; the studies are
+the real head CT (tests/test_node.py has the PACS round trips)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import missing_real_part
+from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, NodeProcess, deploy_apps_running, free_port, node_config, send
+
+from deploy_app.node.audit import read_audit
+from deploy_app.node.queue import JobQueue, JobState
+from deploy_app.node.spool import uid_key
+
+# A modality that sends the files given over one association and then aborts it (A-ABORT), as a sender that crashes
+# or loses its network does; one JSON line per instance the node answered.
+SEND_AND_ABORT = """
+import json, sys
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+calling, port, called, files = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+ae = AE(ae_title=calling)
+ae.add_requested_context(CTImageStorage)
+association = ae.associate("127.0.0.1", port, ae_title=called)
+assert association.is_established
+for path in files:
+    print(json.dumps({"file": path, "status": int(association.send_c_store(pydicom.dcmread(path)).Status)}), flush=True)
+association.abort()
+"""
+
+# C-ECHO: prints the status, or "rejected"/"no association".
+ECHO = """
+import sys
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+ae = AE(ae_title=sys.argv[1])
+ae.add_requested_context(Verification)
+association = ae.associate("127.0.0.1", int(sys.argv[2]), ae_title=sys.argv[3])
+if not association.is_established:
+    print("rejected" if association.is_rejected else "no association")
+    sys.exit(0)
+print(int(association.send_c_echo().Status))
+association.release()
+"""
+
+
+def echo(port: int) -> str:
+    result = subprocess.run([sys.executable, "-c", ECHO, MODALITY_AET, str(port), NODE_AET], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[NodeProcess]]:
+    started: list[NodeProcess] = []
+    yield started
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MB tmpfs mounted at a folder of the test (root only), unmounted at its end."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        missing_real_part("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True,
+                             text=True, timeout=30, check=False)
+    if mounted.returncode != 0:
+        missing_real_part(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30, check=False)
+
+
+def queue_of(spool: Path) -> tuple[list, set[str]]:
+    queue = JobQueue(spool / "queue.sqlite", read_only=True)
+    try:
+        return queue.jobs(), queue.recorded_files()
+    finally:
+        queue.close()
+
+
+def test_a_full_disk_refuses_what_does_not_fit_queues_nothing_half_written_and_takes_the_study_once_freed(
+        small_disk, tmp_path, nodes):
+    spool, port = small_disk / "spool", free_port()
+    # No margin kept free (min_free_mb 0): the file system itself runs out of space.  A study is complete when its
+    # sender releases the association.
+    config = node_config(tmp_path, host="127.0.0.1", min_free_mb=0, queue_on_release=True, quiet_seconds=600)
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    nodes.append(node)
+    study_bytes = sum(path.stat().st_size for path in HEAD_FILES)
+    # Another program fills the disk: about half the study still fits.
+    ballast = small_disk / "ballast"
+    with ballast.open("wb") as stream:
+        stream.write(b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - study_bytes // 2))
+
+    answers = send(None, MODALITY_AET, HEAD_FILES, port=port)
+    statuses = [answer["status"] for answer in answers]
+    stored = statuses.count(0)
+    assert 0 < stored < 93, statuses
+    assert set(statuses) <= {0, 0xA700}, statuses
+    assert echo(port) in ("0", "rejected"), "the node stopped answering"
+    assert node.alive()
+
+    # Nothing half-written: every file in the spool is recorded and whole; no temporary left; not queued.
+    jobs, recorded = queue_of(spool)
+    files = {str(path.relative_to(spool)) for path in spool.glob("incoming/*/*")}
+    assert files == recorded and len(files) == stored
+    acknowledged = {uid_key("sop", pydicom.dcmread(answer["file"]).SOPInstanceUID) for answer in answers
+                    if answer["status"] == 0}
+    assert {Path(name).stem for name in files} == acknowledged
+    for name in files:
+        assert pydicom.dcmread(spool / name).pixel_array.shape == (64, 64)
+    assert not list(spool.rglob(".partial-*"))
+    [job] = jobs
+    assert job.state is JobState.RECEIVED and job.instances == stored  # the release did not queue a cut study
+    assert deploy_apps_running(spool) == []
+    # Refused by the disk itself: a file that could not be written, or the queue's database that could not grow
+    # (SQLite's "database or disk is full": the instance's file is removed, not left unrecorded).
+    log = (spool / "logs" / "node.log").read_text(errors="replace")
+    assert "no space left" in log.lower() or "disk is full" in log, log[-3000:]
+
+    # Space freed: the re-sent study is taken (the stored half as duplicates) and processed once, whole.
+    ballast.unlink()
+    assert echo(port) == "0"
+    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.SENDING], "the results", 120)
+    assert job.instances == 93 and job.attempts == 1
+    assert sorted(path.name for path in (spool / "jobs" / str(job.id) / "results").glob("*.dcm")) == [
+        "ctfm-measurements-sr.dcm", "ctfm-seg.dcm"]
+    events = read_audit(spool / "logs")
+    assert [event["event"] for event in events].count("processed") == 1
+    associations = [event for event in events if event["event"] == "association"]
+    assert associations[-1]["duplicates"] == stored and associations[-1]["stored"] == 93 - stored
+
+
+def test_an_aborted_association_leaves_its_study_waiting_and_the_rest_completes_it_once(tmp_path, nodes):
+    spool, port = tmp_path / "spool", free_port()
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600)
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    nodes.append(node)
+    half = len(HEAD_FILES) // 2
+    result = subprocess.run([sys.executable, "-c", SEND_AND_ABORT, MODALITY_AET, str(port), NODE_AET,
+                             *map(str, HEAD_FILES[:half])], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(line)["status"] for line in result.stdout.splitlines()] == [0] * half
+    node.wait_for(lambda: [event for event in read_audit(spool / "logs") if event["event"] == "association"
+                           and event["outcome"] == "aborted"], "the aborted association's record", 30)
+    assert echo(port) == "0" and node.alive()
+    time.sleep(3.0)  # the scheduler ticks every 0.5 s: an abort taken for a release would have queued it by now
+    [job] = node.jobs()
+    assert job.state is JobState.RECEIVED and job.instances == half
+    assert deploy_apps_running(spool) == []
+
+    # The sender comes back with the rest: the study is complete at its release and processed once, whole.
+    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES[half:], port=port)] == [0] * (93 - half)
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.SENDING], "the results", 120)
+    assert job.instances == 93 and job.attempts == 1 and len(node.jobs()) == 1
+    input_files = list((spool / "jobs" / str(job.id) / "input").iterdir())
+    assert len(input_files) == 93
+    assert [event["event"] for event in read_audit(spool / "logs")].count("processed") == 1
