@@ -630,6 +630,8 @@ def test_the_metrics_count_what_the_node_did_with_a_real_study(orthanc, tmp_path
 
     [answer] = send(orthanc, "STRANGER", HEAD_FILES[:1])
     assert answer["rejected"] is True
+    [answer] = send(orthanc, MODALITY_AET, HEAD_FILES[:1], called="SOMEONE")
+    assert answer["rejected"] is True
     assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES)] == [0] * 93
     [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.DELIVERED], "a delivery", 120)
     assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES[:5])] == [0] * 5  # duplicates
@@ -643,7 +645,7 @@ def test_the_metrics_count_what_the_node_did_with_a_real_study(orthanc, tmp_path
     assert metrics[("ctfm_node_associations_accepted_total", ())] == 2
     rejected = {reason: metrics[("ctfm_node_associations_rejected_total", (("reason", reason),))]
                 for reason in ("calling_ae", "called_ae", "spool_full")}
-    assert rejected == {"calling_ae": 1, "called_ae": 0, "spool_full": 0}
+    assert rejected == {"calling_ae": 1, "called_ae": 1, "spool_full": 0}
     jobs = {labels[0][1]: value for (name, labels), value in metrics.items() if name == "ctfm_node_jobs"}
     assert jobs == {state.value: int(state is JobState.DELIVERED) for state in JobState}
     # One run, ended with results to send (sending), as long as the run the audit trail timed; one delivery.
