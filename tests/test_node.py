@@ -580,8 +580,9 @@ def test_a_full_spool_answers_out_of_resources_rejects_associations_as_transient
     spool, port = tmp_path / "spool", free_port()
     quota_mb = 0.3
     health_port = free_port()
+    # queue_on_release: a study whose instances were refused is not complete when its sender releases.
     config = node_config(tmp_path, host="127.0.0.1", spool_quota_mb=quota_mb, quiet_seconds=600, min_free_mb=0,
-                         health_port=health_port)
+                         health_port=health_port, queue_on_release=True)
     node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
                                f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
     nodes.append(node)
