@@ -7,6 +7,7 @@ import importlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,3 +175,12 @@ def triage_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.code == 0, result.stderr[-3000:]
     return Path(result.document["export"])
 
+
+@pytest.fixture
+def nodes() -> Iterator[list]:
+    """Every DICOM node a test starts (``test_node.NodeProcess``, appended by the test), stopped at its end whatever
+    happened (tests/test_node.py, test_node_faults.py)."""
+    started: list = []
+    yield started
+    for node in started:
+        node.stop()

@@ -152,15 +152,6 @@ class NodeProcess:
                          for path in logs if path.is_file())
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[NodeProcess]]:
-    """Every node a test starts, stopped at its end whatever happened."""
-    started: list[NodeProcess] = []
-    yield started
-    for node in started:
-        node.stop()
-
-
 def deploy_apps_running(spool: Path) -> list[int]:
     """Process ids of deploy apps working on this spool's jobs."""
     found = []

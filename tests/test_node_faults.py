@@ -63,14 +63,6 @@ def echo(port: int) -> str:
 
 
 @pytest.fixture
-def nodes() -> Iterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
-    yield started
-    for node in started:
-        node.stop()
-
-
-@pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 8 MB tmpfs mounted at a folder of the test (root only), unmounted at its end."""
     folder = tmp_path / "disk"

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+import install_tree  # SlicerCTFM/Testing (pytest pythonpath)
 from conftest import missing_real_part
 from CTFMLib import install
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "SlicerCTFM"
 SLICER_PYTHON = ROOT / ".venv-slicer" / "bin" / "python"
-sys.path.insert(0, str(MODULE / "Testing"))
-import install_tree  # noqa: E402
 
 # Run in the Slicer-like environment from the install tree: what the module's logic does for a segmentation, from the
 # job to the segmentation node on real MRML (Slicer ships its MRML; here it is the PyPI slicer-core).

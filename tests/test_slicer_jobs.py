@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import install_tree  # SlicerCTFM/Testing (pytest pythonpath)
 import numpy as np
 import pytest
 from conftest import SAMPLE_CT, SHARED, SHIPPED_ENCODER, SHIPPED_SEG, require_module
@@ -296,17 +297,12 @@ def test_weights_choices_report_the_checkpoint_name_and_sha256(tmp_path):
 # --- the extension layout --------------------------------------------------------------------------------------
 
 
-def cmake_list(text: str, variable: str) -> list[str]:
-    block = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
-    assert block, f"{variable} is not set"
-    return [item.replace("${MODULE_NAME}", "CTFM") for item in block.group(1).split()]
-
-
 def test_every_ctfmlib_file_and_resource_is_listed_in_the_module_cmake_and_exists():
     text = (MODULE / "CMakeLists.txt").read_text()
     assert re.search(r"set\(MODULE_NAME CTFM\)", text) and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-    scripts, resources = cmake_list(text, "MODULE_PYTHON_SCRIPTS"), cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    scripts = install_tree.cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    resources = install_tree.cmake_list(text, "MODULE_PYTHON_RESOURCES")
     on_disk = {str(path.relative_to(MODULE)) for path in (MODULE / "CTFMLib").glob("*.py")}
     assert on_disk <= set(scripts) and "CTFM.py" in scripts
     assert {"CTFMLib/__init__.py", "CTFMLib/jobs.py", "CTFMLib/install.py", "CTFMLib/mrml_adapters.py"} <= set(scripts)
