@@ -84,7 +84,9 @@ def test_the_node_in_the_map_image_answers_echo_processes_a_real_study_and_stops
         deadline = received + 120
         while True:
             document = status_in_container(name)
-            if document["counts"]["sending"] or document["counts"]["failed"] or time.monotonic() > deadline:
+            # "sending" is entered before the first delivery attempt; the reason comes with that attempt.
+            tried = [job for job in document["active"] if job["state"] == "sending" and job["reason"]]
+            if tried or document["counts"]["failed"] or time.monotonic() > deadline:
                 break
             assert node.poll() is None, f"the container exited with {node.returncode}:\n{log.read_text()}"
             time.sleep(1)
