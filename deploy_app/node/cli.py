@@ -1,7 +1,8 @@
 """The node's command line: ``python -m deploy_app serve ...`` and ``python -m deploy_app status --spool DIR``.
 
     serve --ae-title AET --port N --spool DIR --pacs URL [--allow-ae AET...] [--quiet-seconds S] [--config FILE]
-          [--model M] [--workers N]
+          [--model M] [--workers N] [--health-port N] [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]
+          [--ray-address HOST:PORT]
     status --spool DIR [--json]
 
 ``serve`` runs until SIGTERM or SIGINT.  Flags override the ``--config`` file (TOML; its keys are the settings of
@@ -40,6 +41,13 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--config", type=Path, metavar="FILE", help="a TOML file of settings; flags override it")
     serve.add_argument("--model", metavar="M", help="the segmentation model (as the deploy app's -m)")
     serve.add_argument("--workers", type=int, metavar="N", help="studies processed at a time (1)")
+    serve.add_argument("--health-port", type=int, metavar="N", help="serve GET /health and /metrics on this port")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="listen with DICOM TLS: the node's certificate")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="... and its private key")
+    serve.add_argument("--tls-ca", type=Path, metavar="PEM",
+                       help="... and require senders' certificates signed by this CA")
+    serve.add_argument("--ray-address", metavar="HOST:PORT",
+                       help="run each job as a task on this Ray cluster (or 'auto') instead of local workers")
 
 
 def run_serve(options: argparse.Namespace) -> int:
@@ -49,7 +57,9 @@ def run_serve(options: argparse.Namespace) -> int:
     def serve() -> None:
         overrides = {"ae_title": options.ae_title, "port": options.port, "spool": options.spool,
                      "pacs": options.pacs, "allow_ae": options.allow_ae, "quiet_seconds": options.quiet_seconds,
-                     "model": options.model, "workers": options.workers}
+                     "model": options.model, "workers": options.workers, "health_port": options.health_port,
+                     "tls_cert": options.tls_cert, "tls_key": options.tls_key, "tls_ca": options.tls_ca,
+                     "ray_address": options.ray_address}
         Node(load_config(options.config, overrides)).serve()
 
     code, _ = guarded(serve, _report, log=log)

@@ -45,6 +45,15 @@ class NodeConfig:
     ``delivery_retry_seconds`` (doubled each time, at most an hour).  Retention: the spool copy of a study and its
     results are removed ``retention_hours`` after delivery or refusal (None: kept).  The log file rotates at
     ``log_max_mb``, keeping ``log_backups`` old files.
+    TLS: with ``tls_cert`` and ``tls_key`` (PEM files) the DICOM listener speaks DICOM over TLS (PS3.15 B.1) only;
+    with ``tls_ca`` as well, senders must present a certificate signed by that CA; ``health_tls`` serves the health
+    port over HTTPS with the same certificate.  Write-back: a ``dicom-tls://AET@HOST:PORT`` or ``https://`` PACS is
+    verified against ``pacs_tls_ca`` (default: the system's CAs), and the node presents ``pacs_tls_cert`` and
+    ``pacs_tls_key`` when given; ``pacs_token_file`` holds a bearer token sent to a DICOMweb PACS (basic
+    authentication goes in the URL: ``https://user:password@host/dicom-web``).
+    Beyond one machine: with ``ray_address`` (``HOST:PORT`` of an existing Ray cluster, or ``auto``) each job runs as
+    a Ray task asking for ``ray_num_cpus`` CPUs and ``ray_num_gpus`` GPUs; the node's queue stays the only record of
+    what is done.
     """
 
     ae_title: str
@@ -74,6 +83,17 @@ class NodeConfig:
     retention_hours: float | None = None
     log_max_mb: float = 10.0
     log_backups: int = 5
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    health_tls: bool = False
+    pacs_tls_ca: Path | None = None
+    pacs_tls_cert: Path | None = None
+    pacs_tls_key: Path | None = None
+    pacs_token_file: Path | None = None
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         # The engine's AE-title rule (PS3.5: 1 to 16 printable ASCII characters, no backslash), used by its clients.
@@ -107,6 +127,22 @@ class NodeConfig:
             raise UsageError(f"spool_quota_mb {self.spool_quota_mb}: must be positive (leave it out for no quota)")
         if self.rules is not None and not Path(self.rules).is_file():
             raise UsageError(f"rules {self.rules}: no such file; give a JSON file of selection rules")
+        for name in ("tls_cert", "tls_key", "tls_ca", "pacs_tls_ca", "pacs_tls_cert", "pacs_tls_key",
+                     "pacs_token_file"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise UsageError(f"{name} {value}: no such file")
+        for cert, key in (("tls_cert", "tls_key"), ("pacs_tls_cert", "pacs_tls_key")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise UsageError(f"{cert} and {key} go together: give both PEM files or neither")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise UsageError("tls_ca checks the senders' certificates on a TLS listener: give tls_cert and tls_key too")
+        if self.health_tls and (self.tls_cert is None or self.health_port is None):
+            raise UsageError("health_tls serves the health port over HTTPS: give health_port, tls_cert and tls_key")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise UsageError("ray_address is empty: give HOST:PORT of the Ray cluster's head, or auto")
+        if self.ray_num_cpus < 0 or self.ray_num_gpus < 0:
+            raise UsageError("ray_num_cpus and ray_num_gpus must not be negative")
 
 
 def load_config(file: Path | None, overrides: dict[str, Any]) -> NodeConfig:
@@ -123,7 +159,8 @@ def load_config(file: Path | None, overrides: dict[str, Any]) -> NodeConfig:
     if file is not None:
         values = _read_toml(Path(file))
         base = Path(file).resolve().parent
-        for name in ("spool", "rules"):  # relative to the file, not to wherever the node is started
+        for name in ("spool", "rules", "tls_cert", "tls_key", "tls_ca", "pacs_tls_ca", "pacs_tls_cert",
+                     "pacs_tls_key", "pacs_token_file"):  # relative to the file, not to wherever the node is started
             if isinstance(values.get(name), str) and not Path(values[name]).is_absolute():
                 values[name] = str(base / values[name])
     values.update({key: value for key, value in overrides.items() if value is not None})
