@@ -1,5 +1,6 @@
 """The DICOM node under faults of the disk and the network: the spool's file system really full (a small tmpfs
-mounted for the test), and a sender that aborts its association half-way.  Each node is a real child process
+mounted for the test), a sender that aborts its association half-way, and the node killed (kill -9) in the middle
+of a C-STORE of its result to a real Orthanc behind a slow link.  Each node is a real child process
 (`python -m deploy_app serve` in the deploy environment) on loopback, fed by a pynetdicom modality; the studies are
 the real head CT (tests/test_node.py has the PACS round trips)."""
 
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,19 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import missing_real_part
-from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, NodeProcess, deploy_apps_running, free_port, node_config, send
+from orthanc import Orthanc, running_orthanc
+from test_node import (
+    HEAD_FILES,
+    MODALITY_AET,
+    NODE_AET,
+    NODE_PORT,
+    NodeProcess,
+    deploy_apps_running,
+    free_port,
+    node_config,
+    orthanc_series,
+    send,
+)
 
 from deploy_app.node.audit import read_audit
 from deploy_app.node.queue import JobQueue, JobState
@@ -168,3 +182,104 @@ def test_an_aborted_association_leaves_its_study_waiting_and_the_rest_completes_
     input_files = list((spool / "jobs" / str(job.id) / "input").iterdir())
     assert len(input_files) == 93
     assert [event["event"] for event in read_audit(spool / "logs")].count("processed") == 1
+
+
+# A slow network link: a TCP relay (loopback, in the PACS's namespace) from LISTEN to TARGET that passes at most
+# RATE bytes per second towards the PACS and prints, per connection, how many bytes it has passed so far.
+SLOW_LINK = """
+import json, socket, sys, threading, time
+listen, target, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+server = socket.create_server(("127.0.0.1", listen))
+print(json.dumps({"listening": listen}), flush=True)
+
+def pump(source, sink, number, slow):
+    passed = 0
+    try:
+        while True:
+            chunk = source.recv(2048 if slow else 65536)
+            if not chunk:
+                break
+            sink.sendall(chunk)
+            passed += len(chunk)
+            if slow:
+                print(json.dumps({"connection": number, "passed": passed}), flush=True)
+                time.sleep(len(chunk) / rate)
+    except OSError:
+        pass
+    for end in (source, sink):
+        try:
+            end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+number = 0
+while True:
+    client, _ = server.accept()
+    number += 1
+    pacs = socket.create_connection(("127.0.0.1", target))
+    threading.Thread(target=pump, args=(client, pacs, number, True), daemon=True).start()
+    threading.Thread(target=pump, args=(pacs, client, number, False), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc-faults")) as server:
+        yield server
+
+
+def test_a_node_killed_while_it_sends_a_result_sends_it_once_after_the_restart(tmp_path, nodes, orthanc):
+    """kill -9 in the middle of a C-STORE of the DICOM-SEG to a real Orthanc, behind a slow link."""
+    link_port = free_port()
+    link = subprocess.Popen(["nsenter", f"--net={orthanc.namespace}", sys.executable, "-c", SLOW_LINK, str(link_port),
+                             str(orthanc.dicom_port), "40000"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(link.stdout.readline()) == {"listening": link_port}
+        passed: dict[int, int] = {}
+
+        def follow() -> None:
+            for line in link.stdout:
+                event = json.loads(line)
+                passed[event["connection"]] = event["passed"]
+
+        threading.Thread(target=follow, daemon=True).start()
+
+        spool = tmp_path / "spool"
+        config = node_config(tmp_path, queue_on_release=True, quiet_seconds=600, delivery_retry_seconds=1,
+                             pacs_timeout_seconds=60)
+        arguments = ["--config", str(config), "--ae-title", NODE_AET, "--port", str(NODE_PORT), "--pacs",
+                     f"dicom://{orthanc.aet}@127.0.0.1:{link_port}"]
+        node = NodeProcess(spool, arguments, orthanc.namespace).start()
+        nodes.append(node)
+        answers = send(orthanc, MODALITY_AET, HEAD_FILES, port=NODE_PORT)
+        assert [answer["status"] for answer in answers] == [0] * 93
+
+        # The small SR goes first, then the SEG, far larger than an association's set-up, a C-FIND or the SR: 20 kB
+        # through one connection is the SEG's C-STORE under way (the link passes 40 kB/s).
+        node.wait_for(lambda: any(count > 20000 for count in passed.values()), "a result half sent", 180)
+        node.kill()
+        held = orthanc_series(orthanc)
+        assert [series["modality"] for series in held] in ([], ["SR"]), f"the cut SEG reached the PACS: {held}"
+        [job] = node.jobs()
+        assert job.state is JobState.SENDING
+        results = spool / "jobs" / str(job.id) / "results"
+        outbox = json.loads((results / "outbox.json").read_text())
+        recorded = {entry["file"].rsplit("/", 1)[-1]: entry["state"] for entry in outbox["entries"]}
+        assert recorded["ctfm-seg.dcm"] == "pending", recorded
+
+        node = NodeProcess(spool, arguments, orthanc.namespace).start()
+        nodes.append(node)
+        [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.DELIVERED], "a delivery",
+                              180)
+        assert job.attempts == 1 and len(node.jobs()) == 1  # delivered again, not processed again
+        held = orthanc_series(orthanc)
+        assert sorted((series["modality"], series["instances"]) for series in held) == [("SEG", 1), ("SR", 1)], held
+        outbox = json.loads((results / "outbox.json").read_text())
+        assert {entry["state"] for entry in outbox["entries"]} == {"sent"}, outbox
+        seg = next(entry for entry in outbox["entries"] if entry["file"].endswith("ctfm-seg.dcm"))
+        assert seg["result"] == "stored" and seg["attempts"] >= 1, seg  # sent whole by the restarted node
+        events = [event["event"] for event in read_audit(spool / "logs")]
+        assert events.count("processed") == 1 and events.count("delivered") == 1, events
+    finally:
+        link.kill()
+        link.wait(timeout=30)
