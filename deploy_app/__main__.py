@@ -85,7 +85,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["serve"], ["status"]):  # the DICOM node (deploy_app/node)
+    if argv[:1] in (["serve"], ["status"], ["requeue"]):  # the DICOM node (deploy_app/node)
         from deploy_app.node.cli import main as node_main
 
         return node_main(argv)

@@ -409,6 +409,36 @@ def test_a_stopped_node_queues_its_running_study_again_and_a_second_node_cannot_
     assert not node.status()["node"]["running"]
 
 
+def test_a_job_failed_by_a_wrong_setting_runs_again_when_requeued_after_the_fix(tmp_path, nodes):
+    spool, port = tmp_path / "spool", free_port()
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600)
+    dead_pacs = f"dicom://PACS@127.0.0.1:{free_port()}"
+    arguments = ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs", dead_pacs]
+    node = NodeProcess(spool, [*arguments, "--model", str(tmp_path / "no-such-model")]).start()
+    nodes.append(node)
+    assert node.status()["node"]["running"] is True
+    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.FAILED], "the failed job", 120)
+    assert "no-such-model" in job.reason and job.next_try is None, job  # a setting: not tried again by itself
+
+    requeue = [DEPLOY_PYTHON, "-m", "deploy_app", "requeue", "--spool", spool]
+    refused = subprocess.run([*requeue, "7"], capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "no job 7" in refused.stderr, refused.stderr
+    assert node.stop() == 0
+    node = NodeProcess(spool, arguments).start()  # the fix: the node started with the right model
+    nodes.append(node)
+    time.sleep(1.5)
+    assert [job.state for job in node.jobs()] == [JobState.FAILED]  # a restart alone does not run it again
+    done = subprocess.run([*requeue, "--failed"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "job 1: failed -> queued (will be run again)", done
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.SENDING], "the results", 120)
+    assert job.attempts == 1 and job.model["name"] == "ctfm-mini-wholebody-seg", job
+    again = subprocess.run([*requeue, "1"], capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0 and "sending -> sending (will be delivered again)" in again.stdout, again
+    events = [event for event in read_audit(spool / "logs") if event["event"] == "requeued"]
+    assert [(event["was"], event["now"]) for event in events] == [("failed", "queued"), ("sending", "sending")]
+
+
 def reidentified_copy(folder: Path) -> list[Path]:
     """The head CT with Study, Series and SOP Instance UIDs of its own: another patient's study, for the node."""
     from pydicom.uid import generate_uid
@@ -682,6 +712,17 @@ def test_the_queue_takes_an_instance_once_reopens_a_queued_study_and_requeues_wh
     assert requeued.queued == 111.0  # still complete since then: the turnaround in status counts the lost run
     assert queue.counts() == {"received": 1, "queued": 1, "running": 0, "sending": 0, "delivered": 0,
                               "refused": 0, "failed": 0}
+    # The operator's requeue: results the PACS refused are delivered again, not made again; nothing on its way
+    # or delivered is requeued.
+    queue.claim(now=120.0)
+    queue.finish(job.id, JobState.FAILED, reason="the PACS refused ctfm-seg.dcm", now=121.0)
+    assert queue.requeue(job.id, has_results=True, reason="by hand", now=130.0).state is JobState.SENDING
+    assert [item.id for item in queue.delivery_due(now=130.0)] == [job.id]
+    queue.finish(job.id, JobState.DELIVERED, now=131.0)
+    with pytest.raises(ValueError, match="is delivered"):
+        queue.requeue(job.id, has_results=True, reason="by hand")
+    with pytest.raises(KeyError):
+        queue.requeue(99, has_results=False, reason="by hand")
 
 
 def test_the_example_settings_load_and_a_bad_setting_is_refused_naming_it(tmp_path):

@@ -109,7 +109,9 @@ def test_the_node_in_the_map_image_answers_echo_processes_a_real_study_and_stops
         # The same status from the host, read from the mounted spool with the deploy environment's Python.
         host = subprocess.run([deploy_python(), "-m", "deploy_app", "status", "--spool", spool, "--json"],
                               capture_output=True, text=True, timeout=60, cwd=REPOSITORY)
-        assert host.returncode == 0 and json.loads(host.stdout)["counts"]["sending"] == 1
+        assert host.returncode == 0, host.stderr
+        # Running, seen from the host although the node's process ids are the container's: it holds the spool's lock.
+        assert json.loads(host.stdout)["counts"]["sending"] == 1 and json.loads(host.stdout)["node"]["running"]
 
         stopped = subprocess.run([*PODMAN, "stop", "-t", "40", name], capture_output=True, text=True, timeout=90)
         assert stopped.returncode == 0, stopped.stderr

@@ -8,7 +8,7 @@ nor a UID in clear.
 
 Events: ``node-started``, ``node-stopped``, ``association-refused``, ``association`` (one per association, when it
 ends: instances stored, duplicates, instances refused), ``queued``, ``processed``, ``refused``, ``failed``,
-``delivered``, ``delivery-pending``, ``cleaned``.
+``delivered``, ``delivery-pending``, ``cleaned``, ``requeued`` (by the operator, `python -m deploy_app requeue`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
-"""The node's command line: ``python -m deploy_app serve ...`` and ``python -m deploy_app status --spool DIR``.
+"""The node's command line: ``python -m deploy_app serve ...``, ``status --spool DIR`` and ``requeue``.
 
     serve --ae-title AET --port N --spool DIR --pacs URL [--allow-ae AET...] [--quiet-seconds S] [--config FILE]
           [--model M] [--workers N] [--health-port N] [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]
           [--ray-address HOST:PORT]
     status --spool DIR [--json]
+    requeue --spool DIR (JOB... | --failed)
 
-``serve`` runs until SIGTERM or SIGINT.  Flags override the ``--config`` file (TOML; its keys are the settings of
-``deploy_app.node.config.NodeConfig``: the flags' names with underscores, and more).  Exit codes: 0 stopped
-normally (serve) or reported (status); 2 usage (a bad setting, the port taken, another node on the spool); 1 anything
-else.
+``serve`` runs until SIGTERM or SIGINT; its flags override the ``--config`` file (TOML; its keys are the settings
+of ``deploy_app.node.config.NodeConfig``: the flags' names with underscores, and more).  ``requeue`` tells the node
+(running or not) to try again jobs that cannot go on by themselves: a failed or refused job runs again once its
+cause is fixed (a model, a rule, a setting), one whose results the PACS refused is delivered again, one waiting for
+the PACS is tried at once.  Exit codes: 0 stopped normally (serve), reported (status) or requeued (requeue); 2 usage
+(a bad setting, the port taken, another node on the spool, a job that cannot be requeued); 1 anything else.
 """
 
 from __future__ import annotations
@@ -81,13 +84,33 @@ def run_status(options: argparse.Namespace) -> int:
     return code
 
 
+def add_requeue_parser(commands: Any) -> None:
+    requeue = commands.add_parser("requeue", help="try failed or refused jobs again (after fixing their cause)")
+    requeue.add_argument("--spool", type=Path, required=True, metavar="DIR", help="the node's spool folder")
+    requeue.add_argument("jobs", type=int, nargs="*", metavar="JOB", help="job numbers, as `status` lists them")
+    requeue.add_argument("--failed", action="store_true", help="every failed job")
+
+
+def run_requeue(options: argparse.Namespace) -> int:
+    from deploy_app.node.status import requeue_jobs
+
+    def requeue() -> list[str]:
+        return requeue_jobs(options.spool, options.jobs, every_failed=options.failed)
+
+    code, lines = guarded(requeue, _report, log=log)
+    for line in lines or []:
+        print(line)
+    return code
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy_app", description="the CT-FM DICOM node")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(commands)
     add_status_parser(commands)
+    add_requeue_parser(commands)
     options = parser.parse_args(list(argv))
-    return run_serve(options) if options.command == "serve" else run_status(options)
+    return {"serve": run_serve, "status": run_status, "requeue": run_requeue}[options.command](options)
 
 
 def _report(code: int, message: str, error: BaseException) -> None:

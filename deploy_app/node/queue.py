@@ -292,6 +292,41 @@ class JobQueue:
                                    (JobState.QUEUED.value, reason, row["id"]))
         return [self.job(row["id"]) for row in rows]
 
+    def requeue(self, job_id: int, *, has_results: bool, reason: str, now: float | None = None) -> Job:
+        """An operator's "try again" (``python -m deploy_app requeue``), for a job that cannot go on by itself.
+
+        A ``failed`` or ``refused`` job runs again (``queued``, its attempts counted afresh) or, when its results
+        were written (``has_results``: the PACS refused them), is delivered again (``sending``); a ``sending`` job
+        is tried at once instead of at its next try.
+
+        Raises
+        ------
+        KeyError
+            No job ``job_id``.
+        ValueError
+            The job is on its way or delivered (nothing to requeue), or retention removed its instances already.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as connection:
+            row = connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job_id}")
+            state = JobState(row["state"])
+            if state is JobState.SENDING:
+                connection.execute("UPDATE jobs SET next_try = ? WHERE id = ?", (now, job_id))
+            elif state in (JobState.FAILED, JobState.REFUSED) and has_results:
+                connection.execute("UPDATE jobs SET state = ?, reason = ?, next_try = ? WHERE id = ?",
+                                   (JobState.SENDING.value, reason, now, job_id))
+            elif state in (JobState.FAILED, JobState.REFUSED):
+                if row["cleaned"]:
+                    raise ValueError(f"job {job_id}'s instances were removed by retention: send the study again")
+                connection.execute("UPDATE jobs SET state = ?, reason = ?, next_try = NULL, attempts = 0, "
+                                   "queued = COALESCE(queued, ?) WHERE id = ?",
+                                   (JobState.QUEUED.value, reason, now, job_id))
+            else:
+                raise ValueError(f"job {job_id} is {state.value}: only failed, refused or sending jobs are requeued")
+        return self.job(job_id)
+
     def restart_quiet_clock(self, now: float | None = None) -> int:
         """Give every study still arriving a full quiet period from now (a node that was down could not receive
         the rest): how many."""

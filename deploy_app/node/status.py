@@ -1,8 +1,10 @@
 """``python -m deploy_app status --spool DIR``: the node's queue by state, its last errors and its throughput, read
-from the spool (the queue database, read-only, and ``node.json``) whether the node runs or not."""
+from the spool (the queue database, read-only, ``node.json`` and the spool's lock) whether the node runs or not, in
+a container or not; and ``requeue``, an operator's "try these again"."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import statistics
@@ -12,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ctfm_engine.errors import UsageError
+from deploy_app.node.audit import AuditLog
 from deploy_app.node.queue import JobQueue, JobState
-from deploy_app.node.service import PID_FILE
+from deploy_app.node.service import LOCK_FILE, PID_FILE
 from deploy_app.node.spool import Spool
 
 RECENT_ERRORS = 10
@@ -94,25 +97,64 @@ def human_lines(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def requeue_jobs(spool_root: Path, job_ids: list[int], *, every_failed: bool = False) -> list[str]:
+    """Requeue ``job_ids`` (and every failed job with ``every_failed``) of the node whose spool is ``spool_root``
+    (see :meth:`JobQueue.requeue`); one line per job saying what will happen.  A running node takes them up within
+    a second; a stopped one at its next start.  Each is recorded in the audit log (``requeued``).
+
+    Raises
+    ------
+    UsageError
+        No queue in ``spool_root``, no job named, a job that does not exist or cannot be requeued.
+    """
+    spool = Spool(spool_root)
+    if not spool.queue_file.is_file():
+        raise UsageError(f"{spool_root}: holds no node queue ({spool.queue_file.name}); give the --spool folder of "
+                         "a node that has run")
+    queue = JobQueue(spool.queue_file)
+    audit = AuditLog(spool.logs)
+    try:
+        chosen = list(dict.fromkeys([*job_ids, *(job.id for job in queue.jobs(JobState.FAILED) if every_failed)]))
+        if not chosen:
+            raise UsageError("no job to requeue: give job numbers (as `status` lists them) or --failed")
+        lines = []
+        for job_id in chosen:
+            try:
+                before = queue.job(job_id)
+                has_results = (spool.results_folder(job_id) / "outbox.json").is_file()
+                job = queue.requeue(job_id, has_results=has_results, reason="requeued by the operator")
+            except (KeyError, ValueError) as error:
+                raise UsageError(f"{spool_root}: {str(error).strip(chr(39))}") from None
+            audit.record("requeued", job=job_id, study=job.study_key, was=before.state.value, now=job.state.value,
+                         previous_reason=before.reason)
+            what = "delivered again" if job.state is JobState.SENDING else "run again"
+            lines.append(f"job {job_id}: {before.state.value} -> {job.state.value} (will be {what})")
+        return lines
+    finally:
+        queue.close()
+
+
 def _node(root: Path) -> dict[str, Any]:
     try:
         document = json.loads((root / PID_FILE).read_text())
     except (OSError, ValueError):
-        return {"running": False}
-    return {"running": _alive(int(document.get("pid", 0))), **document}
+        document = {}
+    return {**document, "running": _serving(root)}
 
 
-def _alive(pid: int) -> bool:
-    """A process with this id runs and is a node (not another process that got the id of a dead node)."""
+def _serving(root: Path) -> bool:
+    """A node holds this spool's lock: true for a node in a container too (its process ids are not ours)."""
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        descriptor = os.open(root / LOCK_FILE, os.O_RDONLY)
     except OSError:
-        try:
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return False
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return b"deploy_app" in command and b"serve" in command
+    finally:
+        os.close(descriptor)  # closing releases a shared lock taken here
+    return False
 
 
 def _brief(job: Any) -> dict[str, Any]:
