@@ -35,6 +35,7 @@ log = logging.getLogger("deploy_app.node")
 
 PID_FILE = "node.json"
 LOCK_FILE = "node.lock"
+LOCK_WAIT_S = 2.0
 TICK_S = 0.5
 RETENTION_EVERY_S = 60.0
 
@@ -102,12 +103,17 @@ class Node:
 
     def _take_spool(self) -> None:
         descriptor = os.open(self.spool.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            raise UsageError(f"{self.spool.root}: another node serves this spool; stop it first, or give another "
-                             "--spool") from None
+        deadline = time.monotonic() + LOCK_WAIT_S  # `status` holds a shared lock for an instant when it looks
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(descriptor)
+                    raise UsageError(f"{self.spool.root}: another node serves this spool; stop it first, or give "
+                                     "another --spool") from None
+                time.sleep(0.1)
         self._lock_descriptor = descriptor  # held until this process ends, however it ends
 
     def _recover(self) -> dict[str, int]:
