@@ -2,7 +2,9 @@
 
 Actions: ``echo URL``, ``find URL [--study UID] [--modality M] [--series UID]``, ``fetch URL --study UID --series UID
 --out DIR [--move-port N]``, ``send URL FILE_OR_FOLDER... [--outbox DIR] [--force]``, ``outbox DIR [--send [URL]]
-[--force] [--due]``.  URL is ``http(s)://HOST:PORT/dicom-web`` or ``dicom://CALLED_AET@HOST:PORT``.
+[--force] [--due]``.  URL is ``http(s)://HOST:PORT/dicom-web``, ``dicom://CALLED_AET@HOST:PORT`` or
+``dicom-tls://CALLED_AET@HOST:PORT``; ``--tls-ca``, ``--tls-cert``/``--tls-key`` and ``--token-file`` go with TLS
+addresses and a DICOMweb bearer token.
 
 Exit codes: 0 everything done (every file stored or already there); 1 the PACS could not be reached or refused
 something (the message names the PACS, and says where the files not stored are kept); 2 usage; 3 a file to send is
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
 # pydicom, pynetdicom and dicomweb-client load when a pacs action runs, not with every `ctfm` command.
 log = logging.getLogger("ctfm")
 
-URL_HELP = "http(s)://HOST:PORT/dicom-web (DICOMweb) or dicom://CALLED_AET@HOST:PORT (DIMSE)"
+URL_HELP = ("http(s)://HOST:PORT/dicom-web (DICOMweb), dicom://CALLED_AET@HOST:PORT (DIMSE) or "
+            "dicom-tls://CALLED_AET@HOST:PORT (DIMSE over TLS)")
 MAX_RETRY_DELAY_S = 8.0
 
 
@@ -42,6 +45,14 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, inputs: argparse.
                             "association aborted), with exponential back-off (3); refusals are never retried")
     connection.add_argument("--retry-delay", type=float, default=0.5, metavar="S",
                             help=f"first back-off wait in s (0.5), doubled each retry up to {MAX_RETRY_DELAY_S:g}")
+    connection.add_argument("--tls-ca", type=Path, metavar="PEM",
+                            help="https:// or dicom-tls://: CA certificates that verify the PACS (default: the "
+                            "system's)")
+    connection.add_argument("--tls-cert", type=Path, metavar="PEM",
+                            help="https:// or dicom-tls://: our own certificate, for a PACS that asks for one")
+    connection.add_argument("--tls-key", type=Path, metavar="PEM", help="... and its private key")
+    connection.add_argument("--token-file", type=Path, metavar="FILE",
+                            help="DICOMweb: a file holding a bearer token to send (Authorization: Bearer)")
 
     echo = actions.add_parser("echo", parents=[common, connection],
                               help="check that a PACS answers (C-ECHO, or a QIDO-RS search for DICOMweb)")
@@ -235,10 +246,28 @@ def human_lines(document: dict[str, Any]) -> list[str]:
 
 
 def _open(args: argparse.Namespace, url: str, retry: RetryPolicy) -> PacsClient:
-    from ctfm_engine.dicom.pacs import open_pacs
+    from ctfm_engine.dicom.pacs import TlsSettings, open_pacs
 
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise UsageError("--tls-cert and --tls-key go together: give both PEM files or neither")
+        tls = TlsSettings(args.tls_ca, args.tls_cert, args.tls_key)
     return open_pacs(url, calling_aet=args.aet, retry=retry, timeout_s=args.timeout,
-                     move_port=getattr(args, "move_port", None))
+                     move_port=getattr(args, "move_port", None), tls=tls, bearer_token=_token(args.token_file))
+
+
+def _token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--token-file {path}: cannot be read ({getattr(error, 'strerror', None) or error}); give "
+                         "the file that holds the bearer token") from None
+    if not token:
+        raise UsageError(f"--token-file {path}: is empty; write the bearer token into it")
+    return token
 
 
 def _retry_policy(args: argparse.Namespace) -> RetryPolicy:

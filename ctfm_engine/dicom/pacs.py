@@ -12,8 +12,15 @@ Two protocol families reach a PACS:
   duration of the retrieval).  pynetdicom speaks it.
 
 One string names a PACS: ``http(s)://HOST[:PORT]/PATH`` for DICOMweb (``user:password@`` before the host is used
-for HTTP basic authentication and never shown), ``dicom://CALLED_AET@HOST:PORT`` for DIMSE, our own (calling) AE
-title being given separately (default ``CTFM``).
+for HTTP basic authentication and never shown), ``dicom://CALLED_AET@HOST:PORT`` for DIMSE and
+``dicom-tls://CALLED_AET@HOST:PORT`` for DIMSE over TLS (PS3.15 B.1), our own (calling) AE title being given
+separately (default ``CTFM``).
+
+TLS (``https://``, ``dicom-tls://``, at least TLS 1.2): the PACS's certificate is verified against a CA file, or the
+system's CAs, and must name the host as given; our own certificate and key go along when the PACS asks for one
+(:class:`TlsSettings`).  A DICOMweb PACS may take a bearer token instead (``Authorization: Bearer``; never logged or
+shown).  A TLS failure (certificate not trusted, ours refused, no TLS on that port) is permanent: the configuration
+must change.  C-MOVE's own storage SCP listens without TLS: fetch from a TLS-only PACS by C-GET.
 
 Failures are transient or permanent.  Transient ones (connection refused or reset, no answer in time, HTTP 5xx,
 429 or 408, an association rejected as transient or aborted) are retried with exponential back-off
@@ -36,6 +43,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -64,8 +72,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALLING_AET = "CTFM"
 AE_TITLE_LENGTH = 16
-ADDRESS_EXAMPLES = ("give a DICOMweb base URL such as http://pacs.example.org:8042/dicom-web or a DIMSE address "
-                    "such as dicom://ORTHANC@pacs.example.org:4242")
+ADDRESS_EXAMPLES = ("give a DICOMweb base URL such as https://pacs.example.org/dicom-web or a DIMSE address such "
+                    "as dicom://ORTHANC@pacs.example.org:4242 (dicom-tls://ORTHANC@pacs.example.org:2762 over TLS)")
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -211,26 +219,142 @@ class DicomWebAddress:
 
 @dataclass(frozen=True)
 class DimseAddress:
-    """A DIMSE peer: the PACS's (called) AE title, host and port, and our own (calling) AE title."""
+    """A DIMSE peer: the PACS's (called) AE title, host and port, our own (calling) AE title, and whether the
+    association runs over TLS."""
 
     called_aet: str
     host: str
     port: int
     calling_aet: str = DEFAULT_CALLING_AET
+    tls: bool = False
     protocol: ClassVar[str] = "dimse"
 
     @property
     def display(self) -> str:
-        """The address in the ``dicom://CALLED_AET@HOST:PORT`` form it was given in."""
+        """The address in the ``dicom://CALLED_AET@HOST:PORT`` (or ``dicom-tls://``) form it was given in."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"dicom://{self.called_aet}@{host}:{self.port}"
+        return f"{'dicom-tls' if self.tls else 'dicom'}://{self.called_aet}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """How we make TLS connections to a PACS: ``ca_file`` verifies its certificate (None: the system's CAs), and
+    ``cert_file`` with ``key_file`` (PEM) is our own certificate, for a PACS that asks for one."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise UsageError("a client certificate and its private key go together: give both PEM files or neither")
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context (TLS 1.2 or later, the peer's certificate and host name verified) with these files.
+
+        Raises
+        ------
+        UsageError
+            A file is missing or is not a PEM certificate, key or CA bundle.
+        """
+        context = _TlsClientContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca_file is None:
+            context.load_default_certs()
+        else:
+            _load_pem(lambda: context.load_verify_locations(self.ca_file), self.ca_file, "CA certificates")
+        if self.cert_file is not None and self.key_file is not None:
+            _load_pem(lambda: context.load_cert_chain(self.cert_file, self.key_file), self.cert_file,
+                      f"certificate matching the key {self.key_file}")
+        return context
+
+
+def _load_pem(load: Callable[[], None], path: Path, what: str) -> None:
+    """Run ``load`` (an SSLContext method reading ``path``); a missing or unreadable file is one UsageError."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such file; give the PEM file of the {what}")
+    try:
+        load()
+    except (ssl.SSLError, ValueError) as error:
+        raise UsageError(f"{path}: cannot be read as PEM {what} ({_ssl_reason(error)}); give a PEM file") from None
+
+
+class _TlsSocket(ssl.SSLSocket):
+    """A client TLS socket that keeps its TLS failure on its context: pynetdicom catches it and reports only that
+    the connection failed or was closed."""
+
+    context: _TlsClientContext
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except ssl.SSLError as error:
+            self.context.failure = error
+            raise
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except ssl.SSLError as error:  # TLS 1.3: a refused client certificate is told after the handshake
+            self.context.failure = error
+            raise
+
+
+class _TlsClientContext(ssl.SSLContext):
+    """An SSLContext whose sockets record the last TLS failure in ``failure``."""
+
+    sslsocket_class = _TlsSocket
+    failure: ssl.SSLError | None = None
+
+
+def _ssl_cause(error: BaseException) -> ssl.SSLError | None:
+    """The ssl.SSLError inside ``error`` (requests and urllib3 wrap it in their own exceptions), if any."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        item = pending.pop(0)
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLError):
+            return item
+        pending.extend([*item.args, getattr(item, "reason", None), item.__cause__, item.__context__])
+    return None
+
+
+def _ssl_reason(error: BaseException) -> str:
+    """What went wrong in OpenSSL's words, e.g. ``certificate verify failed (unable to get local issuer
+    certificate)``, without the source location."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate verify failed ({error.verify_message})"
+    reason = getattr(error, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", _first_line(error))
+
+
+def _tls_failure(peer: str, error: ssl.SSLError) -> _Failure:
+    """One sentence for a failed TLS exchange with ``peer`` (HOST:PORT); permanent unless the peer only closed."""
+    reason = _ssl_reason(error)
+    code = str(getattr(error, "reason", "") or "")
+    if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"):
+        hint = "; the peer does not speak TLS on this port"
+    elif "ALERT" in code:
+        hint = "; the peer refused our TLS connection (its CA list, our client certificate or the TLS version)"
+    elif isinstance(error, ssl.SSLCertVerificationError):
+        hint = "; check the CA file and that the certificate names this host"
+    else:
+        hint = ""
+    closed = isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+    return _Failure(f"TLS handshake with {peer} failed: {reason}{hint}", transient=closed)
 
 
 PacsAddress = DicomWebAddress | DimseAddress
 
 
 def parse_address(text: str, *, calling_aet: str = DEFAULT_CALLING_AET) -> PacsAddress:
-    """The PACS named by ``text``: ``http(s)://HOST[:PORT]/PATH`` (DICOMweb) or ``dicom://AET@HOST:PORT`` (DIMSE).
+    """The PACS named by ``text``: ``http(s)://HOST[:PORT]/PATH`` (DICOMweb), ``dicom://AET@HOST:PORT`` (DIMSE) or
+    ``dicom-tls://AET@HOST:PORT`` (DIMSE over TLS).
 
     Raises
     ------
@@ -250,7 +374,7 @@ def parse_address(text: str, *, calling_aet: str = DEFAULT_CALLING_AET) -> PacsA
         raise bad("the port must be a number from 1 to 65535") from None
     if port == 0:
         raise bad("the port must be a number from 1 to 65535")
-    if scheme not in ("http", "https", "dicom"):
+    if scheme not in ("http", "https", "dicom", "dicom-tls"):
         raise bad(f"unknown scheme {scheme + '://' if scheme else 'missing'}")
     if not parts.hostname:
         raise bad("no host")
@@ -265,7 +389,7 @@ def parse_address(text: str, *, calling_aet: str = DEFAULT_CALLING_AET) -> PacsA
             password=unquote(parts.password) if parts.password is not None else None,
         )
     if not parts.username or parts.password is not None:
-        raise bad("the PACS's AE title goes before the host: dicom://AET@HOST:PORT")
+        raise bad(f"the PACS's AE title goes before the host: {scheme}://AET@HOST:PORT")
     if port is None:
         raise bad("a DIMSE address needs its port")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -277,7 +401,7 @@ def parse_address(text: str, *, calling_aet: str = DEFAULT_CALLING_AET) -> PacsA
     problem = ae_title_problem(calling_aet)
     if problem:
         raise UsageError(f"--aet {calling_aet!r}: an AE title {problem}; e.g. --aet CTFM")
-    return DimseAddress(called_aet, parts.hostname, port, calling_aet)
+    return DimseAddress(called_aet, parts.hostname, port, calling_aet, tls=scheme == "dicom-tls")
 
 
 def ae_title_problem(title: str) -> str | None:
@@ -655,31 +779,73 @@ class PacsClient(ABC):
 
 def open_pacs(address: str | PacsAddress, *, calling_aet: str = DEFAULT_CALLING_AET,
               retry: RetryPolicy | None = None, timeout_s: float = 30.0,
-              move_port: int | None = None) -> PacsClient:
+              move_port: int | None = None, tls: TlsSettings | None = None,
+              bearer_token: str | None = None) -> PacsClient:
     """A client for the PACS at ``address`` (a string is parsed by :func:`parse_address`).
 
     ``move_port`` makes a DIMSE client fetch by C-MOVE to a storage SCP it starts on that port (the PACS must know
-    ``calling_aet`` at this host and port) instead of C-GET.
+    ``calling_aet`` at this host and port) instead of C-GET.  ``tls`` sets the CA file and our certificate for an
+    ``https://`` or ``dicom-tls://`` PACS (default: the system's CAs, no certificate of ours); ``bearer_token`` is
+    sent to a DICOMweb PACS as ``Authorization: Bearer``.
+
+    Raises
+    ------
+    UsageError
+        A setting that does not fit the address (TLS files for a plain address, a token for DIMSE or with basic
+        credentials), or a TLS file that cannot be read.
     """
     if isinstance(address, str):
         address = parse_address(address, calling_aet=calling_aet)
+    secure = address.tls if isinstance(address, DimseAddress) else address.url.startswith("https://")
+    if tls is not None and tls != TlsSettings() and not secure:
+        raise UsageError(f"{address.display}: TLS files apply to https:// and dicom-tls:// addresses only; give the "
+                         "PACS's TLS address, or leave the TLS files out")
     if isinstance(address, DicomWebAddress):
         if move_port is not None:
             raise UsageError(f"{address.display}: C-MOVE is a DIMSE retrieval; a DICOMweb PACS is fetched by WADO-RS")
-        return DicomWebPacs(address, retry=retry, timeout_s=timeout_s)
-    return DimsePacs(address, retry=retry, timeout_s=timeout_s, move_port=move_port)
+        return DicomWebPacs(address, retry=retry, timeout_s=timeout_s, tls=tls, bearer_token=bearer_token)
+    if bearer_token is not None:
+        raise UsageError(f"{address.display}: a bearer token is for a DICOMweb PACS; DIMSE authenticates by AE title "
+                         "and TLS certificate")
+    return DimsePacs(address, retry=retry, timeout_s=timeout_s, move_port=move_port, tls=tls)
 
 
 class DicomWebPacs(PacsClient):
-    """A PACS reached over DICOMweb (STOW-RS, QIDO-RS, WADO-RS) with dicomweb-client."""
+    """A PACS reached over DICOMweb (STOW-RS, QIDO-RS, WADO-RS) with dicomweb-client.
+
+    Parameters
+    ----------
+    tls:
+        For ``https://``: the CA file that verifies the PACS (default: the system's CAs) and our certificate.
+    bearer_token:
+        Sent as ``Authorization: Bearer``; kept out of every log, report and representation.
+    """
 
     address: DicomWebAddress
+
+    def __init__(self, address: DicomWebAddress, *, retry: RetryPolicy | None = None, timeout_s: float = 30.0,
+                 tls: TlsSettings | None = None, bearer_token: str | None = None) -> None:
+        super().__init__(address, retry=retry, timeout_s=timeout_s)
+        if bearer_token is not None and not bearer_token.strip():
+            raise UsageError(f"{address.display}: the bearer token is empty; give the token the PACS issued")
+        if bearer_token is not None and address.username is not None:
+            raise UsageError(f"{address.display}: give basic credentials in the URL or a bearer token, not both")
+        self.tls = tls or TlsSettings()
+        if address.url.startswith("https://"):
+            self.tls.client_context()  # a missing or unreadable PEM file is refused now, not at the first request
+        self._bearer_token = bearer_token
 
     def _client(self) -> Any:
         requests, dicomweb_client = _dicomweb_modules()
         session = requests.Session()
         if self.address.username is not None:
             session.auth = (self.address.username, self.address.password or "")
+        if self._bearer_token is not None:
+            session.headers["Authorization"] = f"Bearer {self._bearer_token.strip()}"
+        if self.tls.ca_file is not None:
+            session.verify = str(self.tls.ca_file)
+        if self.tls.cert_file is not None and self.tls.key_file is not None:
+            session.cert = (str(self.tls.cert_file), str(self.tls.key_file))
         client = dicomweb_client.DICOMwebClient(url=self.address.url, session=session, timeout=self.timeout_s)
         client.set_http_retry_params(retry=False)  # RetryPolicy decides, for every kind of transient failure
         return client
@@ -693,7 +859,10 @@ class DicomWebPacs(PacsClient):
         except requests.HTTPError as error:
             raise _http_failure(error) from None
         except requests.exceptions.SSLError as error:
-            raise _Failure(f"TLS failure ({_first_line(error)})", transient=False) from None
+            cause = _ssl_cause(error)
+            if cause is None:
+                raise _Failure(f"TLS failure ({_first_line(error)})", transient=False) from None
+            raise _tls_failure(_host_port(self.address.url), cause) from None
         except requests.Timeout:
             raise _ConnectionLost(f"no answer within {self.timeout_s:g} s") from None
         except requests.ConnectionError as error:
@@ -794,6 +963,11 @@ def _http_failure(error: Any) -> _Failure:
     return _Failure(f"HTTP {code} {response.reason or ''}".rstrip(), transient=transient)
 
 
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
 def _connection_problem(error: Exception) -> str:
     text = str(error)
     if "Connection refused" in text:
@@ -833,16 +1007,27 @@ class DimsePacs(PacsClient):
     move_port:
         None: fetch by C-GET (the objects come back over our own association).  A port: fetch by C-MOVE to a
         storage SCP started on this port for the retrieval, under our calling AE title, which the PACS must know.
+        That SCP listens without TLS, whatever the address says.
+    tls:
+        For a ``dicom-tls://`` address: the CA file that verifies the PACS (default: the system's CAs) and our
+        certificate; every association we open (echo, find, get, move, store) runs over TLS then.
     """
 
     address: DimseAddress
 
     def __init__(self, address: DimseAddress, *, retry: RetryPolicy | None = None, timeout_s: float = 30.0,
-                 move_port: int | None = None) -> None:
+                 move_port: int | None = None, tls: TlsSettings | None = None) -> None:
         super().__init__(address, retry=retry, timeout_s=timeout_s)
         if move_port is not None and not 1 <= move_port <= 65535:
             raise UsageError(f"--move-port {move_port}: give a port from 1 to 65535")
         self.move_port = move_port
+        self._tls_context = (tls or TlsSettings()).client_context() if address.tls else None
+
+    def _associate(self, ae: AE, **options: Any) -> Association:
+        if self._tls_context is not None:
+            self._tls_context.failure = None
+            options["tls_args"] = (self._tls_context, self.address.host)
+        return ae.associate(self.address.host, self.address.port, ae_title=self.address.called_aet, **options)
 
     def _ae(self) -> AE:
         from pynetdicom import AE
@@ -854,8 +1039,7 @@ class DimsePacs(PacsClient):
 
     @contextmanager
     def _association(self, ae: AE, **options: Any) -> Iterator[Association]:
-        association = ae.associate(self.address.host, self.address.port, ae_title=self.address.called_aet,
-                                   **options)
+        association = self._associate(ae, **options)
         if not association.is_established:
             raise self._association_failure(association)
         try:
@@ -865,6 +1049,8 @@ class DimsePacs(PacsClient):
                 association.release()
 
     def _association_failure(self, association: Association) -> _Failure:
+        if self._tls_context is not None and self._tls_context.failure is not None:
+            return _tls_failure(f"{self.address.host}:{self.address.port}", self._tls_context.failure)
         answer = association.acceptor.primitive
         if association.is_rejected and answer is not None:
             # PS3.8 9.3.4: result 1 is rejected-permanent, 2 rejected-transient.
@@ -971,7 +1157,7 @@ class DimsePacs(PacsClient):
         for sop_class, syntax in keys:
             ae.add_requested_context(sop_class, list(UNCOMPRESSED) if syntax == "uncompressed" else [syntax])
         ae.add_requested_context(FindModel)
-        association = ae.associate(self.address.host, self.address.port, ae_title=self.address.called_aet)
+        association = self._associate(ae)
         if not association.is_established:
             failure = self._association_failure(association)
             if not isinstance(failure, _ContextsRefused):

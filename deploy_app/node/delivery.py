@@ -5,15 +5,20 @@ PACS which instances it holds before sending; the results' UIDs are derived from
 the result.  So a delivery interrupted anywhere (the node killed while sending, the PACS gone mid-way) is resumed
 without sending anything twice.  A PACS that is down leaves the job ``sending`` with the outbox's back-off as its
 next try; a PACS that refuses a result fails the job with its reason (not retried: something must change first).
+
+A ``dicom-tls://`` or ``https://`` PACS is reached with the ``pacs_tls_*`` files (a certificate it does not trust,
+or one we do not trust, is a refusal); ``pacs_token_file`` is read at every delivery, so a rotated token is used from
+the next one on, and a missing or empty file keeps the job waiting with that reason.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from ctfm_engine.dicom.outbox import EntryState, Outbox
-from ctfm_engine.dicom.pacs import RetryPolicy, open_pacs, parse_address
+from ctfm_engine.dicom.pacs import PacsClient, RetryPolicy, TlsSettings, open_pacs, parse_address
 from ctfm_engine.errors import CTFMError
 from deploy_app.node.audit import AuditLog, without_uids
 from deploy_app.node.config import NodeConfig
@@ -34,6 +39,27 @@ class Courier:
         self.queue = queue
         self.audit = audit
         self.address = parse_address(config.pacs, calling_aet=config.ae_title)
+        self.tls = TlsSettings(config.pacs_tls_ca, config.pacs_tls_cert, config.pacs_tls_key)
+        # Settings that do not fit the address (TLS files for a plain one, a token for DIMSE) stop the node at start.
+        self._open("token" if config.pacs_token_file is not None else None)
+
+    def _open(self, token: str | None) -> PacsClient:
+        return open_pacs(self.address, retry=RetryPolicy(attempts=1), timeout_s=self.config.pacs_timeout_seconds,
+                         tls=self.tls, bearer_token=token)
+
+    def _token(self) -> str | None:
+        """The bearer token as ``pacs_token_file`` holds it now; CTFMError when it cannot be read or is empty."""
+        path = self.config.pacs_token_file
+        if path is None:
+            return None
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CTFMError(f"pacs_token_file {path} cannot be read "
+                            f"({getattr(error, 'strerror', None) or type(error).__name__})") from None
+        if not token:
+            raise CTFMError(f"pacs_token_file {path} is empty; write the PACS's bearer token into it")
+        return token
 
     def deliver(self, job: Job) -> Job:
         """One delivery run of ``job``'s results: ``delivered``, still ``sending`` (with its next try), or
@@ -42,9 +68,15 @@ class Courier:
         outbox = Outbox(results, retry_after_s=self.config.delivery_retry_seconds,
                         max_retry_after_s=MAX_RETRY_AFTER_S)
         try:
+            token = self._token()
+        except CTFMError as error:  # a token being rotated may be missing for a moment: wait, do not fail
+            reason = f"waiting for a bearer token: {error}"
+            log.warning("job %d: %s", job.id, reason)
+            return self.queue.finish(job.id, JobState.SENDING, reason=reason,
+                                     next_try=time.time() + self.config.delivery_retry_seconds)
+        try:
             outbox.add([results / item["file"] for item in job.outputs or []], self.address)
-            pacs = open_pacs(self.address, retry=RetryPolicy(attempts=1), timeout_s=self.config.pacs_timeout_seconds)
-            outbox.send(pacs)
+            outbox.send(self._open(token))
         except CTFMError as error:
             return self._failed(job, f"the results cannot be delivered: {error}")
         entries = [entry for entry in outbox.entries() if entry.destination == self.address.display]

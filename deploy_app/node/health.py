@@ -1,11 +1,14 @@
 """The node's health endpoint: ``GET /health`` on ``health_port`` answers 200 when the node takes studies in, 503
 when it does not (spool full, listener stopped), with a small JSON document: state, reason, jobs per state.
-``GET /metrics`` on the same port serves the node's Prometheus metrics (``deploy_app.node.metrics``)."""
+``GET /metrics`` on the same port serves the node's Prometheus metrics (``deploy_app.node.metrics``).  With an SSL
+context (``health_tls``) the port speaks HTTPS only; each handshake runs in its request's thread."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,12 +17,16 @@ from typing import Any
 log = logging.getLogger("deploy_app.node")
 
 
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
 class HealthServer:
     """Serves ``report()`` (a JSON-able dict whose ``ok`` says healthy or not) at ``/health`` on ``host:port``, and
-    ``metrics()`` (bytes of ``metrics_type``) at ``/metrics`` when given."""
+    ``metrics()`` (bytes of ``metrics_type``) at ``/metrics`` when given; over HTTPS with ``ssl_context``."""
 
     def __init__(self, host: str, port: int, report: Callable[[], dict[str, Any]],
-                 metrics: Callable[[], bytes] | None = None, metrics_type: str = "text/plain") -> None:
+                 metrics: Callable[[], bytes] | None = None, metrics_type: str = "text/plain",
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,14 +53,40 @@ class HealthServer:
 
         self.report = report
         self.metrics = metrics
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = ThreadingHTTPServer((host, port), Handler) if ssl_context is None else \
+            _HttpsServer((host, port), Handler, ssl_context)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("health endpoint on port %d (/health%s)", self._server.server_address[1],
+        log.info("health endpoint on port %d (%s: /health%s)", self._server.server_address[1],
+                 "HTTPS" if isinstance(self._server, _HttpsServer) else "HTTP",
                  ", /metrics" if self.metrics is not None else "")
 
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _HttpsServer(ThreadingHTTPServer):
+    """The health server over TLS: the handshake runs in the request's thread, so a slow or plain client holds
+    nobody else up, and a failed one is a log line, not a traceback."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 context: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.context = context
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            secure = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            log.info("health port: TLS handshake from %s failed (%s)", client_address[0],
+                     getattr(error, "reason", None) or type(error).__name__)
+            return
+        with secure:
+            super().finish_request(secure, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        request.close()  # wrap_socket took its descriptor over; the TLS socket is closed by then

@@ -12,18 +12,25 @@ spool before it answers success.
 * Completion: a study is complete ``quiet_seconds`` after its last instance (the scheduler's job) or, with
   ``queue_on_release``, as soon as the association that sent it is released normally (not aborted, and with no
   instance refused: a sender told 0xA700 sends the rest again later).
+* TLS: with ``tls_cert`` and ``tls_key`` the listener speaks DICOM over TLS only (PS3.15 B.1, TLS 1.2 or later); with
+  ``tls_ca`` a sender must present a certificate signed by that CA.  A failed handshake (a plain sender, a
+  certificate not trusted) closes that connection, is logged with the peer's address, and the listener goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctfm_engine.dicom.pacs import COMPRESSED, LABELMAP_SEGMENTATION, UNCOMPRESSED
+from ctfm_engine.errors import UsageError
 from deploy_app.node.audit import AuditLog
 from deploy_app.node.config import NodeConfig
 from deploy_app.node.metrics import NodeMetrics
@@ -42,6 +49,8 @@ CANNOT_UNDERSTAND = 0xC000
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 REJECT_UNKNOWN_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
+# pynetdicom runs the TLS handshake in its accepting thread: a peer that never speaks must not hold it for long.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -122,9 +131,16 @@ class Receiver:
         handlers = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store),
                     (evt.EVT_RELEASED, self._released), (evt.EVT_ABORTED, self._aborted),
                     (evt.EVT_REJECTED, self._rejected), (evt.EVT_ACCEPTED, self._accepted)]
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
-        log.info("listening as %s on port %d%s", self.config.ae_title, self.config.port,
-                 f" ({self.config.host})" if self.config.host else "")
+        context = None
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            context = tls_server_context(self.config.tls_cert, self.config.tls_key, self.config.tls_ca)
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers,
+                                       ssl_context=context)
+        log.info("listening as %s on port %d%s%s", self.config.ae_title, self.config.port,
+                 f" ({self.config.host})" if self.config.host else "",
+                 "" if context is None else ", DICOM over TLS only, "
+                 + ("client certificates signed by tls_ca required" if self.config.tls_ca else "no client certificate"
+                    " asked"))
 
     def stop(self) -> None:
         if self._server is not None:
@@ -269,6 +285,59 @@ class Receiver:
             if tally is None:  # an association that started before a handler was bound: count it anyway
                 tally = self._tallies[id(event.assoc)] = AssociationTally(_calling_ae(event), _peer(event))
             return tally
+
+
+def tls_server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
+    """A server context (TLS 1.2 or later) presenting ``cert``; with ``ca``, peers must present a certificate it
+    signed.
+
+    Raises
+    ------
+    UsageError
+        A file cannot be read as PEM, or the key does not match the certificate.
+    """
+    context = _LoggedServerContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as error:
+        raise UsageError(f"tls_cert {cert} and tls_key {key}: cannot be read as a PEM certificate and its key "
+                         f"({getattr(error, 'reason', None) or error.strerror or error}); give matching PEM files")\
+            from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(ca)
+        except (ssl.SSLError, OSError) as error:
+            raise UsageError(f"tls_ca {ca}: cannot be read as PEM CA certificates "
+                             f"({getattr(error, 'reason', None) or error.strerror or error}); give a PEM file")\
+                from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _LoggedServerContext(ssl.SSLContext):
+    """A server context whose handshakes are bounded in time and logged when they fail."""
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **options: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        peer, timeout = _address(sock), sock.gettimeout()
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            wrapped = super().wrap_socket(sock, *args, **options)
+        except (ssl.SSLError, OSError) as error:
+            reason = error.verify_message if isinstance(error, ssl.SSLCertVerificationError) else \
+                getattr(error, "reason", None) or type(error).__name__
+            log.warning("TLS handshake from %s failed (%s): connection closed", peer, reason)
+            raise
+        wrapped.settimeout(timeout)
+        return wrapped
+
+
+def _address(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "a peer that left"
+    return f"{host}:{port}"
 
 
 def _calling_ae(event: Any) -> str:

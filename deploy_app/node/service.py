@@ -27,7 +27,7 @@ from deploy_app.node.delivery import Courier
 from deploy_app.node.health import HealthServer
 from deploy_app.node.metrics import CONTENT_TYPE, NodeMetrics
 from deploy_app.node.queue import JobQueue, JobState
-from deploy_app.node.receiver import Receiver
+from deploy_app.node.receiver import Receiver, tls_server_context
 from deploy_app.node.spool import INCOMING, TEMPORARY_PREFIX, Spool
 from deploy_app.node.worker import Runner
 
@@ -76,8 +76,11 @@ class Node:
         self.health = None
         if self.config.health_port is not None:
             try:
+                context = None
+                if self.config.health_tls and self.config.tls_cert is not None and self.config.tls_key is not None:
+                    context = tls_server_context(self.config.tls_cert, self.config.tls_key)
                 self.health = HealthServer(self.config.host, self.config.health_port, self._health,
-                                           self.metrics.exposition, CONTENT_TYPE)
+                                           self.metrics.exposition, CONTENT_TYPE, ssl_context=context)
             except OSError as error:
                 self.receiver.stop()
                 raise UsageError(f"cannot serve /health on port {self.config.health_port} ({error.strerror}); "
