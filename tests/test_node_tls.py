@@ -1,0 +1,213 @@
+"""TLS and bearer authentication of the DICOM node and of the engine's PACS client, with real parts only: a test PKI
+made by the ``openssl`` command, pynetdicom senders over TLS, a real Orthanc with DICOM TLS, and a real nginx that
+terminates HTTPS in front of Orthanc's DICOMweb and asks for a bearer token.
+
+The listener: a node started with ``--tls-cert/--tls-key/--tls-ca`` takes a study from a sender whose certificate
+the test CA signed, and refuses a plain sender and one whose certificate another CA signed.  Write-back: the SEG and
+the SR reach Orthanc over ``dicom-tls://`` and over ``https://`` with a bearer token, exactly once; a CA that does not
+sign the PACS's certificate, and a wrong token, fail the job with a reason naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import require
+from orthanc import Orthanc, running_orthanc
+from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, NodeProcess, free_port, node_config, orthanc_series, send
+
+from deploy_app.node.audit import read_audit
+from deploy_app.node.queue import JobState
+
+ORTHANC_TLS_PORT = 14762
+NGINX_PORT = 18443
+# A modality's C-STORE SCU over TLS: C-ECHO, then the files given, over one association; one JSON line.
+TLS_SEND = """
+import json, ssl, sys
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+ca, cert, key, port, called, files = *sys.argv[1:6], sys.argv[6:]
+context = ssl.create_default_context(cafile=ca)
+if cert != "-":
+    context.load_cert_chain(cert, key)
+ae = AE(ae_title="MODALITY")
+for sop_class in (CTImageStorage, Verification):
+    ae.add_requested_context(sop_class)
+association = ae.associate("127.0.0.1", int(port), ae_title=called, tls_args=(context, "127.0.0.1"))
+if not association.is_established:
+    print(json.dumps({"established": False}))
+    sys.exit(0)
+answers = {"established": True, "echo": int(association.send_c_echo().Status)}
+answers["statuses"] = [int(association.send_c_store(pydicom.dcmread(path)).Status) for path in files]
+association.release()
+print(json.dumps(answers))
+"""
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files: a test CA, a server certificate it signed (127.0.0.1, localhost), a client certificate it signed,
+    and an unrelated CA with a client certificate of its own."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    other_client_cert: Path
+    other_client_key: Path
+
+
+def openssl(*arguments: str | Path) -> None:
+    result = subprocess.run(["openssl", *map(str, arguments)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+            "-subj", f"/CN=CTFM test {name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return cert, key
+
+
+def make_leaf(folder: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
+    cert, key, request, extension_file = (folder / f"{name}.pem", folder / f"{name}.key", folder / f"{name}.csr",
+                                          folder / f"{name}.ext")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request, "-subj", f"/CN={name}")
+    extension_file.write_text(extensions)
+    openssl("x509", "-req", "-in", request, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", extension_file)
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    require(shutil.which("openssl"), "the test certificates are made by the openssl command (Debian openssl)")
+    folder = tmp_path_factory.mktemp("pki")
+    ca, other = make_ca(folder, "ca"), make_ca(folder, "other-ca")
+    server = make_leaf(folder, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                       "extendedKeyUsage=serverAuth,clientAuth\n")
+    client = make_leaf(folder, "client", ca, "extendedKeyUsage=clientAuth\n")
+    stranger = make_leaf(folder, "stranger", other, "extendedKeyUsage=clientAuth\n")
+    return Pki(ca[0], *server, *client, other[0], *stranger)
+
+
+def tls_send(pki: Pki, port: int, files: list[Path], *, cert: Path | None = None, key: Path | None = None,
+             orthanc: Orthanc | None = None) -> dict:
+    """C-ECHO and C-STORE ``files`` to the node over TLS (the test CA verifies it), presenting ``cert``."""
+    command = [sys.executable, "-c", TLS_SEND, pki.ca, cert or "-", key or "-", str(port), NODE_AET, *files]
+    if orthanc is not None:
+        result = orthanc.run(command, timeout=300)
+    else:
+        result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def https_get(url: str, ca: Path) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context(cafile=str(ca))) as answer:
+        return answer.status, json.loads(answer.read())
+
+
+def test_a_tls_listener_takes_a_study_from_a_trusted_sender_only_and_serves_health_over_https(pki, tmp_path, nodes):
+    spool, port, health_port = tmp_path / "spool", free_port(), free_port()
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, health_port=health_port,
+                         health_tls=True, delivery_retry_seconds=60, pacs_tls_ca=str(pki.ca))
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port),
+                               "--pacs", f"dicom-tls://PACS@127.0.0.1:{free_port()}", "--tls-cert",
+                               str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca)]).start()
+    nodes.append(node)
+
+    # A plain sender, and one whose certificate another CA signed, cannot associate; the node goes on serving.
+    [plain] = send(None, MODALITY_AET, HEAD_FILES[:1], port=port)
+    assert plain["rejected"] is False and plain["result"] is None, plain
+    stranger = tls_send(pki, port, HEAD_FILES[:1], cert=pki.other_client_cert, key=pki.other_client_key)
+    assert stranger == {"established": False}
+    assert node.jobs() == [] and node.alive()
+
+    answers = tls_send(pki, port, HEAD_FILES, cert=pki.client_cert, key=pki.client_key)
+    assert answers == {"established": True, "echo": 0, "statuses": [0] * 93}
+    code, document = https_get(f"https://127.0.0.1:{health_port}/health", pki.ca)
+    assert code == 200 and document["ok"] is True
+
+    # The study runs; its results wait for the (absent) TLS PACS.
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.SENDING and job.reason],
+                          "results waiting for the PACS", 240)
+    assert job.instances == 93 and "waiting for dicom-tls://PACS@127.0.0.1" in job.reason, job.reason
+    assert sorted(item["file"] for item in job.outputs) == ["ctfm-measurements-sr.dcm", "ctfm-seg.dcm"]
+    log = (spool / "logs" / "node.log").read_text()
+    assert "DICOM over TLS only, client certificates signed by tls_ca required" in log
+    assert log.count("TLS handshake from 127.0.0.1:") == 2, log
+    refused = [event for event in read_audit(spool / "logs") if event["event"] == "association"]
+    assert [event["stored"] for event in refused] == [93]
+
+
+def tls_node(orthanc: Orthanc, folder: Path, pacs: str, **settings: object) -> NodeProcess:
+    """A node in ``orthanc``'s namespace (plain listener, queued on release) delivering to ``pacs``."""
+    folder.mkdir()
+    config = node_config(folder, queue_on_release=True, quiet_seconds=600, delivery_retry_seconds=1, **settings)
+    return NodeProcess(folder / "spool", ["--config", str(config), "--ae-title", NODE_AET, "--port", str(free_port()),
+                                          "--pacs", pacs], orthanc.namespace).start()
+
+
+def node_port(node: NodeProcess) -> int:
+    return node.arguments[node.arguments.index("--port") + 1]
+
+
+def settled(node: NodeProcess, timeout_s: float = 240) -> object:
+    """The node's one job once delivered or failed."""
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state in (JobState.DELIVERED, JobState.FAILED)],
+                          "a delivered or failed job", timeout_s)
+    return job
+
+
+@pytest.fixture
+def tls_orthanc(pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """An Orthanc whose DICOM port speaks TLS only and wants a client certificate the test CA signed."""
+    overrides = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.server_cert),
+                 "DicomTlsPrivateKey": str(pki.server_key), "DicomTlsTrustedCertificates": str(pki.ca),
+                 "DicomTlsRemoteCertificateRequired": True}
+    with running_orthanc(tmp_path_factory.mktemp("orthanc-tls"), dicom_port=ORTHANC_TLS_PORT,
+                         config_overrides=overrides) as server:
+        yield server
+
+
+def test_results_reach_orthanc_over_dicom_tls_once_and_an_untrusted_pacs_fails_the_job_naming_tls(
+        pki, tls_orthanc, tmp_path, nodes):
+    orthanc = tls_orthanc
+    pacs = f"dicom-tls://{orthanc.aet}@127.0.0.1:{ORTHANC_TLS_PORT}"
+    client = {"pacs_tls_cert": str(pki.client_cert), "pacs_tls_key": str(pki.client_key)}
+    node = tls_node(orthanc, tmp_path / "trusted", pacs, pacs_tls_ca=str(pki.ca), **client)
+    nodes.append(node)
+    assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES, port=node_port(node))] == [0] * 93
+    job = settled(node)
+    assert job.state is JobState.DELIVERED, job.reason
+    held = orthanc_series(orthanc)
+    assert sorted((series["modality"], series["instances"]) for series in held) == [("SEG", 1), ("SR", 1)], held
+    assert orthanc.instance_count() == 2
+    node.stop()
+
+    # The same results, but the node trusts another CA: Orthanc's certificate is refused, nothing is sent.
+    node = tls_node(orthanc, tmp_path / "untrusted", pacs, pacs_tls_ca=str(pki.other_ca), **client)
+    nodes.append(node)
+    assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES, port=node_port(node))] == [0] * 93
+    job = settled(node)
+    assert job.state is JobState.FAILED
+    assert f"TLS handshake with 127.0.0.1:{ORTHANC_TLS_PORT} failed: certificate verify failed" in job.reason, \
+        job.reason
+    failed = [event for event in read_audit(node.spool / "logs") if event["event"] == "failed"]
+    assert failed and "certificate verify failed" in failed[-1]["reason"]
+    assert orthanc.instance_count() == 2
