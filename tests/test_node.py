@@ -597,44 +597,69 @@ def scrape(port: int, orthanc: Orthanc | None = None) -> dict[tuple[str, tuple],
             for family in parser.text_string_to_metric_families(result.stdout) for sample in family.samples}
 
 
-def test_a_full_spool_answers_out_of_resources_rejects_associations_as_transient_and_reports_unhealthy(tmp_path, nodes):
+def test_a_study_larger_than_the_quota_is_refused_and_a_full_spool_answers_out_of_resources_and_reports_unhealthy(
+        tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
-    quota_mb = 0.3
+    quota_mb = 0.3  # about 32 slices of the head CT
+    quota = int(quota_mb * 2**20)
     health_port = free_port()
-    # queue_on_release: a study whose instances were refused is not complete when its sender releases.
+    # No study is complete here (quiet_seconds 600): what fills the spool stays in it.
     config = node_config(tmp_path, host="127.0.0.1", spool_quota_mb=quota_mb, quiet_seconds=600, min_free_mb=0,
-                         health_port=health_port, queue_on_release=True)
+                         health_port=health_port)
     node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
                                f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
     nodes.append(node)
     code, document = health(health_port)
     assert code == 200 and document["ok"] is True and document["reason"] is None
 
-    answers = send(None, MODALITY_AET, HEAD_FILES, port=port)
-    statuses = [answer["status"] for answer in answers]
+    # A study that fills the quota alone can never be processed: refused for good, its instances out of the spool.
+    statuses = [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)]
     stored = statuses.count(0)
-    assert 0 < stored < 93 and statuses == [0] * stored + [0xA700] * (93 - stored)
+    assert 20 < stored < 93 and statuses == [0] * stored + [0xA700] * (93 - stored)
+    [job] = node.jobs()
+    assert job.state is JobState.REFUSED and "larger than the spool's quota" in job.reason, job
+    assert list(spool.glob("incoming/*/*.dcm")) == []
+    code, document = health(health_port)
+    assert code == 200, document  # room again
+    status = node.status()
+    assert status["counts"]["refused"] == 1 and status["errors"][0]["reason"] == job.reason
+    assert status["received"]["in_spool_bytes"] == 0
+    [refused] = [event for event in read_audit(spool / "logs") if event["event"] == "refused"]
+    assert refused["stage"] == "receiving" and refused["instances_removed"] == stored and refused["job"] == job.id
+    # Sent again: refused at once, nothing stored, no new job.
+    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES[:3], port=port)] == [0xA700] * 3
+    assert len(node.jobs()) == 1
+
+    # Backpressure: two studies that fit one by one fill the spool together; the second waits for room.
+    first = reidentified_copy(tmp_path / "first")[:25]
+    assert [answer["status"] for answer in send(None, MODALITY_AET, first, port=port)] == [0] * 25
+    second = reidentified_copy(tmp_path / "second")
+    statuses = [answer["status"] for answer in send(None, MODALITY_AET, second, port=port)]
+    taken = statuses.count(0)
+    assert 0 < taken < 93 - 25 and statuses == [0] * taken + [0xA700] * (93 - taken)
     # Instances are taken until the spool holds the quota: the one that reached it was the last stored.
     sizes = [path.stat().st_size for path in spool.glob("incoming/*/*.dcm")]
-    assert len(sizes) == stored and sum(sizes) - max(sizes) < quota_mb * 2**20 <= sum(sizes)
-    [answer] = send(None, MODALITY_AET, HEAD_FILES[-1:], port=port)
+    assert len(sizes) == 25 + taken and sum(sizes) - max(sizes) < quota <= sum(sizes)
+    [answer] = send(None, MODALITY_AET, second[-1:], port=port)
     assert answer == {"rejected": True, "result": 2, "source": 3, "reason": 1}  # transient: temporary congestion
-    [job] = node.jobs()
-    assert job.instances == stored and job.state is JobState.RECEIVED
+    assert [(job.state, job.instances) for job in node.jobs()[1:]] == [(JobState.RECEIVED, 25),
+                                                                       (JobState.RECEIVED, taken)]
     code, document = health(health_port)
-    assert code == 503 and document["reason"].startswith("spool full") and document["jobs"]["received"] == 1
+    assert code == 503 and document["reason"].startswith("spool full") and document["jobs"]["received"] == 2
     events = node.wait_for(lambda: (events := read_audit(spool / "logs")) and "association-refused" in
                            [event["event"] for event in events] and events, "the rejection's record", 30)
-    assert [event["refused"] for event in events if event["event"] == "association"] == [93 - stored]
+    assert [event["refused"] for event in events if event["event"] == "association"] == [93 - stored, 3, 0,
+                                                                                          93 - taken]
     assert [event["reason"][:10] for event in events if event["event"] == "association-refused"] == ["spool full"]
     metrics = scrape(health_port)
-    assert metrics[("ctfm_node_instances_received_total", (("outcome", "new"),))] == stored
-    assert metrics[("ctfm_node_instances_received_total", (("outcome", "refused"),))] == 93 - stored
-    assert metrics[("ctfm_node_associations_accepted_total", ())] == 1
+    assert metrics[("ctfm_node_instances_received_total", (("outcome", "new"),))] == stored + 25 + taken
+    assert metrics[("ctfm_node_instances_received_total", (("outcome", "refused"),))] == 93 - stored + 3 + 93 - taken
+    assert metrics[("ctfm_node_associations_accepted_total", ())] == 4
     assert metrics[("ctfm_node_associations_rejected_total", (("reason", "spool_full"),))] == 1
     assert metrics[("ctfm_node_spool_bytes", ())] == sum(sizes)
-    assert metrics[("ctfm_node_spool_quota_bytes", ())] == int(quota_mb * 2**20)
-    assert metrics[("ctfm_node_jobs", (("state", "received"),))] == 1
+    assert metrics[("ctfm_node_spool_quota_bytes", ())] == quota
+    assert metrics[("ctfm_node_jobs", (("state", "received"),))] == 2
+    assert metrics[("ctfm_node_jobs", (("state", "refused"),))] == 1
     assert node.stop() == 0
     assert node.status()["node"]["running"] is False
 

@@ -70,6 +70,11 @@ CREATE TABLE IF NOT EXISTS instances (
     removed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_key);
+CREATE TABLE IF NOT EXISTS oversized (
+    study_key TEXT PRIMARY KEY,
+    quota_bytes INTEGER NOT NULL,
+    refused REAL NOT NULL
+);
 """
 
 
@@ -207,6 +212,42 @@ class JobQueue:
                 "INSERT INTO instances (sop_key, study_key, job_id, file, bytes, received) VALUES (?, ?, ?, ?, ?, ?)",
                 (sop_key, study_key, job_id, file, size, now))
         return Stored(job_id, duplicate=False, new_job=new_job)
+
+    # Studies larger than the spool's quota.
+
+    def study_bytes(self, study_key: str) -> int:
+        """Bytes of the instances of ``study_key``'s open job (received or queued)."""
+        row = self._connection().execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM jobs WHERE study_key = ? AND state IN (?, ?)",
+            (study_key, *[state.value for state in OPEN_STATES])).fetchone()
+        return int(row[0])
+
+    def refuse_oversized(self, study_key: str, quota_bytes: int, reason: str,
+                         now: float | None = None) -> tuple[Job | None, list[str]]:
+        """Refuse ``study_key`` for good at this quota: its open job becomes ``refused`` with ``reason``, its
+        instances are forgotten (so the study can be sent again once the quota is raised) and their spool-relative
+        files returned for the caller to delete; further instances are refused (:meth:`oversized_quota`)."""
+        now = time.time() if now is None else now
+        with self._transaction() as connection:
+            connection.execute("INSERT OR REPLACE INTO oversized (study_key, quota_bytes, refused) VALUES (?, ?, ?)",
+                               (study_key, quota_bytes, now))
+            row = connection.execute(
+                "SELECT id FROM jobs WHERE study_key = ? AND state IN (?, ?) ORDER BY id DESC LIMIT 1",
+                (study_key, *[state.value for state in OPEN_STATES])).fetchone()
+            if row is None:
+                return None, []
+            files = [item["file"] for item in connection.execute(
+                "SELECT file FROM instances WHERE job_id = ?", (row["id"],))]
+            connection.execute("DELETE FROM instances WHERE job_id = ?", (row["id"],))
+            connection.execute("UPDATE jobs SET state = ?, reason = ?, finished = ?, cleaned = 1 WHERE id = ?",
+                               (JobState.REFUSED.value, reason, now, row["id"]))
+        return self.job(row["id"]), files
+
+    def oversized_quota(self, study_key: str) -> int | None:
+        """The quota (bytes) at which ``study_key`` was refused as larger than it, or None."""
+        row = self._connection().execute("SELECT quota_bytes FROM oversized WHERE study_key = ?",
+                                         (study_key,)).fetchone()
+        return None if row is None else int(row[0])
 
     def queue_quiet(self, quiet_seconds: float, now: float | None = None) -> list[Job]:
         """Queue every received job whose last instance arrived ``quiet_seconds`` ago or earlier."""

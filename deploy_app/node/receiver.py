@@ -9,6 +9,9 @@ spool before it answers success.
   one is written to a temporary file, flushed to disk, renamed, recorded in the queue, and only then answered
   0x0000; a spool that filled up during the association answers 0xA700 (Refused: out of resources), a write that
   fails 0xA700 too, an instance that cannot be decoded 0xC000 (Error: cannot understand).
+* A study that alone fills the quota (``spool_quota_mb``) can never be processed: it is refused for good when an
+  instance of it finds the quota reached, its instances leave the spool, and further instances of it are answered
+  0xA700 without being stored, until the quota is raised.
 * Completion: a study is complete ``quiet_seconds`` after its last instance (the scheduler's job) or, with
   ``queue_on_release``, as soon as the association that sent it is released normally (not aborted, and with no
   instance refused: a sender told 0xA700 sends the rest again later).
@@ -90,6 +93,8 @@ class Receiver:
         self._tallies: dict[int, AssociationTally] = {}
         self._lock = threading.Lock()
         self._spool_bytes = queue.spool_bytes()
+        quota = config.spool_quota_mb
+        self._quota_bytes = None if quota is None else int(quota * 2**20)
 
     # Backpressure.
 
@@ -202,7 +207,9 @@ class Receiver:
         full = self.full()
         if full:
             tally.refused += 1
-            log.warning("C-STORE from %s refused (0xA700): %s", tally.calling_ae, full)
+            if tally.refused == 1:  # once per association; its record at the end counts them all
+                log.warning("C-STORE from %s refused (0xA700): %s", tally.calling_ae, full)
+            self._refuse_if_oversized(event, tally)
             return OUT_OF_RESOURCES
         sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
         if not sop_uid:
@@ -219,6 +226,9 @@ class Receiver:
             tally.refused += 1
             log.warning("C-STORE from %s: cannot decode the instance (%s)", tally.calling_ae, type(error).__name__)
             return CANNOT_UNDERSTAND
+        if self._quota_bytes is not None and (self.queue.oversized_quota(study_key) or -1) >= self._quota_bytes:
+            tally.refused += 1  # a study refused as larger than the quota (still the same): not stored again
+            return OUT_OF_RESOURCES
         path = self.spool.instance_path(study_key, sop_key)
         try:
             self.spool.write_durably(path, data)
@@ -246,6 +256,38 @@ class Receiver:
         if stored.new_job:
             log.info("job %d: study %s arriving from %s", stored.job_id, study_key[:12], tally.calling_ae)
         return SUCCESS
+
+    def _refuse_if_oversized(self, event: Event, tally: AssociationTally) -> None:
+        """The quota is reached: when the study of this instance fills it alone, it can never be processed here, so
+        it is refused for good (with its reason in status and the audit trail) and its instances leave the spool."""
+        if self._quota_bytes is None:
+            return
+        try:
+            study_key = self._study_key(event, tally.calling_ae)
+            size = event.request.DataSet.getbuffer().nbytes
+        except Exception:  # undecodable: refused (0xA700) like any instance now, nothing more to say
+            return
+        held = self.queue.study_bytes(study_key)
+        if held + size <= self._quota_bytes or (self.queue.oversized_quota(study_key) or -1) >= self._quota_bytes:
+            return
+        reason = (f"the study is larger than the spool's quota: {held / 2**20:.1f} MB of it were received when the "
+                  f"{self.config.spool_quota_mb:g} MB quota was reached; raise spool_quota_mb, or send fewer "
+                  "series, then send it again")
+        job, files = self.queue.refuse_oversized(study_key, self._quota_bytes, reason)
+        freed = 0
+        for name in files:
+            path = self.spool.root / name
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except OSError:
+                pass
+        self.released_bytes(freed)
+        if job is not None:
+            log.warning("job %d refused: %s", job.id, reason)
+            self.audit.record("refused", job=job.id, study=job.study_key, calling_ae=tally.calling_ae,
+                              stage="receiving", reason=reason, instances_removed=len(files), bytes_removed=freed)
+            self.on_complete([])
 
     def _study_key(self, event: Event, calling_ae: str) -> str:
         header = event.dataset
