@@ -211,3 +211,102 @@ def test_results_reach_orthanc_over_dicom_tls_once_and_an_untrusted_pacs_fails_t
     failed = [event for event in read_audit(node.spool / "logs") if event["event"] == "failed"]
     assert failed and "certificate verify failed" in failed[-1]["reason"]
     assert orthanc.instance_count() == 2
+
+
+NGINX_CONF = """
+user root;
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    client_max_body_size 0;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location /dicom-web/ {{
+            if ($http_authorization != "Bearer {token}") {{ return 401; }}
+            proxy_pass http://127.0.0.1:{upstream};
+        }}
+    }}
+}}
+"""
+PORT_PROBE = """
+import socket, sys, time
+deadline = time.monotonic() + 20
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(0.05)
+"""
+TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture
+def nginx_proxy(pki, web_orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real nginx in Orthanc's namespace: HTTPS on NGINX_PORT (the test CA's server certificate), forwarding
+    /dicom-web/ to Orthanc's DICOMweb only with ``Authorization: Bearer TOKEN`` (401 otherwise); its folder."""
+    nginx = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
+    require(nginx, "the HTTPS proxy is a real nginx (apt-get install nginx-light)")
+    folder = tmp_path_factory.mktemp("nginx")
+    (folder / "nginx.conf").write_text(NGINX_CONF.format(folder=folder, port=NGINX_PORT, cert=pki.server_cert,
+                                                         key=pki.server_key, token=TOKEN,
+                                                         upstream=web_orthanc.http_port))
+    with (folder / "stderr.log").open("ab") as stream:
+        server = subprocess.Popen(["nsenter", f"--net={web_orthanc.namespace}", nginx, "-c",
+                                   str(folder / "nginx.conf"), "-g", "daemon off;"], stdout=stream,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        probe = web_orthanc.run([sys.executable, "-c", PORT_PROBE, str(NGINX_PORT)], timeout=60)
+        assert probe.returncode == 0 and server.poll() is None, \
+            (folder / "stderr.log").read_text() + (folder / "error.log").read_text()
+        yield folder
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def web_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc-web")) as server:
+        yield server
+
+
+def test_results_reach_orthanc_over_https_with_a_bearer_token_once_and_a_wrong_token_fails_the_job_naming_401(
+        pki, web_orthanc, nginx_proxy, tmp_path, nodes):
+    orthanc = web_orthanc
+    pacs = f"https://127.0.0.1:{NGINX_PORT}/dicom-web"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    node = tls_node(orthanc, tmp_path / "right", pacs, pacs_tls_ca=str(pki.ca), pacs_token_file=str(token_file))
+    nodes.append(node)
+    assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES, port=node_port(node))] == [0] * 93
+    job = settled(node)
+    assert job.state is JobState.DELIVERED, job.reason
+    held = orthanc_series(orthanc)
+    assert sorted((series["modality"], series["instances"]) for series in held) == [("SEG", 1), ("SR", 1)], held
+    assert orthanc.instance_count() == 2
+    assert '"POST /dicom-web/studies HTTP/1.1" 200' in (nginx_proxy / "access.log").read_text()
+    node.stop()
+
+    token_file.write_text("not-the-token\n")
+    node = tls_node(orthanc, tmp_path / "wrong", pacs, pacs_tls_ca=str(pki.ca), pacs_token_file=str(token_file))
+    nodes.append(node)
+    assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES, port=node_port(node))] == [0] * 93
+    job = settled(node)
+    assert job.state is JobState.FAILED and "HTTP 401" in job.reason, job.reason
+    assert orthanc.instance_count() == 2
+    for path in (node.spool / "logs" / "node.log", node.spool / "logs" / "audit.jsonl"):
+        assert "not-the-token" not in path.read_text() and TOKEN not in path.read_text()

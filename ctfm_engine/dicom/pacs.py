@@ -843,6 +843,10 @@ class DicomWebPacs(PacsClient):
         if self._bearer_token is not None:
             session.headers["Authorization"] = f"Bearer {self._bearer_token.strip()}"
         if self.tls.ca_file is not None:
+            # requests lets REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE override a session's CA file; proxies still come
+            # from the environment.
+            session.trust_env = False
+            session.proxies = requests.utils.get_environ_proxies(self.address.url)
             session.verify = str(self.tls.ca_file)
         if self.tls.cert_file is not None and self.tls.key_file is not None:
             session.cert = (str(self.tls.cert_file), str(self.tls.key_file))
