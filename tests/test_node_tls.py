@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import require, run_cli
 from orthanc import Orthanc, running_orthanc
 from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, NodeProcess, free_port, node_config, orthanc_series, send
 
+from ctfm_engine.dicom.pacs import DimseAddress, TlsSettings, open_pacs, parse_address
+from ctfm_engine.errors import UsageError
 from deploy_app.node.audit import read_audit
 from deploy_app.node.queue import JobState
+from deploy_app.node.receiver import tls_server_context
 
 ORTHANC_TLS_PORT = 14762
 NGINX_PORT = 18443
@@ -120,6 +123,51 @@ def tls_send(pki: Pki, port: int, files: list[Path], *, cert: Path | None = None
 def https_get(url: str, ca: Path) -> tuple[int, dict]:
     with urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context(cafile=str(ca))) as answer:
         return answer.status, json.loads(answer.read())
+
+
+@pytest.fixture
+def echo_servers(pki) -> Iterator[tuple[int, int]]:
+    """Two pynetdicom C-ECHO SCPs titled ECHO on loopback: one over TLS (the test CA's server certificate), one
+    plain; their ports."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ECHO")
+    ae.add_supported_context(Verification)
+    ports = free_port(), free_port()
+    servers = [ae.start_server(("127.0.0.1", ports[0]), block=False,
+                               ssl_context=tls_server_context(pki.server_cert, pki.server_key)),
+               ae.start_server(("127.0.0.1", ports[1]), block=False)]
+    yield ports
+    for server in servers:
+        server.shutdown()
+
+
+def test_the_pacs_client_speaks_dicom_tls_and_names_each_tls_problem_in_one_sentence(pki, echo_servers, tmp_path):
+    tls_port, plain_port = echo_servers
+    address = parse_address(f"dicom-tls://ECHO@127.0.0.1:{tls_port}")
+    assert address == DimseAddress("ECHO", "127.0.0.1", tls_port, tls=True)
+    assert address.display == f"dicom-tls://ECHO@127.0.0.1:{tls_port}"
+    fast = ("--retries", "0", "--timeout", "5", "--json")
+    run = run_cli("pacs", "echo", address.display, "--tls-ca", pki.ca, *fast)
+    assert run.code == 0 and run.document["pacs"] == address.display, run.stderr
+    run = run_cli("pacs", "echo", address.display, "--tls-ca", pki.other_ca, *fast)
+    assert run.code == 1 and f"TLS handshake with 127.0.0.1:{tls_port} failed: certificate verify failed" in \
+        run.document["error"]["message"], run.stderr
+    run = run_cli("pacs", "echo", f"dicom-tls://ECHO@127.0.0.1:{plain_port}", "--tls-ca", pki.ca, *fast)
+    assert run.code == 1 and "does not speak TLS on this port" in run.document["error"]["message"], run.stderr
+
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    run = run_cli("pacs", "echo", "https://127.0.0.1:9/dicom-web", "--token-file", empty, *fast)
+    assert run.code == 2 and "is empty" in run.document["error"]["message"], run.stderr
+    for address, options, problem in (
+            (f"dicom://ECHO@127.0.0.1:{plain_port}", {"tls": TlsSettings(pki.ca)}, "TLS files apply to"),
+            (f"dicom-tls://ECHO@127.0.0.1:{tls_port}", {"bearer_token": "x"}, "bearer token is for a DICOMweb"),
+            ("https://user:pw@127.0.0.1:9/dicom-web", {"bearer_token": "x"}, "not both"),
+            ("https://127.0.0.1:9/dicom-web", {"tls": TlsSettings(tmp_path / "absent.pem")}, "absent.pem: no such")):
+        with pytest.raises(UsageError, match=problem):
+            open_pacs(address, **options)
 
 
 def test_a_tls_listener_takes_a_study_from_a_trusted_sender_only_and_serves_health_over_https(pki, tmp_path, nodes):
