@@ -24,6 +24,7 @@ from ctfm_engine.errors import UsageError
 from deploy_app.node.audit import AuditLog
 from deploy_app.node.config import NodeConfig
 from deploy_app.node.delivery import Courier
+from deploy_app.node.dispatch import connect
 from deploy_app.node.health import HealthServer
 from deploy_app.node.metrics import CONTENT_TYPE, NodeMetrics
 from deploy_app.node.queue import JobQueue, JobState
@@ -64,7 +65,8 @@ class Node:
                                    free_bytes=lambda: shutil.disk_usage(self.spool.root).free,
                                    quota_bytes=None if quota is None else int(quota * 2**20))
         self.receiver = Receiver(self.config, self.spool, self.queue, self.audit, self._completed, self.metrics)
-        self.runner = Runner(self.config, self.spool, self.queue, self.audit)
+        self.dispatcher = connect(self.config) if self.config.ray_address else None  # before listening: exit 2 early
+        self.runner = Runner(self.config, self.spool, self.queue, self.audit, self.dispatcher)
         self.courier = Courier(self.config, self.spool, self.queue, self.audit)
         if not self.config.allow_ae:
             log.warning("no allow-list (allow_ae): every calling AE title may store studies here")
@@ -89,7 +91,7 @@ class Node:
         self._write_pid_file()
         self.audit.record("node-started", pid=os.getpid(), ae_title=self.config.ae_title, port=self.config.port,
                           pacs=self.courier.address.display, workers=self.config.workers,
-                          allow_ae=list(self.config.allow_ae), **recovered)
+                          allow_ae=list(self.config.allow_ae), ray_address=self.config.ray_address, **recovered)
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, lambda *_: self._stop.set())
         self._start_threads()
@@ -182,6 +184,8 @@ class Node:
         self._deliveries.set()
         for thread in self._threads:
             thread.join(timeout=30)
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         requeued = self.queue.requeue_interrupted("the node was stopped while this job ran; it runs again")
         (self.spool.root / PID_FILE).unlink(missing_ok=True)
         self.audit.record("node-stopped", pid=os.getpid(), requeued=len(requeued))

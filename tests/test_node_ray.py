@@ -1,0 +1,194 @@
+"""The DICOM node dispatching its jobs to a real Ray cluster (`serve --ray-address`): a Ray head started here by
+`ray start --head` with the deploy environment's Python (its workers import the deploy app the node ships them),
+token authentication on, its own temporary folder, torn down by killing its session only (never `ray stop`, which
+would end every Ray cluster of this machine).
+
+The real head CT goes to the node over DICOM; its job runs as a Ray task; the node stopped (SIGTERM) or killed
+(kill -9) while the task runs leaves no deploy app running on the cluster, and the restarted node runs the job again
+and writes its DICOM-SEG and SR once.  The PACS it is told of is a port where nothing listens (the cluster's
+processes live on the host's network, Orthanc in a namespace of its own), so the job ends `sending` with its
+results waiting, as in tests/test_node_container.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import deploy_python, require
+from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, NodeProcess, free_port, node_config, send
+
+from deploy_app.node.audit import read_audit
+from deploy_app.node.dispatch import SCRATCH_PREFIX
+from deploy_app.node.queue import JobState
+
+DEPLOY_PYTHON = deploy_python()
+RAY = DEPLOY_PYTHON.parent / "ray"
+require(RAY.is_file(), f"the node's Ray dispatch needs ray in the deploy environment ({RAY} is missing)")
+
+
+class RayHead:
+    """`ray start --head --block` in a session of its own; every process of that session is its cluster's."""
+
+    def __init__(self, folder: Path, environment: dict[str, str]) -> None:
+        self.port = free_port()
+        self.output = folder / "head.log"
+        command = [str(RAY), "start", "--head", "--port", str(self.port), "--temp-dir", str(folder / "ray"),
+                   "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--block"]
+        with self.output.open("wb") as stream:
+            self.process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment,
+                                            start_new_session=True)
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in self.output.read_text(errors="replace"):
+            assert self.process.poll() is None, f"ray start exited with {self.process.returncode}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"the Ray head did not start within 90 s:\n{self.log()}"
+            time.sleep(0.3)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def processes(self) -> dict[int, bytes]:
+        """{pid: command line} of every process of the cluster (its session)."""
+        found = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[3]) == self.process.pid:
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    def node_id(self) -> str:
+        """The head's Ray node id, from its raylet's command line."""
+        for command in self.processes().values():
+            for argument in command.split(b"\0"):
+                if argument.startswith(b"--node_id="):
+                    return argument.split(b"=", 1)[1].decode()
+        raise AssertionError(f"no raylet in the Ray head's session:\n{self.log()}")
+
+    def deploy_apps(self) -> list[int]:
+        """Process ids of deploy apps the cluster's workers run."""
+        return [pid for pid, command in self.processes().items() if b"deploy_app\0-i\0" in command]
+
+    def stop(self) -> None:
+        """SIGKILL every process of the cluster's session (workers have process groups of their own)."""
+        for _ in range(3):
+            for pid in self.processes():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        self.process.wait(timeout=30)
+
+    def log(self) -> str:
+        return "\n".join(self.output.read_text(errors="replace").splitlines()[-30:])
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    # A short folder: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
+    folder = Path(tempfile.mkdtemp(prefix="ctfm-ray-"))
+    token = folder / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    environment = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                   "CTFM_CACHE": str(folder / "cache"), "HF_HUB_OFFLINE": "1"}
+    head = RayHead(folder, environment)
+    try:
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_client(ray_head: RayHead, monkeypatch: pytest.MonkeyPatch) -> RayHead:
+    """The Ray head, with its token where the nodes this test starts (our children) find it."""
+    token = ray_head.output.parent / "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    return ray_head
+
+
+def test_a_study_runs_as_a_ray_task_is_run_again_after_the_node_was_stopped_or_killed_and_its_results_come_once(
+        ray_client, tmp_path, nodes):
+    head = ray_client
+    spool, port, dead_pacs = tmp_path / "spool", free_port(), free_port()
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, retry_seconds=1,
+                         delivery_retry_seconds=60, ray_num_cpus=1)
+    arguments = ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                 f"dicom://PACS@127.0.0.1:{dead_pacs}", "--ray-address", head.address]
+    node = NodeProcess(spool, arguments).start(timeout_s=120)
+    nodes.append(node)
+    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
+
+    # Stopped (SIGTERM) while the task runs: the task is cancelled, its deploy app ends, the job is queued again.
+    node.wait_for(head.deploy_apps, "a deploy app on the Ray cluster", 120)
+    assert not list(spool.glob("jobs/*/attempt-*.log")), "a Ray run's log arrives with its result"
+    assert node.stop() == 0
+    wait_until(lambda: not head.deploy_apps(), "the cancelled task's deploy app to end", 30)
+    [job] = node.jobs()
+    assert job.state is JobState.QUEUED and job.interruptions == 1
+
+    # Killed (kill -9) while the task runs: Ray ends the dead driver's task; the restarted node runs the job again.
+    node = NodeProcess(spool, arguments).start(timeout_s=120)
+    nodes.append(node)
+    node.wait_for(head.deploy_apps, "the deploy app again", 120)
+    node.kill()
+    wait_until(lambda: not head.deploy_apps(), "the dead node's deploy app to end", 60)
+    node = NodeProcess(spool, arguments).start(timeout_s=120)
+    nodes.append(node)
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.SENDING and job.reason],
+                          "results waiting for the PACS", 240)
+    assert job.interruptions == 2 and job.attempts == 1, job
+    assert f"127.0.0.1:{dead_pacs}" in job.reason
+    assert sorted(item["file"] for item in job.outputs) == ["ctfm-measurements-sr.dcm", "ctfm-seg.dcm"]
+    results = spool / "jobs" / str(job.id) / "results"
+    seg, sr = (pydicom.dcmread(results / name) for name in ("ctfm-seg.dcm", "ctfm-measurements-sr.dcm"))
+    source = pydicom.dcmread(HEAD_FILES[0], stop_before_pixels=True)
+    assert seg.Modality == "SEG" and sr.Modality == "SR" and seg.pixel_array.any()
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 93
+    assert json.loads((results / "ctfm-results.json").read_text())
+
+    events = read_audit(spool / "logs")
+    [processed] = [event for event in events if event["event"] == "processed"]
+    assert processed["ran_on"] == f"ray:{head.node_id()}" and processed["instances"] == 93
+    started = [event for event in events if event["event"] == "node-started"]
+    assert [event["ray_address"] for event in started] == [head.address] * 3
+    assert [event["interrupted_requeued"] for event in started] == [0, 0, 1]
+    assert node.stop() == 0
+    # The scratch folders the cancelled tasks left on the worker were removed by the task that ran.
+    left = [folder for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*")
+            if not Path("/proc", folder.name[len(SCRATCH_PREFIX):].split("-")[0]).exists()]
+    assert left == []
+
+
+def test_an_unreachable_ray_cluster_stops_serve_with_exit_2_naming_the_address(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    result = subprocess.run([DEPLOY_PYTHON, "-m", "deploy_app", "serve", "--ae-title", NODE_AET, "--port",
+                             str(free_port()), "--spool", tmp_path / "spool", "--pacs", "dicom://PACS@127.0.0.1:104",
+                             "--ray-address", address], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("deploy_app: error: ")]
+    assert line.startswith(f"deploy_app: error: cannot reach the Ray cluster at {address}: "), result.stderr
+
+
+def wait_until(condition, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.3)
