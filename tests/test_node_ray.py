@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import deploy_python, require
-from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, NodeProcess, free_port, node_config, send
+from conftest import SHIPPED_SEG, deploy_python, require
+from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, REPOSITORY, NodeProcess, free_port, node_config, send
 
 from deploy_app.node.audit import read_audit
 from deploy_app.node.dispatch import SCRATCH_PREFIX
-from deploy_app.node.queue import JobState
+from deploy_app.node.queue import JobQueue, JobState
 
 DEPLOY_PYTHON = deploy_python()
 RAY = DEPLOY_PYTHON.parent / "ray"
@@ -133,6 +134,7 @@ def test_a_study_runs_as_a_ray_task_is_run_again_after_the_node_was_stopped_or_k
                  f"dicom://PACS@127.0.0.1:{dead_pacs}", "--ray-address", head.address]
     node = NodeProcess(spool, arguments).start(timeout_s=120)
     nodes.append(node)
+    assert node.status()["node"]["ray_address"] == head.address
     assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
 
     # Stopped (SIGTERM) while the task runs: the task is cancelled, its deploy app ends, the job is queued again.
@@ -175,6 +177,70 @@ def test_a_study_runs_as_a_ray_task_is_run_again_after_the_node_was_stopped_or_k
     left = [folder for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*")
             if not Path("/proc", folder.name[len(SCRATCH_PREFIX):].split("-")[0]).exists()]
     assert left == []
+
+
+def test_a_ray_task_past_the_job_timeout_is_cancelled_and_the_job_fails_saying_so(ray_client, tmp_path, nodes):
+    head = ray_client
+    spool, port = tmp_path / "spool", free_port()
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, max_attempts=1,
+                         job_timeout_minutes=0.1)
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                               f"dicom://PACS@127.0.0.1:{free_port()}", "--ray-address", head.address]).start(120)
+    nodes.append(node)
+    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.FAILED], "the timeout", 90)
+    assert job.reason == "the deploy app took longer than 0.1 min and was stopped" and job.next_try is None
+    wait_until(lambda: not head.deploy_apps(), "the cancelled task's deploy app to end", 30)
+    [failed] = [event for event in read_audit(spool / "logs") if event["event"] == "failed"]
+    assert failed["reason"] == job.reason and failed["ran_on"] == "ray"
+    assert not (spool / "jobs" / str(job.id) / "results").exists()
+    assert node.stop() == 0
+
+
+def test_a_model_folder_the_ray_workers_lack_fails_the_job_naming_the_folder_and_the_worker(ray_client, tmp_path):
+    head = ray_client
+    spool, port = tmp_path / "spool", free_port()
+    # The node alone sees the model: its folder is in a file system mounted in the node's own mount namespace.
+    mount = tmp_path / "node-only"
+    mount.mkdir()
+    model = mount / SHIPPED_SEG.name
+    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, model=str(model))
+    script = f'mount -t tmpfs tmpfs "{mount}" && cp -r "{SHIPPED_SEG}" "{model}" && exec "$@"'
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(DEPLOY_PYTHON), "-m",
+               "deploy_app", "serve", "--config", str(config), "--ae-title", NODE_AET, "--port", str(port),
+               "--spool", str(spool), "--pacs", f"dicom://PACS@127.0.0.1:{free_port()}", "--ray-address",
+               head.address]
+    output = tmp_path / "node.log"
+    with output.open("wb") as stream:
+        node = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=REPOSITORY)
+    try:
+        wait_until(lambda: (spool / "node.json").is_file() or node.poll() is not None, "the node", 120)
+        assert node.poll() is None, output.read_text()
+        assert not model.exists()  # not here, nor on the cluster's workers
+        assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
+        [job] = wait_for_failure(spool)
+        assert job.reason == (f"the model cannot be used: the model folder {model} is not on the Ray worker "
+                              f"{socket.gethostname()}: put it on storage every worker mounts at the same path, or "
+                              "in the workers' image"), job.reason
+        assert job.next_try is None
+    finally:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=60) == 0, output.read_text()
+
+
+def wait_for_failure(spool: Path) -> list:
+    """The failed jobs of the node on ``spool``, once there is one."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        queue = JobQueue(spool / "queue.sqlite", read_only=True)
+        try:
+            failed = queue.jobs(JobState.FAILED)
+        finally:
+            queue.close()
+        if failed:
+            return failed
+        time.sleep(0.3)
+    raise AssertionError("no failed job within 90 s")
 
 
 def test_an_unreachable_ray_cluster_stops_serve_with_exit_2_naming_the_address(tmp_path):

@@ -149,7 +149,7 @@ class Node:
         from ctfm_engine.io import atomic_output
 
         document = {"pid": os.getpid(), "ae_title": self.config.ae_title, "port": self.config.port,
-                    "started": time.time(), "workers": self.config.workers}
+                    "started": time.time(), "workers": self.config.workers, "ray_address": self.config.ray_address}
         with atomic_output(self.spool.root / PID_FILE) as temporary:
             temporary.write_text(json.dumps(document))
 
