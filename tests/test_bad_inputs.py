@@ -107,6 +107,17 @@ def corrupt_dicom_file(tmp_path: Path) -> tuple[Path, str]:
     return path, victim.name
 
 
+def pixel_data_cut_short(tmp_path: Path) -> tuple[Path, str]:
+    import pydicom
+
+    path = copy_series(SLICER_HEAD, tmp_path / "short")
+    victim = sorted(path.glob("*.dcm"))[40]
+    dataset = pydicom.dcmread(victim)
+    dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 2]  # a well-formed file, half its pixels
+    dataset.save_as(victim)
+    return path, f"{victim.name}: is a corrupt DICOM file (its pixel data holds 4096 bytes"
+
+
 def nan_voxels(tmp_path: Path) -> tuple[Path, str]:
     image = sitk.Cast(sitk.ReadImage(str(SAMPLE_CT)), sitk.sitkFloat32)
     voxels = sitk.GetArrayFromImage(image)
@@ -130,7 +141,7 @@ BAD_INPUTS = [
     nan_voxels, spacing_larger_than_any_patient, mr_nifti, mr_nrrd, template_without_air, missing_path, not_an_image,
     single_dicom_file, truncated_nifti,
     nifti_with_garbage, empty_folder, folder_without_dicom, two_series, missing_slice, duplicated_slice,
-    uneven_spacing, corrupt_dicom_file,
+    uneven_spacing, corrupt_dicom_file, pixel_data_cut_short,
 ]
 
 

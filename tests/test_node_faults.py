@@ -1,8 +1,9 @@
 """The DICOM node under faults of the disk and the network: the spool's file system really full (a small tmpfs
 mounted for the test), a sender that aborts its association half-way, and the node killed (kill -9) in the middle
-of a C-STORE of its result to a real Orthanc behind a slow link.  Each node is a real child process
-(`python -m deploy_app serve` in the deploy environment) on loopback, fed by a pynetdicom modality; the studies are
-the real head CT (tests/test_node.py has the PACS round trips)."""
+of a C-STORE of its result to a real Orthanc behind a slow link; and the bad studies a network brings (localiser
+only, a slice cut short, a duplicated slice, an object without images), each refused with its reason.  Each node is
+a real child process (`python -m deploy_app serve` in the deploy environment), fed by a pynetdicom modality; the
+studies are made from the real head CT (tests/test_node.py has the PACS round trips)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import missing_real_part
+from conftest import SHARED, missing_real_part
 from orthanc import Orthanc, running_orthanc
 from test_node import (
     HEAD_FILES,
@@ -35,6 +36,8 @@ from test_node import (
 from deploy_app.node.audit import read_audit
 from deploy_app.node.queue import JobQueue, JobState
 from deploy_app.node.spool import uid_key
+
+SHARED_RTSTRUCT = SHARED / "dicom" / "pydicom" / "rtstruct.dcm"  # an RT Structure Set: no image at all
 
 # A modality that sends the files given over one association and then aborts it (A-ABORT), as a sender that crashes
 # or loses its network does; one JSON line per instance the node answered.
@@ -67,6 +70,13 @@ if not association.is_established:
 print(int(association.send_c_echo().Status))
 association.release()
 """
+
+
+def echo_in(orthanc: Orthanc, port: int = NODE_PORT) -> str:
+    """C-ECHO to a node in the PACS's network namespace."""
+    result = orthanc.run([sys.executable, "-c", ECHO, MODALITY_AET, str(port), NODE_AET], timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
 
 
 def echo(port: int) -> str:
@@ -283,3 +293,81 @@ def test_a_node_killed_while_it_sends_a_result_sends_it_once_after_the_restart(t
     finally:
         link.kill()
         link.wait(timeout=30)
+
+
+# A modality's C-STORE SCU for any object: CT images, an RT structure set; one JSON line per instance answered.
+SEND_OBJECTS = """
+import json, sys
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
+calling, port, called, files = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+ae = AE(ae_title=calling)
+for context in (CTImageStorage, RTStructureSetStorage):
+    ae.add_requested_context(context)
+association = ae.associate("127.0.0.1", port, ae_title=called)
+assert association.is_established
+for path in files:
+    print(json.dumps({"file": path, "status": int(association.send_c_store(pydicom.dcmread(path, force=True)).Status)}),
+          flush=True)
+association.release()
+"""
+
+
+def study_copy(folder: Path, files: list[Path], change=None) -> list[Path]:
+    """``files`` as a study of their own (new Study, Series and SOP Instance UIDs), each passed through ``change``."""
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    written = []
+    for number, source in enumerate(files):
+        dataset = pydicom.dcmread(source, force=True)
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if change is not None:
+            change(number, dataset)
+        path = folder / f"{number:03d}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def test_localiser_only_truncated_duplicated_and_non_image_studies_from_the_network_are_refused_with_reasons(
+        tmp_path, nodes, orthanc):
+    def localiser(number: int, dataset: pydicom.Dataset) -> None:
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+
+    def truncated(number: int, dataset: pydicom.Dataset) -> None:
+        if number == 40:  # one slice whose pixel data was cut short on its way
+            dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 2]
+
+    studies = {
+        "localiser": (study_copy(tmp_path / "localiser", HEAD_FILES[40:43], localiser), "localizer"),
+        "truncated": (study_copy(tmp_path / "truncated", HEAD_FILES, truncated), "cut short"),
+        "duplicated": (study_copy(tmp_path / "duplicated", [*HEAD_FILES, HEAD_FILES[50]]), "duplicate"),
+        "non-image": (study_copy(tmp_path / "non-image", [SHARED_RTSTRUCT]), "objects without images"),
+    }
+    spool = tmp_path / "spool"
+    config = node_config(tmp_path, queue_on_release=True, quiet_seconds=600)
+    arguments = ["--config", str(config), "--ae-title", NODE_AET, "--port", str(NODE_PORT), "--pacs",
+                 orthanc.dimse_url, "--allow-ae", MODALITY_AET]
+    node = NodeProcess(spool, arguments, orthanc.namespace).start()
+    nodes.append(node)
+    for name, (files, _) in studies.items():
+        result = orthanc.run([sys.executable, "-c", SEND_OBJECTS, MODALITY_AET, str(NODE_PORT), NODE_AET, *map(
+            str, files)], timeout=120)
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert [json.loads(line)["status"] for line in result.stdout.splitlines()] == [0] * len(files), name
+    jobs = node.wait_for(lambda: (jobs := node.jobs()) and len(jobs) == 4 and all(
+        job.state in (JobState.REFUSED, JobState.FAILED, JobState.SENDING, JobState.DELIVERED) for job in jobs)
+        and jobs, "four studies handled", 240)
+    status = node.status()
+    audit = {event["job"]: event for event in read_audit(spool / "logs") if event["event"] == "refused"}
+    for job, (name, (files, expected)) in zip(jobs, studies.items(), strict=True):
+        assert job.state is JobState.REFUSED and job.instances == len(files), (name, job)
+        assert expected.lower() in job.reason.lower(), (name, job.reason)
+        assert audit[job.id]["reason"] == job.reason
+        assert job.reason in [error["reason"] for error in status["errors"]]
+    assert orthanc.instance_count() == 0 and not list(spool.glob("jobs/*/results"))
+    assert echo_in(orthanc) == "0" and node.alive()  # still serving

@@ -236,7 +236,30 @@ def _read_header(path: Path) -> Dataset | None:
         raise _corrupt(path, "its header names no SOP class: truncated or damaged")
     if _is_image(header) and "PixelData" not in header:
         raise _corrupt(path, "an image without pixel data: truncated or damaged")
+    short = _short_pixel_data(header)
+    if short:
+        raise _corrupt(path, short)
     return header
+
+
+def _short_pixel_data(header: Dataset) -> str | None:
+    """Why the uncompressed pixel data of ``header`` cannot fill its image (fewer bytes than Rows, Columns,
+    Samples per Pixel, Bits Allocated and Number of Frames promise), or None: GDCM would fill the rest with
+    whatever it finds, so a slice cut short on its way would be read as anatomy."""
+    transfer_syntax = UID(str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "") or ""))
+    if "PixelData" not in header or (transfer_syntax and transfer_syntax.is_compressed):
+        return None
+    try:
+        length = header.get_item("PixelData").length
+        promised_bits = (int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel") or 1)
+                         * int(header.BitsAllocated) * int(header.get("NumberOfFrames") or 1))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    promised = (promised_bits + 7) // 8
+    if length is None or length == 0xFFFFFFFF or length >= promised:
+        return None
+    return f"its pixel data holds {length} bytes where its {int(header.Rows)}x{int(header.Columns)} image needs " \
+        f"{promised}: cut short"
 
 
 def _corrupt(path: Path, problem: str) -> InputError:
