@@ -77,9 +77,10 @@ def run_on_worker(instances: dict[str, bytes], settings: list[str], rules: bytes
             rules_path.write_bytes(rules)
             settings = [*settings, "--rules", str(rules_path)]
         log_path = Path(scratch, "app.log")
-        with log_path.open("wb") as stream:
+        with log_path.open("wb") as stream:  # in the scratch folder: the app imports the code shipped with the task
             code = subprocess.run(child_command(os.getpid(), input_folder, output_folder, settings), stdout=stream,
-                                  stderr=subprocess.STDOUT, env=app_environment(os.environ), check=False).returncode
+                                  stderr=subprocess.STDOUT, env=app_environment(os.environ), cwd=scratch,
+                                  check=False).returncode
         with log_path.open("rb") as stream:
             stream.seek(max(0, log_path.stat().st_size - LOG_TAIL_BYTES))
             tail = stream.read()
