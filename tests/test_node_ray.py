@@ -1,18 +1,17 @@
 """The DICOM node dispatching its jobs to a real Ray cluster (`serve --ray-address`): a Ray head started here by
-`ray start --head` with the deploy environment's Python (its workers import the deploy app the node ships them),
-token authentication on, its own temporary folder, torn down by killing its session only (never `ray stop`, which
-would end every Ray cluster of this machine).
+`ray start --head` with the deploy environment's Python, token authentication on, its own temporary folder, torn
+down by killing its session only (never `ray stop`, which would end every Ray cluster of this machine).  The node
+ships its code with each task; the workers' deploy app imports that copy.
 
 The real head CT goes to the node over DICOM; its job runs as a Ray task; the node stopped (SIGTERM) or killed
 (kill -9) while the task runs leaves no deploy app running on the cluster, and the restarted node runs the job again
-and writes its DICOM-SEG and SR once.  The PACS it is told of is a port where nothing listens (the cluster's
-processes live on the host's network, Orthanc in a namespace of its own), so the job ends `sending` with its
-results waiting, as in tests/test_node_container.py.
+and delivers its DICOM-SEG and SR to a real Orthanc once (cluster, node and modality in Orthanc's network
+namespace).  Also: the job timeout cancels the task, a model folder the workers lack fails the job naming it, and
+an unreachable cluster stops `serve` at start.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -22,12 +21,26 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
 import pytest
 from conftest import SHIPPED_SEG, deploy_python, require
-from test_node import HEAD_FILES, MODALITY_AET, NODE_AET, REPOSITORY, NodeProcess, free_port, node_config, send
+from orthanc import Orthanc, running_orthanc
+from test_node import (
+    HEAD_FILES,
+    MODALITY_AET,
+    NODE_AET,
+    NODE_PORT,
+    REPOSITORY,
+    NodeProcess,
+    free_port,
+    node_config,
+    orthanc_file,
+    orthanc_series,
+    send,
+)
 
 from deploy_app.node.audit import read_audit
 from deploy_app.node.dispatch import SCRATCH_PREFIX
@@ -41,10 +54,17 @@ require(RAY.is_file(), f"the node's Ray dispatch needs ray in the deploy environ
 class RayHead:
     """`ray start --head --block` in a session of its own; every process of that session is its cluster's."""
 
-    def __init__(self, folder: Path, environment: dict[str, str]) -> None:
+    def __init__(self, folder: Path, namespace: str | None = None) -> None:
         self.port = free_port()
+        self.folder = folder
         self.output = folder / "head.log"
-        command = [str(RAY), "start", "--head", "--port", str(self.port), "--temp-dir", str(folder / "ray"),
+        self.token = folder / "token"
+        self.token.write_text(secrets.token_hex(32))
+        self.token.chmod(0o600)
+        environment = {**os.environ, **self.client_environment, "CTFM_CACHE": str(folder / "cache"),
+                       "HF_HUB_OFFLINE": "1"}
+        prefix = ["nsenter", f"--net={namespace}"] if namespace else []
+        command = [*prefix, str(RAY), "start", "--head", "--port", str(self.port), "--temp-dir", str(folder / "ray"),
                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--block"]
         with self.output.open("wb") as stream:
             self.process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=environment,
@@ -58,6 +78,11 @@ class RayHead:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_environment(self) -> dict[str, str]:
+        """What a driver (the node) needs to be let in: the cluster's token."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token)}
 
     def processes(self) -> dict[int, bytes]:
         """{pid: command line} of every process of the cluster (its session)."""
@@ -98,81 +123,97 @@ class RayHead:
         return "\n".join(self.output.read_text(errors="replace").splitlines()[-30:])
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayHead]:
+@pytest.fixture
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with running_orthanc(tmp_path_factory.mktemp("orthanc-ray")) as server:
+        yield server
+
+
+@contextmanager
+def ray_cluster(namespace: str | None = None) -> Iterator[RayHead]:
+    """A one-machine Ray cluster (in a network namespace when given), torn down whatever happens."""
     # A short folder: Ray's socket paths under it must stay within the 107 characters of a Unix socket name.
     folder = Path(tempfile.mkdtemp(prefix="ctfm-ray-"))
-    token = folder / "token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    environment = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                   "CTFM_CACHE": str(folder / "cache"), "HF_HUB_OFFLINE": "1"}
-    head = RayHead(folder, environment)
+    head = None
     try:
+        head = RayHead(folder, namespace)
         yield head
     finally:
-        head.stop()
+        if head is not None:
+            head.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    with ray_cluster() as head:
+        yield head
 
 
 @pytest.fixture
 def ray_client(ray_head: RayHead, monkeypatch: pytest.MonkeyPatch) -> RayHead:
     """The Ray head, with its token where the nodes this test starts (our children) find it."""
-    token = ray_head.output.parent / "token"
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    for name, value in ray_head.client_environment.items():
+        monkeypatch.setenv(name, value)
     return ray_head
 
 
 def test_a_study_runs_as_a_ray_task_is_run_again_after_the_node_was_stopped_or_killed_and_its_results_come_once(
-        ray_client, tmp_path, nodes):
-    head = ray_client
-    spool, port, dead_pacs = tmp_path / "spool", free_port(), free_port()
-    config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, retry_seconds=1,
-                         delivery_retry_seconds=60, ray_num_cpus=1)
-    arguments = ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                 f"dicom://PACS@127.0.0.1:{dead_pacs}", "--ray-address", head.address]
-    node = NodeProcess(spool, arguments).start(timeout_s=120)
-    nodes.append(node)
-    assert node.status()["node"]["ray_address"] == head.address
-    assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
+        pacs, tmp_path, nodes, monkeypatch):
+    orthanc = pacs
+    # The cluster, the node and the modality share Orthanc's network namespace: everyone reaches everyone there.
+    with ray_cluster(orthanc.namespace) as head:
+        for name, value in head.client_environment.items():
+            monkeypatch.setenv(name, value)
+        spool = tmp_path / "spool"
+        config = node_config(tmp_path, queue_on_release=True, quiet_seconds=600, retry_seconds=1,
+                             delivery_retry_seconds=1, ray_num_cpus=1)
+        arguments = ["--config", str(config), "--ae-title", NODE_AET, "--port", str(NODE_PORT), "--pacs",
+                     orthanc.dimse_url, "--allow-ae", MODALITY_AET, "--ray-address", head.address]
+        node = NodeProcess(spool, arguments, orthanc.namespace).start(timeout_s=120)
+        nodes.append(node)
+        assert node.status()["node"]["ray_address"] == head.address
+        assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES)] == [0] * 93
 
-    # Stopped (SIGTERM) while the task runs: the task is cancelled, its deploy app ends, the job is queued again.
-    node.wait_for(head.deploy_apps, "a deploy app on the Ray cluster", 120)
-    assert not list(spool.glob("jobs/*/attempt-*.log")), "a Ray run's log arrives with its result"
-    assert node.stop() == 0
-    wait_until(lambda: not head.deploy_apps(), "the cancelled task's deploy app to end", 30)
-    [job] = node.jobs()
-    assert job.state is JobState.QUEUED and job.interruptions == 1
+        # Stopped (SIGTERM) while the task runs: the task is cancelled, its deploy app ends, the job queued again.
+        node.wait_for(head.deploy_apps, "a deploy app on the Ray cluster", 120)
+        assert not list(spool.glob("jobs/*/attempt-*.log")), "a Ray run's log arrives with its result"
+        assert node.stop() == 0
+        wait_until(lambda: not head.deploy_apps(), "the cancelled task's deploy app to end", 30)
+        [job] = node.jobs()
+        assert job.state is JobState.QUEUED and job.interruptions == 1
 
-    # Killed (kill -9) while the task runs: Ray ends the dead driver's task; the restarted node runs the job again.
-    node = NodeProcess(spool, arguments).start(timeout_s=120)
-    nodes.append(node)
-    node.wait_for(head.deploy_apps, "the deploy app again", 120)
-    node.kill()
-    wait_until(lambda: not head.deploy_apps(), "the dead node's deploy app to end", 60)
-    node = NodeProcess(spool, arguments).start(timeout_s=120)
-    nodes.append(node)
-    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.SENDING and job.reason],
-                          "results waiting for the PACS", 240)
-    assert job.interruptions == 2 and job.attempts == 1, job
-    assert f"127.0.0.1:{dead_pacs}" in job.reason
-    assert sorted(item["file"] for item in job.outputs) == ["ctfm-measurements-sr.dcm", "ctfm-seg.dcm"]
-    results = spool / "jobs" / str(job.id) / "results"
-    seg, sr = (pydicom.dcmread(results / name) for name in ("ctfm-seg.dcm", "ctfm-measurements-sr.dcm"))
+        # Killed (kill -9) while the task runs: Ray ends the dead driver's task; the restarted node runs it again.
+        node = NodeProcess(spool, arguments, orthanc.namespace).start(timeout_s=120)
+        nodes.append(node)
+        node.wait_for(head.deploy_apps, "the deploy app again", 120)
+        node.kill()
+        wait_until(lambda: not head.deploy_apps(), "the dead node's deploy app to end", 60)
+        node = NodeProcess(spool, arguments, orthanc.namespace).start(timeout_s=120)
+        nodes.append(node)
+        [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.DELIVERED], "a delivery",
+                              240)
+        assert job.interruptions == 2 and job.attempts == 1, job
+        assert sorted(item["file"] for item in job.outputs) == ["ctfm-measurements-sr.dcm", "ctfm-seg.dcm"]
+        ray_node = head.node_id()
+        assert node.stop() == 0
+
+    # In the PACS, once: one SEG and one SR of the head CT's study, the SEG made from all 93 slices.
+    held = orthanc_series(orthanc)
+    assert sorted(series["modality"] for series in held) == ["SEG", "SR"], held
+    assert orthanc.instance_count() == 2
+    seg = pydicom.dcmread(orthanc_file(orthanc, next(s["id"] for s in held if s["modality"] == "SEG"), tmp_path))
     source = pydicom.dcmread(HEAD_FILES[0], stop_before_pixels=True)
-    assert seg.Modality == "SEG" and sr.Modality == "SR" and seg.pixel_array.any()
-    assert seg.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.pixel_array.any()
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 93
-    assert json.loads((results / "ctfm-results.json").read_text())
 
     events = read_audit(spool / "logs")
     [processed] = [event for event in events if event["event"] == "processed"]
-    assert processed["ran_on"] == f"ray:{head.node_id()}" and processed["instances"] == 93
+    assert processed["ran_on"] == f"ray:{ray_node}" and processed["instances"] == 93
+    assert [event["event"] for event in events].count("delivered") == 1
     started = [event for event in events if event["event"] == "node-started"]
     assert [event["ray_address"] for event in started] == [head.address] * 3
     assert [event["interrupted_requeued"] for event in started] == [0, 0, 1]
-    assert node.stop() == 0
     # The scratch folders the cancelled tasks left on the worker were removed by the task that ran.
     left = [folder for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*")
             if not Path("/proc", folder.name[len(SCRATCH_PREFIX):].split("-")[0]).exists()]
