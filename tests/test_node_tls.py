@@ -332,15 +332,19 @@ def web_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield server
 
 
-def test_results_reach_orthanc_over_https_with_a_bearer_token_once_and_a_wrong_token_fails_the_job_naming_401(
+def test_results_wait_for_an_empty_token_file_then_reach_orthanc_over_https_once_and_a_wrong_token_fails_with_401(
         pki, web_orthanc, nginx_proxy, tmp_path, nodes):
     orthanc = web_orthanc
     pacs = f"https://127.0.0.1:{NGINX_PORT}/dicom-web"
     token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
+    token_file.write_text("")  # the token is being rotated: the results wait for it
     node = tls_node(orthanc, tmp_path / "right", pacs, pacs_tls_ca=str(pki.ca), pacs_token_file=str(token_file))
     nodes.append(node)
     assert [answer["status"] for answer in send(orthanc, MODALITY_AET, HEAD_FILES, port=node_port(node))] == [0] * 93
+    [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.SENDING and job.reason],
+                          "results waiting for a token", 240)
+    assert f"pacs_token_file {token_file} is empty" in job.reason, job.reason
+    token_file.write_text(TOKEN + "\n")  # read again at the next delivery
     job = settled(node)
     assert job.state is JobState.DELIVERED, job.reason
     held = orthanc_series(orthanc)
