@@ -126,25 +126,27 @@ def https_get(url: str, ca: Path) -> tuple[int, dict]:
 
 
 @pytest.fixture
-def echo_servers(pki) -> Iterator[tuple[int, int]]:
-    """Two pynetdicom C-ECHO SCPs titled ECHO on loopback: one over TLS (the test CA's server certificate), one
-    plain; their ports."""
+def echo_servers(pki) -> Iterator[tuple[int, int, int]]:
+    """Three pynetdicom C-ECHO SCPs titled ECHO on loopback: over TLS (the test CA's server certificate), plain, and
+    over TLS asking for a client certificate the test CA signed; their ports."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title="ECHO")
     ae.add_supported_context(Verification)
-    ports = free_port(), free_port()
+    ports = free_port(), free_port(), free_port()
     servers = [ae.start_server(("127.0.0.1", ports[0]), block=False,
                                ssl_context=tls_server_context(pki.server_cert, pki.server_key)),
-               ae.start_server(("127.0.0.1", ports[1]), block=False)]
+               ae.start_server(("127.0.0.1", ports[1]), block=False),
+               ae.start_server(("127.0.0.1", ports[2]), block=False,
+                               ssl_context=tls_server_context(pki.server_cert, pki.server_key, pki.ca))]
     yield ports
     for server in servers:
         server.shutdown()
 
 
 def test_the_pacs_client_speaks_dicom_tls_and_names_each_tls_problem_in_one_sentence(pki, echo_servers, tmp_path):
-    tls_port, plain_port = echo_servers
+    tls_port, plain_port, mutual_port = echo_servers
     address = parse_address(f"dicom-tls://ECHO@127.0.0.1:{tls_port}")
     assert address == DimseAddress("ECHO", "127.0.0.1", tls_port, tls=True)
     assert address.display == f"dicom-tls://ECHO@127.0.0.1:{tls_port}"
@@ -156,6 +158,12 @@ def test_the_pacs_client_speaks_dicom_tls_and_names_each_tls_problem_in_one_sent
         run.document["error"]["message"], run.stderr
     run = run_cli("pacs", "echo", f"dicom-tls://ECHO@127.0.0.1:{plain_port}", "--tls-ca", pki.ca, *fast)
     assert run.code == 1 and "does not speak TLS on this port" in run.document["error"]["message"], run.stderr
+    mutual = f"dicom-tls://ECHO@127.0.0.1:{mutual_port}"
+    run = run_cli("pacs", "echo", mutual, "--tls-ca", pki.ca, *fast)  # TLS 1.3: refused after the handshake
+    assert run.code == 1 and "the peer refused our TLS connection" in run.document["error"]["message"], run.stderr
+    run = run_cli("pacs", "echo", mutual, "--tls-ca", pki.ca, "--tls-cert", pki.client_cert, "--tls-key",
+                  pki.client_key, *fast)
+    assert run.code == 0, run.stderr
 
     empty = tmp_path / "token"
     empty.write_text("\n")
