@@ -2,7 +2,7 @@
 
     serve --ae-title AET --port N --spool DIR --pacs URL [--allow-ae AET...] [--quiet-seconds S] [--config FILE]
           [--model M] [--workers N] [--health-port N] [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]
-          [--ray-address HOST:PORT]
+          [--stow-port N] [--ray-address HOST:PORT]
     status --spool DIR [--json]
     requeue --spool DIR (JOB... | --failed)
 
@@ -49,6 +49,8 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--tls-key", type=Path, metavar="PEM", help="... and its private key")
     serve.add_argument("--tls-ca", type=Path, metavar="PEM",
                        help="... and require senders' certificates signed by this CA")
+    serve.add_argument("--stow-port", type=int, metavar="N",
+                       help="also take studies by DICOMweb STOW-RS (POST /studies) on this port")
     serve.add_argument("--ray-address", metavar="HOST:PORT",
                        help="run each job as a task on this Ray cluster (or 'auto') instead of local workers")
 
@@ -62,7 +64,7 @@ def run_serve(options: argparse.Namespace) -> int:
                      "pacs": options.pacs, "allow_ae": options.allow_ae, "quiet_seconds": options.quiet_seconds,
                      "model": options.model, "workers": options.workers, "health_port": options.health_port,
                      "tls_cert": options.tls_cert, "tls_key": options.tls_key, "tls_ca": options.tls_ca,
-                     "ray_address": options.ray_address}
+                     "stow_port": options.stow_port, "ray_address": options.ray_address}
         Node(load_config(options.config, overrides)).serve()
 
     code, _ = guarded(serve, _report, log=log)

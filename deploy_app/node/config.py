@@ -51,6 +51,9 @@ class NodeConfig:
     verified against ``pacs_tls_ca`` (default: the system's CAs), and the node presents ``pacs_tls_cert`` and
     ``pacs_tls_key`` when given; ``pacs_token_file`` holds a bearer token sent to a DICOMweb PACS (basic
     authentication goes in the URL: ``https://user:password@host/dicom-web``).
+    STOW-RS intake: with ``stow_port``, DICOMweb stores (``POST /studies``) are taken on that port like C-STOREs
+    (HTTPS with ``tls_cert``; a bearer token from ``stow_token_file`` required when given); see
+    ``deploy_app.node.stow``.
     Beyond one machine: with ``ray_address`` (``HOST:PORT`` of an existing Ray cluster, or ``auto``) each job runs as
     a Ray task asking for ``ray_num_cpus`` CPUs and ``ray_num_gpus`` GPUs; the node's queue stays the only record of
     what is done.
@@ -91,6 +94,8 @@ class NodeConfig:
     pacs_tls_cert: Path | None = None
     pacs_tls_key: Path | None = None
     pacs_token_file: Path | None = None
+    stow_port: int | None = None
+    stow_token_file: Path | None = None
     ray_address: str | None = None
     ray_num_cpus: float = 1.0
     ray_num_gpus: float = 0.0
@@ -103,7 +108,7 @@ class NodeConfig:
             problem = ae_title_problem(title)
             if problem:
                 raise UsageError(f"AE title {title!r} {problem}; e.g. CTFM")
-        for name in ("port", "health_port"):
+        for name in ("port", "health_port", "stow_port"):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 65535:
                 raise UsageError(f"{name} {value}: give a port from 1 to 65535 (e.g. 11112)")
@@ -128,7 +133,7 @@ class NodeConfig:
         if self.rules is not None and not Path(self.rules).is_file():
             raise UsageError(f"rules {self.rules}: no such file; give a JSON file of selection rules")
         for name in ("tls_cert", "tls_key", "tls_ca", "pacs_tls_ca", "pacs_tls_cert", "pacs_tls_key",
-                     "pacs_token_file"):
+                     "pacs_token_file", "stow_token_file"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise UsageError(f"{name} {value}: no such file")
@@ -160,7 +165,8 @@ def load_config(file: Path | None, overrides: dict[str, Any]) -> NodeConfig:
         values = _read_toml(Path(file))
         base = Path(file).resolve().parent
         for name in ("spool", "rules", "tls_cert", "tls_key", "tls_ca", "pacs_tls_ca", "pacs_tls_cert",
-                     "pacs_tls_key", "pacs_token_file"):  # relative to the file, not to wherever the node is started
+                     "pacs_tls_key", "pacs_token_file", "stow_token_file"):
+            # relative to the file, not to wherever the node is started
             if isinstance(values.get(name), str) and not Path(values[name]).is_absolute():
                 values[name] = str(base / values[name])
     values.update({key: value for key, value in overrides.items() if value is not None})

@@ -22,6 +22,7 @@ spool before it answers success.
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import sqlite3
@@ -31,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pydicom
 
 from ctfm_engine.dicom.pacs import COMPRESSED, LABELMAP_SEGMENTATION, UNCOMPRESSED
 from ctfm_engine.errors import UsageError
@@ -209,23 +212,59 @@ class Receiver:
             tally.refused += 1
             if tally.refused == 1:  # once per association; its record at the end counts them all
                 log.warning("C-STORE from %s refused (0xA700): %s", tally.calling_ae, full)
-            self._refuse_if_oversized(event, tally)
+            try:
+                self._refuse_if_oversized(self._study_key(event.dataset, tally.calling_ae),
+                                          event.request.DataSet.getbuffer().nbytes)
+            except Exception:  # undecodable: refused (0xA700) like any instance now, nothing more to say
+                pass
             return OUT_OF_RESOURCES
         sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
         if not sop_uid:
             tally.refused += 1
             return CANNOT_UNDERSTAND
-        sop_key = uid_key("sop", sop_uid)
-        if self.queue.known_instance(sop_key):
+        if self.queue.known_instance(uid_key("sop", sop_uid)):
             tally.duplicates += 1
             return SUCCESS
         try:
-            study_key = self._study_key(event, tally.calling_ae)
+            study_key = self._study_key(event.dataset, tally.calling_ae)
             data = event.encoded_dataset()
         except Exception as error:  # pydicom signals undecodable data with many exception types
             tally.refused += 1
             log.warning("C-STORE from %s: cannot decode the instance (%s)", tally.calling_ae, type(error).__name__)
             return CANNOT_UNDERSTAND
+        return self._keep(sop_uid, study_key, data, tally)
+
+    def store_file(self, data: bytes, tally: AssociationTally) -> tuple[int, str, str]:
+        """Store one DICOM file (Part 10 bytes, e.g. a STOW-RS part) as a C-STORE of it would be: the status
+        (0x0000, 0xA700 or 0xC000), its SOP Class UID and SOP Instance UID (empty when unreadable)."""
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), defer_size=4096, stop_before_pixels=False)
+            sop_class = str(header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID") or "")
+            sop_uid = str(header.get("SOPInstanceUID") or header.file_meta.get("MediaStorageSOPInstanceUID") or "")
+            study_key = self._study_key(header, tally.calling_ae)
+        except Exception as error:  # pydicom signals undecodable data with many exception types
+            tally.refused += 1
+            log.warning("STOW-RS from %s: cannot decode a part (%s)", tally.peer, type(error).__name__)
+            return CANNOT_UNDERSTAND, "", ""
+        sop_uid = sop_uid.strip()
+        full = self.full()
+        if full:
+            tally.refused += 1
+            if tally.refused == 1:
+                log.warning("STOW-RS from %s: instance refused (0xA700): %s", tally.peer, full)
+            self._refuse_if_oversized(study_key, len(data))
+            return OUT_OF_RESOURCES, sop_class, sop_uid
+        if not sop_uid or not sop_class:
+            tally.refused += 1
+            return CANNOT_UNDERSTAND, sop_class, sop_uid
+        if self.queue.known_instance(uid_key("sop", sop_uid)):
+            tally.duplicates += 1
+            return SUCCESS, sop_class, sop_uid
+        return self._keep(sop_uid, study_key, data, tally), sop_class, sop_uid
+
+    def _keep(self, sop_uid: str, study_key: str, data: bytes, tally: AssociationTally) -> int:
+        """Write one new instance durably into the spool and record it: the status to answer."""
+        sop_key = uid_key("sop", sop_uid)
         if self._quota_bytes is not None and (self.queue.oversized_quota(study_key) or -1) >= self._quota_bytes:
             tally.refused += 1  # a study refused as larger than the quota (still the same): not stored again
             return OUT_OF_RESOURCES
@@ -234,7 +273,7 @@ class Receiver:
             self.spool.write_durably(path, data)
         except OSError as error:
             tally.refused += 1
-            log.error("C-STORE from %s: cannot write to the spool (%s)", tally.calling_ae, error.strerror)
+            log.error("%s: cannot write to the spool (%s)", tally.calling_ae, error.strerror)
             return OUT_OF_RESOURCES
         try:
             stored = self.queue.record_instance(study_key=study_key, sop_key=sop_key,
@@ -243,7 +282,7 @@ class Receiver:
         except sqlite3.Error as error:  # e.g. "database or disk is full": the file is not kept unrecorded
             path.unlink(missing_ok=True)
             tally.refused += 1
-            log.error("C-STORE from %s: cannot record the instance in the queue (%s)", tally.calling_ae, error)
+            log.error("%s: cannot record the instance in the queue (%s)", tally.calling_ae, error)
             return OUT_OF_RESOURCES
         if stored.duplicate:  # the same instance arrived over two associations at once: one copy, one record
             tally.duplicates += 1
@@ -257,15 +296,11 @@ class Receiver:
             log.info("job %d: study %s arriving from %s", stored.job_id, study_key[:12], tally.calling_ae)
         return SUCCESS
 
-    def _refuse_if_oversized(self, event: Event, tally: AssociationTally) -> None:
-        """The quota is reached: when the study of this instance fills it alone, it can never be processed here, so
-        it is refused for good (with its reason in status and the audit trail) and its instances leave the spool."""
+    def _refuse_if_oversized(self, study_key: str, size: int) -> None:
+        """The quota is reached: when the study of this instance (``size`` bytes) fills it alone, it can never be
+        processed here, so it is refused for good (with its reason in status and the audit trail) and its instances
+        leave the spool."""
         if self._quota_bytes is None:
-            return
-        try:
-            study_key = self._study_key(event, tally.calling_ae)
-            size = event.request.DataSet.getbuffer().nbytes
-        except Exception:  # undecodable: refused (0xA700) like any instance now, nothing more to say
             return
         held = self.queue.study_bytes(study_key)
         if held + size <= self._quota_bytes or (self.queue.oversized_quota(study_key) or -1) >= self._quota_bytes:
@@ -285,12 +320,11 @@ class Receiver:
         self.released_bytes(freed)
         if job is not None:
             log.warning("job %d refused: %s", job.id, reason)
-            self.audit.record("refused", job=job.id, study=job.study_key, calling_ae=tally.calling_ae,
+            self.audit.record("refused", job=job.id, study=job.study_key, calling_ae=job.calling_ae,
                               stage="receiving", reason=reason, instances_removed=len(files), bytes_removed=freed)
             self.on_complete([])
 
-    def _study_key(self, event: Event, calling_ae: str) -> str:
-        header = event.dataset
+    def _study_key(self, header: Any, calling_ae: str) -> str:
         study_uid = str(header.get("StudyInstanceUID") or "").strip()
         if study_uid:
             return uid_key("study", study_uid)
@@ -299,27 +333,30 @@ class Receiver:
         return uid_key("blank-study", f"{calling_ae}:{series_uid}")
 
     def _released(self, event: Event) -> None:
-        tally = self._end(event, "released")
-        # An association that had instances refused (spool full) sent a study cut short: the quiet period decides.
-        if tally is not None and self.config.queue_on_release and tally.jobs and not tally.refused:
-            self.on_complete(sorted(tally.jobs))
-
-    def _aborted(self, event: Event) -> None:
-        self._end(event, "aborted")
-
-    def _end(self, event: Event, outcome: str) -> AssociationTally | None:
         with self._lock:
             tally = self._tallies.pop(id(event.assoc), None)
-        if tally is None:
-            return None
-        log.info("association from %s %s: %d stored, %d duplicate(s), %d refused", tally.calling_ae, outcome,
-                 tally.stored, tally.duplicates, tally.refused)
-        self.audit.record("association", calling_ae=tally.calling_ae, peer=tally.peer, outcome=outcome,
+        if tally is not None:
+            self.finish(tally, "released", complete=True)
+
+    def _aborted(self, event: Event) -> None:
+        with self._lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is not None:
+            self.finish(tally, "aborted", complete=False)
+
+    def finish(self, tally: AssociationTally, outcome: str, *, complete: bool, event: str = "association") -> None:
+        """Record what an association (or a STOW-RS request: ``event``) did; with ``complete`` and
+        ``queue_on_release`` its studies are complete now, unless instances of it were refused (spool full: the
+        study is cut short, the quiet period decides)."""
+        log.info("%s from %s %s: %d stored, %d duplicate(s), %d refused", event.replace("-", " "), tally.calling_ae,
+                 outcome, tally.stored, tally.duplicates, tally.refused)
+        self.audit.record(event, calling_ae=tally.calling_ae, peer=tally.peer, outcome=outcome,
                           stored=tally.stored, duplicates=tally.duplicates, refused=tally.refused, bytes=tally.bytes,
                           jobs=sorted(tally.jobs))
-        if tally.stored:
+        if complete and self.config.queue_on_release and tally.jobs and not tally.refused:
+            self.on_complete(sorted(tally.jobs))
+        elif tally.stored:
             self.on_complete([])
-        return tally
 
     def _tally(self, event: Event) -> AssociationTally:
         with self._lock:

@@ -30,6 +30,7 @@ from deploy_app.node.metrics import CONTENT_TYPE, NodeMetrics
 from deploy_app.node.queue import JobQueue, JobState
 from deploy_app.node.receiver import Receiver, tls_server_context
 from deploy_app.node.spool import INCOMING, TEMPORARY_PREFIX, Spool
+from deploy_app.node.stow import StowServer, read_token
 from deploy_app.node.worker import Runner
 
 log = logging.getLogger("deploy_app.node")
@@ -88,6 +89,9 @@ class Node:
                 raise UsageError(f"cannot serve /health on port {self.config.health_port} ({error.strerror}); "
                                  "choose another health_port") from None
             self.health.start()
+        self.stow = None
+        if self.config.stow_port is not None:
+            self.stow = self._start_stow()
         self._write_pid_file()
         self.audit.record("node-started", pid=os.getpid(), ae_title=self.config.ae_title, port=self.config.port,
                           pacs=self.courier.address.display, workers=self.config.workers,
@@ -103,6 +107,24 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _start_stow(self) -> StowServer:
+        config = self.config
+        context = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            context = tls_server_context(config.tls_cert, config.tls_key, config.tls_ca)
+        try:
+            stow = StowServer(config.host, config.stow_port, self.receiver, ssl_context=context,
+                              token=lambda: read_token(config.stow_token_file),
+                              on_instance=lambda outcome: self.metrics.instances.labels(outcome).inc())
+        except OSError as error:
+            self.receiver.stop()
+            if self.health is not None:
+                self.health.stop()
+            raise UsageError(f"cannot serve STOW-RS on port {config.stow_port} ({error.strerror}); choose another "
+                             "stow_port") from None
+        stow.start()
+        return stow
 
     # Start and stop.
 
@@ -179,6 +201,8 @@ class Node:
         self.receiver.stop()
         if self.health is not None:
             self.health.stop()
+        if self.stow is not None:
+            self.stow.stop()
         self.runner.stop()
         self._work.set()
         self._deliveries.set()
