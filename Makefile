@@ -20,8 +20,8 @@ TORCH_SPEC ?= torch==2.13.0
 # Debian packages used by tests: dcm2niix (independent DICOM -> NIfTI converter), dicom3tools (dciodvfy, the
 # DICOM validator), orthanc + orthanc-dicomweb (the real PACS the end-to-end tests start in a network namespace),
 # iproute2 (`ip`) and util-linux (`unshare`, `nsenter`) to make that namespace; systemd for `systemd-analyze verify`
-# of the node's unit.
-APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb iproute2 util-linux chromium systemd
+# of the node's unit; nginx-light (a bearer-token HTTPS proxy in front of Orthanc) and openssl (test certificates).
+APT_PACKAGES := dcm2niix dicom3tools orthanc orthanc-dicomweb iproute2 util-linux chromium systemd nginx-light openssl
 # The MONAI Application Package (make map, tests/test_map.py) is built here with podman/buildah from a Debian base
 # that debootstrap makes, and run with runc (crun refuses this machine's cgroups v1 hybrid).
 MAP_APT_PACKAGES := podman buildah runc debootstrap
