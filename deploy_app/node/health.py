@@ -54,13 +54,13 @@ class HealthServer:
         self.report = report
         self.metrics = metrics
         self._server = ThreadingHTTPServer((host, port), Handler) if ssl_context is None else \
-            _HttpsServer((host, port), Handler, ssl_context)
+            HttpsServer((host, port), Handler, ssl_context)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         log.info("health endpoint on port %d (%s: /health%s)", self._server.server_address[1],
-                 "HTTPS" if isinstance(self._server, _HttpsServer) else "HTTP",
+                 "HTTPS" if isinstance(self._server, HttpsServer) else "HTTP",
                  ", /metrics" if self.metrics is not None else "")
 
     def stop(self) -> None:
@@ -68,9 +68,9 @@ class HealthServer:
         self._server.server_close()
 
 
-class _HttpsServer(ThreadingHTTPServer):
-    """The health server over TLS: the handshake runs in the request's thread, so a slow or plain client holds
-    nobody else up, and a failed one is a log line, not a traceback."""
+class HttpsServer(ThreadingHTTPServer):
+    """An HTTP server over TLS (the health port, STOW-RS): the handshake runs in the request's thread, so a slow or
+    plain client holds nobody else up, and a failed one is a log line, not a traceback."""
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  context: ssl.SSLContext) -> None:

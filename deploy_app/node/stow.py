@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from deploy_app.node.health import _HttpsServer
+from deploy_app.node.health import HttpsServer
 from deploy_app.node.receiver import SUCCESS, AssociationTally, Receiver
 
 log = logging.getLogger("deploy_app.node")
@@ -63,13 +63,13 @@ class StowServer:
         self.token = token
         self.on_instance = on_instance
         self._server = ThreadingHTTPServer((host, port), Handler) if ssl_context is None else \
-            _HttpsServer((host, port), Handler, ssl_context)
+            HttpsServer((host, port), Handler, ssl_context)
         self._thread = threading.Thread(target=self._server.serve_forever, name="stow", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         log.info("STOW-RS on port %d (%s%s)", self._server.server_address[1],
-                 "HTTPS" if isinstance(self._server, _HttpsServer) else "HTTP",
+                 "HTTPS" if isinstance(self._server, HttpsServer) else "HTTP",
                  ", bearer token required" if self.token() else ", no token asked")
 
     def stop(self) -> None:
