@@ -17,6 +17,7 @@ and runs it again (Ray ends the tasks of a driver that died); the job timeout an
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -32,6 +33,8 @@ from ctfm_engine.errors import UsageError
 from deploy_app.node.config import NodeConfig
 from deploy_app.node.spool import Spool
 from deploy_app.node.worker import ERROR_PREFIX, app_environment, app_settings, child_command
+
+log = logging.getLogger("deploy_app.node")
 
 TESTED_RAY = "2.60.0"
 NAMESPACE = "ctfm-node"
@@ -184,6 +187,8 @@ def connect(config: NodeConfig) -> RayDispatcher:
                  runtime_env={"py_modules": [ctfm_engine, deploy_app], "excludes": ["__pycache__"]})
     except Exception as error:  # ConnectionError, an authentication error, a version mismatch: all say why
         raise UsageError(f"cannot reach the Ray cluster at {address}: {_first_line(error)}") from None
+    log.info("jobs run on the Ray cluster at %s (%d node(s)), each asking for %g CPU(s) and %g GPU(s)", address,
+             len(ray.nodes()), config.ray_num_cpus, config.ray_num_gpus)
     return RayDispatcher(config, ray)
 
 
