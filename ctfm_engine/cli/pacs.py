@@ -258,16 +258,9 @@ def _open(args: argparse.Namespace, url: str, retry: RetryPolicy) -> PacsClient:
 
 
 def _token(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--token-file {path}: cannot be read ({getattr(error, 'strerror', None) or error}); give "
-                         "the file that holds the bearer token") from None
-    if not token:
-        raise UsageError(f"--token-file {path}: is empty; write the bearer token into it")
-    return token
+    from ctfm_engine.dicom.pacs import read_bearer_token
+
+    return None if path is None else read_bearer_token(path, "--token-file")
 
 
 def _retry_policy(args: argparse.Namespace) -> RetryPolicy:

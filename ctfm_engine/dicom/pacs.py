@@ -404,6 +404,26 @@ def parse_address(text: str, *, calling_aet: str = DEFAULT_CALLING_AET) -> PacsA
     return DimseAddress(called_aet, parts.hostname, port, calling_aet, tls=scheme == "dicom-tls")
 
 
+def read_bearer_token(path: str | Path, setting: str) -> str:
+    """The bearer token held in the file ``path`` (surrounding whitespace dropped), read afresh at each call so that a
+    rotated file takes effect; ``setting`` names where the path was given (e.g. ``--token-file``).
+
+    Raises
+    ------
+    UsageError
+        The file cannot be read or is empty (the message names ``setting`` and the file, never the token).
+    """
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        problem = getattr(error, "strerror", None) or type(error).__name__
+        raise UsageError(f"{setting} {path} cannot be read ({problem}); give the file that holds the bearer token"
+                         ) from None
+    if not token:
+        raise UsageError(f"{setting} {path} is empty; write the bearer token into it")
+    return token
+
+
 def ae_title_problem(title: str) -> str | None:
     """Why ``title`` is not a valid AE title (empty, too long, characters DICOM forbids), or None when it is."""
     if not title.strip():

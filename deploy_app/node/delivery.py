@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 
 from ctfm_engine.dicom.outbox import EntryState, Outbox
-from ctfm_engine.dicom.pacs import PacsClient, RetryPolicy, TlsSettings, open_pacs, parse_address
+from ctfm_engine.dicom.pacs import PacsClient, RetryPolicy, TlsSettings, open_pacs, parse_address, read_bearer_token
 from ctfm_engine.errors import CTFMError
 from deploy_app.node.audit import AuditLog, without_uids
 from deploy_app.node.config import NodeConfig
@@ -48,18 +48,9 @@ class Courier:
                          tls=self.tls, bearer_token=token)
 
     def _token(self) -> str | None:
-        """The bearer token as ``pacs_token_file`` holds it now; CTFMError when it cannot be read or is empty."""
+        """The bearer token as ``pacs_token_file`` holds it now; UsageError when it cannot be read or is empty."""
         path = self.config.pacs_token_file
-        if path is None:
-            return None
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise CTFMError(f"pacs_token_file {path} cannot be read "
-                            f"({getattr(error, 'strerror', None) or type(error).__name__})") from None
-        if not token:
-            raise CTFMError(f"pacs_token_file {path} is empty; write the PACS's bearer token into it")
-        return token
+        return None if path is None else read_bearer_token(path, "pacs_token_file")
 
     def deliver(self, job: Job) -> Job:
         """One delivery run of ``job``'s results: ``delivered``, still ``sending`` (with its next try), or

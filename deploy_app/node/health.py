@@ -20,7 +20,34 @@ log = logging.getLogger("deploy_app.node")
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
-class HealthServer:
+class HttpEndpoint:
+    """An HTTP(S) server of the node in a thread of its own: the health port, the STOW-RS port."""
+
+    name = "http"
+
+    def serve(self, host: str, port: int, handler: type[BaseHTTPRequestHandler],
+              ssl_context: ssl.SSLContext | None) -> None:
+        self._server = ThreadingHTTPServer((host, port), handler) if ssl_context is None else \
+            HttpsServer((host, port), handler, ssl_context)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=self.name, daemon=True)
+
+    @property
+    def scheme(self) -> str:
+        return "HTTPS" if isinstance(self._server, HttpsServer) else "HTTP"
+
+    def describe(self) -> str:
+        return f"{self.name} on port {self._server.server_address[1]} ({self.scheme})"
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("%s", self.describe())
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class HealthServer(HttpEndpoint):
     """Serves ``report()`` (a JSON-able dict whose ``ok`` says healthy or not) at ``/health`` on ``host:port``, and
     ``metrics()`` (bytes of ``metrics_type``) at ``/metrics`` when given; over HTTPS with ``ssl_context``."""
 
@@ -53,19 +80,12 @@ class HealthServer:
 
         self.report = report
         self.metrics = metrics
-        self._server = ThreadingHTTPServer((host, port), Handler) if ssl_context is None else \
-            HttpsServer((host, port), Handler, ssl_context)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+        self.serve(host, port, Handler, ssl_context)
 
-    def start(self) -> None:
-        self._thread.start()
-        log.info("health endpoint on port %d (%s: /health%s)", self._server.server_address[1],
-                 "HTTPS" if isinstance(self._server, HttpsServer) else "HTTP",
-                 ", /metrics" if self.metrics is not None else "")
+    name = "health"
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def describe(self) -> str:
+        return super().describe() + ": /health" + (", /metrics" if self.metrics is not None else "")
 
 
 class HttpsServer(ThreadingHTTPServer):

@@ -21,13 +21,14 @@ import json
 import logging
 import re
 import ssl
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from deploy_app.node.health import HttpsServer
+from ctfm_engine.dicom.pacs import read_bearer_token
+from ctfm_engine.errors import UsageError
+from deploy_app.node.health import HttpEndpoint
 from deploy_app.node.receiver import SUCCESS, AssociationTally, Receiver
 
 log = logging.getLogger("deploy_app.node")
@@ -39,7 +40,7 @@ NO_TOKEN_MATCHES = "\0"  # a token file that cannot be read, or is empty, lets n
 STOW_AE = "STOW-RS"  # the "calling AE title" of STOW-RS requests in the queue, status and audit
 
 
-class StowServer:
+class StowServer(HttpEndpoint):
     """STOW-RS on ``host:port`` into ``receiver``; ``token`` (read each request) is the bearer token required."""
 
     def __init__(self, host: str, port: int, receiver: Receiver, *, token: Callable[[], str | None],
@@ -62,19 +63,12 @@ class StowServer:
 
         self.token = token
         self.on_instance = on_instance
-        self._server = ThreadingHTTPServer((host, port), Handler) if ssl_context is None else \
-            HttpsServer((host, port), Handler, ssl_context)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="stow", daemon=True)
+        self.serve(host, port, Handler, ssl_context)
 
-    def start(self) -> None:
-        self._thread.start()
-        log.info("STOW-RS on port %d (%s%s)", self._server.server_address[1],
-                 "HTTPS" if isinstance(self._server, HttpsServer) else "HTTP",
-                 ", bearer token required" if self.token() else ", no token asked")
+    name = "STOW-RS"
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def describe(self) -> str:
+        return super().describe() + (": bearer token required" if self.token() else ": no token asked")
 
     def _post(self, request: BaseHTTPRequestHandler) -> None:
         peer = request.client_address[0]
@@ -187,15 +181,12 @@ def _parts(body: bytes, boundary: bytes) -> list[bytes]:
 
 
 def read_token(path: Path | None) -> str | None:
-    """The bearer token in ``path`` (stripped), read each time so that a rotated file takes effect at once."""
+    """The bearer token in ``path``, read each time so that a rotated file takes effect at once; a file that cannot
+    be read or is empty lets nobody in (and says so in the log)."""
     if path is None:
         return None
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as error:
-        log.error("stow_token_file %s cannot be read (%s): STOW-RS refuses every request", path, error.strerror)
+        return read_bearer_token(path, "stow_token_file")
+    except UsageError as error:
+        log.error("%s: STOW-RS refuses every request", error)
         return NO_TOKEN_MATCHES
-    if not token:
-        log.error("stow_token_file %s is empty: STOW-RS refuses every request", path)
-        return NO_TOKEN_MATCHES
-    return token
