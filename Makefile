@@ -52,7 +52,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(DEPLOY_VENV)/.installed: pyproject.toml | $(DEPLOY_BIN)/python
 	$(DEPLOY_BIN)/pip install -q "$(TORCH_SPEC)"
-	$(DEPLOY_BIN)/pip install -q -e ".[deploy]"
+	$(DEPLOY_BIN)/pip install -q -e ".[deploy,cluster]"
 	touch $@
 
 $(SLICER_VENV)/.installed: SlicerCTFM/Resources/requirements.txt | $(SLICER_VENV)/bin/python

@@ -73,8 +73,9 @@ def human_lines(document: dict[str, Any]) -> list[str]:
     """The status document as a few lines for a terminal."""
     node = document["node"]
     if node["running"]:
-        lines = [f"node: running (pid {node['pid']}, AE {node['ae_title']} on port {node['port']}, since "
-                 f"{_time(node['started'])})"]
+        where = f"; jobs on the Ray cluster at {node['ray_address']}" if node.get("ray_address") else ""
+        lines = [f"node: running (pid {node.get('pid')}, AE {node.get('ae_title')} on port {node.get('port')}, since "
+                 f"{_time(node.get('started'))}{where})"]
     else:
         lines = ["node: not running"]
     lines.append("jobs: " + ", ".join(f"{count} {state}" for state, count in document["counts"].items()))
