@@ -715,14 +715,14 @@ def test_the_queue_takes_an_instance_once_reopens_a_queued_study_and_requeues_wh
     again = queue.record_instance(study_key="s1", sop_key="a", file="incoming/s1/a.dcm", size=10, calling_ae="M",
                                   now=101.0)
     assert first.new_job and not first.duplicate and again.duplicate and again.job_id == first.job_id
-    assert queue.queue_quiet(5.0, now=104.0) == []
-    [queued] = queue.queue_quiet(5.0, now=105.0)
+    assert queue.queue_quiet(5.0, now=104.0) == ([], [])
+    [queued], [] = queue.queue_quiet(5.0, now=105.0)
     assert queued.state is JobState.QUEUED and queued.instances == 1
     # One more slice before a worker took it: the same job, receiving again, with its quiet period restarted.
     late = queue.record_instance(study_key="s1", sop_key="b", file="incoming/s1/b.dcm", size=10, calling_ae="M",
                                  now=106.0)
     assert late.job_id == first.job_id and queue.job(first.job_id).state is JobState.RECEIVED
-    assert queue.queue_quiet(5.0, now=110.0) == []
+    assert queue.queue_quiet(5.0, now=110.0) == ([], [])
     queue.queue_quiet(5.0, now=111.0)
     job, files = queue.claim(now=112.0)
     assert job.state is JobState.RUNNING and files == ["incoming/s1/a.dcm", "incoming/s1/b.dcm"]
@@ -737,6 +737,17 @@ def test_the_queue_takes_an_instance_once_reopens_a_queued_study_and_requeues_wh
     assert requeued.queued == 111.0  # still complete since then: the turnaround in status counts the lost run
     assert queue.counts() == {"received": 1, "queued": 1, "running": 0, "sending": 0, "delivered": 0,
                               "refused": 0, "failed": 0}
+    # Instances refused for want of room: their study is refused at its quiet period unless they came again.
+    queue.record_instance(study_key="s2", sop_key="x", file="incoming/s2/x.dcm", size=10, calling_ae="M", now=200.0)
+    queue.note_missing("s2", "y", now=200.5)
+    queue.note_missing("s2", "x", now=200.5)  # stored already: not missing
+    queue.record_instance(study_key="s3", sop_key="p", file="incoming/s3/p.dcm", size=10, calling_ae="M", now=200.0)
+    queue.note_missing("s3", "q", now=200.5)
+    queue.record_instance(study_key="s3", sop_key="q", file="incoming/s3/q.dcm", size=10, calling_ae="M", now=201.0)
+    queued, [incomplete] = queue.queue_quiet(5.0, now=210.0)
+    assert incomplete.study_key == "s2" and incomplete.state is JobState.REFUSED
+    assert incomplete.reason.startswith("the study is incomplete: 1 of its instances were refused")
+    assert {job.study_key for job in queued} == {"s1", "s3"}  # s3's refused instance came again
     # The operator's requeue: results the PACS refused are delivered again, not made again; nothing on its way
     # or delivered is requeued.
     queue.claim(now=120.0)

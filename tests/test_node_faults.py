@@ -1,9 +1,10 @@
 """The DICOM node under faults of the disk and the network: the spool's file system really full (a small tmpfs
 mounted for the test), a sender that aborts its association half-way, and the node killed (kill -9) in the middle
 of a C-STORE of its result to a real Orthanc behind a slow link; and the bad studies a network brings (localiser
-only, a slice cut short, a duplicated slice, an object without images), each refused with its reason.  Each node is
-a real child process (`python -m deploy_app serve` in the deploy environment), fed by a pynetdicom modality; the
-studies are made from the real head CT (tests/test_node.py has the PACS round trips)."""
+only, a slice cut short, a duplicated slice, an object without images, a study cut short by a full spool), each
+refused with its reason.  Each node is a real child process (`python -m deploy_app serve` in the deploy
+environment), fed by a pynetdicom modality; the studies are made from the real head CT (tests/test_node.py has the
+PACS round trips)."""
 
 from __future__ import annotations
 
@@ -371,3 +372,29 @@ def test_localiser_only_truncated_duplicated_and_non_image_studies_from_the_netw
         assert job.reason in [error["reason"] for error in status["errors"]]
     assert orthanc.instance_count() == 0 and not list(spool.glob("jobs/*/results"))
     assert echo_in(orthanc) == "0" and node.alive()  # still serving
+
+
+def test_a_study_cut_short_by_a_full_spool_is_refused_as_incomplete_not_processed_in_part(tmp_path, nodes):
+    from test_node import reidentified_copy
+
+    spool, port = tmp_path / "spool", free_port()
+    # A quota of about 32 head-CT slices; a study is complete 3 s after its last instance.
+    config = node_config(tmp_path, host="127.0.0.1", spool_quota_mb=0.3, min_free_mb=0, quiet_seconds=3)
+    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    nodes.append(node)
+    first = reidentified_copy(tmp_path / "first")[:25]
+    assert [answer["status"] for answer in send(None, MODALITY_AET, first, port=port)] == [0] * 25
+    statuses = [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)]
+    taken = statuses.count(0)
+    assert 0 < taken < 20 and statuses == [0] * taken + [0xA700] * (93 - taken)
+    # The sender does not come back with the rest: at the end of the quiet period the study is refused, not run.
+    second = node.wait_for(lambda: [job for job in node.jobs() if job.instances == taken and job.state not in (
+        JobState.RECEIVED, JobState.QUEUED)], "the cut study's outcome", 60)[0]
+    assert second.state is JobState.REFUSED and second.attempts == 0, second
+    assert second.reason == (f"the study is incomplete: {93 - taken} of its instances were refused while the spool "
+                             "was full and not sent again; send the study again")
+    [event] = [event for event in read_audit(spool / "logs") if event["event"] == "refused"
+               and event["job"] == second.id]
+    assert event["reason"] == second.reason and event["stage"] == "receiving"
+    assert second.reason in [error["reason"] for error in node.status()["errors"]]

@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS instances (
     removed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_key);
+CREATE TABLE IF NOT EXISTS missing (
+    sop_key TEXT PRIMARY KEY,
+    study_key TEXT NOT NULL,
+    refused REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS missing_study ON missing (study_key);
 CREATE TABLE IF NOT EXISTS oversized (
     study_key TEXT PRIMARY KEY,
     quota_bytes INTEGER NOT NULL,
@@ -211,6 +217,7 @@ class JobQueue:
             connection.execute(
                 "INSERT INTO instances (sop_key, study_key, job_id, file, bytes, received) VALUES (?, ?, ?, ?, ?, ?)",
                 (sop_key, study_key, job_id, file, size, now))
+            connection.execute("DELETE FROM missing WHERE sop_key = ?", (sop_key,))
         return Stored(job_id, duplicate=False, new_job=new_job)
 
     # Studies larger than the spool's quota.
@@ -249,10 +256,39 @@ class JobQueue:
                                          (study_key,)).fetchone()
         return None if row is None else int(row[0])
 
-    def queue_quiet(self, quiet_seconds: float, now: float | None = None) -> list[Job]:
-        """Queue every received job whose last instance arrived ``quiet_seconds`` ago or earlier."""
+    # Instances refused for want of room: the study is incomplete until its sender sends them again.
+
+    def note_missing(self, study_key: str, sop_key: str, now: float | None = None) -> None:
+        """An instance of ``study_key`` was refused (spool full): its study must not be processed without it.  The
+        study's quiet period starts again: its sender is still sending."""
         now = time.time() if now is None else now
-        return self._queue("state = ? AND last_received <= ?", (JobState.RECEIVED.value, now - quiet_seconds), now)
+        with self._transaction() as connection:
+            if not connection.execute("SELECT 1 FROM instances WHERE sop_key = ?", (sop_key,)).fetchone():
+                connection.execute("INSERT OR IGNORE INTO missing (sop_key, study_key, refused) VALUES (?, ?, ?)",
+                                   (sop_key, study_key, now))
+            connection.execute("UPDATE jobs SET last_received = MAX(last_received, ?) WHERE study_key = ? AND "
+                               "state = ?", (now, study_key, JobState.RECEIVED.value))
+
+    def queue_quiet(self, quiet_seconds: float, now: float | None = None) -> tuple[list[Job], list[Job]]:
+        """Every received job whose last instance arrived ``quiet_seconds`` ago or earlier: queued when its study is
+        whole, refused when instances of it were refused for want of room and never sent again (processing what
+        arrived would give results for part of a study).  Returns (queued, refused)."""
+        now = time.time() if now is None else now
+        with self._transaction() as connection:
+            rows = connection.execute(
+                "SELECT jobs.id, COUNT(missing.sop_key) AS missing FROM jobs JOIN missing ON missing.study_key = "
+                "jobs.study_key WHERE jobs.state = ? AND jobs.last_received <= ? GROUP BY jobs.id",
+                (JobState.RECEIVED.value, now - quiet_seconds)).fetchall()
+            for row in rows:
+                reason = (f"the study is incomplete: {row['missing']} of its instances were refused while the spool "
+                          "was full and not sent again; send the study again")
+                connection.execute("UPDATE jobs SET state = ?, reason = ?, finished = ? WHERE id = ?",
+                                   (JobState.REFUSED.value, reason, now, row["id"]))
+                connection.execute("DELETE FROM missing WHERE study_key = (SELECT study_key FROM jobs WHERE id = ?)",
+                                   (row["id"],))
+        refused = [self.job(row["id"]) for row in rows]
+        queued = self._queue("state = ? AND last_received <= ?", (JobState.RECEIVED.value, now - quiet_seconds), now)
+        return queued, refused
 
     def queue_jobs(self, job_ids: list[int], now: float | None = None) -> list[Job]:
         """Queue these jobs now if they are still receiving (an explicit trigger: the sender released)."""

@@ -12,6 +12,8 @@ spool before it answers success.
 * A study that alone fills the quota (``spool_quota_mb``) can never be processed: it is refused for good when an
   instance of it finds the quota reached, its instances leave the spool, and further instances of it are answered
   0xA700 without being stored, until the quota is raised.
+* A study some of whose instances were refused for want of room is incomplete: when its quiet period ends without
+  its sender having sent them again, it is refused with that reason rather than processed in part.
 * Completion: a study is complete ``quiet_seconds`` after its last instance (the scheduler's job) or, with
   ``queue_on_release``, as soon as the association that sent it is released normally (not aborted, and with no
   instance refused: a sender told 0xA700 sends the rest again later).
@@ -213,10 +215,12 @@ class Receiver:
             if tally.refused == 1:  # once per association; its record at the end counts them all
                 log.warning("C-STORE from %s refused (0xA700): %s", tally.calling_ae, full)
             try:
-                self._refuse_if_oversized(self._study_key(event.dataset, tally.calling_ae),
-                                          event.request.DataSet.getbuffer().nbytes)
+                study_key = self._study_key(event.dataset, tally.calling_ae)
+                size = event.request.DataSet.getbuffer().nbytes
+                sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
             except Exception:  # undecodable: refused (0xA700) like any instance now, nothing more to say
-                pass
+                return OUT_OF_RESOURCES
+            self._refused_for_room(study_key, sop_uid, size)
             return OUT_OF_RESOURCES
         sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
         if not sop_uid:
@@ -252,7 +256,7 @@ class Receiver:
             tally.refused += 1
             if tally.refused == 1:
                 log.warning("STOW-RS from %s: instance refused (0xA700): %s", tally.peer, full)
-            self._refuse_if_oversized(study_key, len(data))
+            self._refused_for_room(study_key, sop_uid, len(data))
             return OUT_OF_RESOURCES, sop_class, sop_uid
         if not sop_uid or not sop_class:
             tally.refused += 1
@@ -274,6 +278,7 @@ class Receiver:
         except OSError as error:
             tally.refused += 1
             log.error("%s: cannot write to the spool (%s)", tally.calling_ae, error.strerror)
+            self._note_missing(study_key, sop_key)
             return OUT_OF_RESOURCES
         try:
             stored = self.queue.record_instance(study_key=study_key, sop_key=sop_key,
@@ -283,6 +288,7 @@ class Receiver:
             path.unlink(missing_ok=True)
             tally.refused += 1
             log.error("%s: cannot record the instance in the queue (%s)", tally.calling_ae, error)
+            self._note_missing(study_key, sop_key)
             return OUT_OF_RESOURCES
         if stored.duplicate:  # the same instance arrived over two associations at once: one copy, one record
             tally.duplicates += 1
@@ -295,6 +301,19 @@ class Receiver:
         if stored.new_job:
             log.info("job %d: study %s arriving from %s", stored.job_id, study_key[:12], tally.calling_ae)
         return SUCCESS
+
+    def _refused_for_room(self, study_key: str, sop_uid: str, size: int) -> None:
+        """An instance was refused because the spool is full: its study is incomplete until it comes again (or is
+        refused for good when it fills the quota alone)."""
+        if sop_uid:
+            self._note_missing(study_key, uid_key("sop", sop_uid))
+        self._refuse_if_oversized(study_key, size)
+
+    def _note_missing(self, study_key: str, sop_key: str) -> None:
+        try:
+            self.queue.note_missing(study_key, sop_key)
+        except sqlite3.Error as error:  # the disk is full for the queue too: the quiet period will not know
+            log.error("cannot record a refused instance as missing (%s)", error)
 
     def _refuse_if_oversized(self, study_key: str, size: int) -> None:
         """The quota is reached: when the study of this instance (``size`` bytes) fills it alone, it can never be

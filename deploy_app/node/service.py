@@ -240,8 +240,13 @@ class Node:
     def _schedule(self) -> None:
         last_retention = 0.0
         while not self._stop.is_set():
-            for job in self.queue.queue_quiet(self.config.quiet_seconds):
+            queued, incomplete = self.queue.queue_quiet(self.config.quiet_seconds)
+            for job in queued:
                 self._queued(job, f"no new instance for {self.config.quiet_seconds:g} s")
+            for job in incomplete:
+                log.warning("job %d refused: %s", job.id, job.reason)
+                self.audit.record("refused", job=job.id, study=job.study_key, calling_ae=job.calling_ae,
+                                  stage="receiving", reason=job.reason, instances=job.instances)
             for job in self.queue.retry_due():
                 self._queued(job, f"retry {job.attempts + 1} of {self.config.max_attempts}")
             if self.queue.delivery_due():
