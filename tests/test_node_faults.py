@@ -22,10 +22,12 @@ import pytest
 from conftest import SHARED, missing_real_part
 from orthanc import Orthanc, running_orthanc
 from test_node import (
+    DEPLOY_PYTHON,
     HEAD_FILES,
     MODALITY_AET,
     NODE_AET,
     NODE_PORT,
+    REPOSITORY,
     NodeProcess,
     deploy_apps_running,
     free_port,
@@ -398,3 +400,23 @@ def test_a_study_cut_short_by_a_full_spool_is_refused_as_incomplete_not_processe
                and event["job"] == second.id]
     assert event["reason"] == second.reason and event["stage"] == "receiving"
     assert second.reason in [error["reason"] for error in node.status()["errors"]]
+
+
+def test_a_sender_outside_allow_hosts_is_rejected_at_association_and_one_inside_is_served(tmp_path, nodes):
+    port = free_port()
+    for allowed, expected in ((["10.9.9.0/24"], "rejected"), (["10.9.9.0/24", "127.0.0.1"], "0")):
+        spool = tmp_path / f"spool-{expected}"
+        config = node_config(tmp_path, host="127.0.0.1", allow_ae=[MODALITY_AET], allow_hosts=allowed)
+        node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                                   f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+        nodes.append(node)
+        assert echo(port) == expected
+        refusals = [event for event in read_audit(spool / "logs") if event["event"] == "association-refused"]
+        assert [event["reason"] for event in refusals] == (
+            ["address 127.0.0.1 not in allow_hosts"] if expected == "rejected" else [])
+        assert node.stop() == 0
+    config = node_config(tmp_path, allow_hosts=["10.9.9.300"])
+    bad = subprocess.run([DEPLOY_PYTHON, "-m", "deploy_app", "serve", "--config", config, "--ae-title", NODE_AET,
+                          "--port", str(port), "--pacs", "dicom://PACS@127.0.0.1:104", "--spool", tmp_path / "bad"],
+                         capture_output=True, text=True, timeout=60, cwd=REPOSITORY)
+    assert bad.returncode == 2 and "allow_hosts '10.9.9.300': not an address or network" in bad.stderr, bad.stderr

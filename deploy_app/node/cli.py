@@ -39,6 +39,8 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--pacs", metavar="URL", help=f"where results go: {URL_HELP}")
     serve.add_argument("--allow-ae", nargs="+", metavar="AET",
                        help="calling AE titles allowed to store (default: any, with a warning)")
+    serve.add_argument("--allow-host", nargs="+", metavar="NET",
+                       help="addresses or networks (10.1.0.0/16) senders may call from (default: any)")
     serve.add_argument("--quiet-seconds", type=float, metavar="S",
                        help="a study is complete when no instance of it arrived for S seconds (30)")
     serve.add_argument("--config", type=Path, metavar="FILE", help="a TOML file of settings; flags override it")
@@ -61,7 +63,8 @@ def run_serve(options: argparse.Namespace) -> int:
 
     def serve() -> None:
         overrides = {"ae_title": options.ae_title, "port": options.port, "spool": options.spool,
-                     "pacs": options.pacs, "allow_ae": options.allow_ae, "quiet_seconds": options.quiet_seconds,
+                     "pacs": options.pacs, "allow_ae": options.allow_ae, "allow_hosts": options.allow_host,
+                     "quiet_seconds": options.quiet_seconds,
                      "model": options.model, "workers": options.workers, "health_port": options.health_port,
                      "tls_cert": options.tls_cert, "tls_key": options.tls_key, "tls_ca": options.tls_ca,
                      "stow_port": options.stow_port, "ray_address": options.ray_address}

@@ -14,6 +14,7 @@ Example (every key but the first four is optional; the defaults are those of :cl
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,14 @@ class NodeConfig:
     """Everything the node needs.
 
     Receiving: ``ae_title`` and ``port`` it listens on (every interface, or ``host``); ``allow_ae`` the calling AE
-    titles it accepts (empty: any, which the log warns about); at most ``max_associations`` at once (more are
-    rejected as transient, "local limit exceeded"); with ``health_port``, ``GET /health`` on that port answers 200 or
-    503 (see ``deploy_app.node.health``); a study is complete ``quiet_seconds`` after its last
-    instance arrived, or, with ``queue_on_release``, as soon as the association that sent it is released normally.
-    Backpressure: no new instance is accepted (associations rejected as transient, C-STORE answered 0xA700) while the
-    spool holds ``spool_quota_mb`` or its file system has less than ``min_free_mb`` free.
+    titles it accepts (empty: any, which the log warns about) and ``allow_hosts`` the addresses or networks
+    (``10.1.2.3``, ``10.1.0.0/16``) they may call from (empty: any; STOW-RS requests too); at most
+    ``max_associations`` at once (more are rejected as transient, "local limit exceeded"); with ``health_port``,
+    ``GET /health`` on that port answers 200 or 503 (see ``deploy_app.node.health``); a study is complete
+    ``quiet_seconds`` after its last instance arrived, or, with ``queue_on_release``, as soon as the association
+    that sent it is released normally. Backpressure: no new instance is accepted (associations rejected as
+    transient, C-STORE answered 0xA700) while the spool holds ``spool_quota_mb`` or its file system has less than
+    ``min_free_mb`` free.
     Processing: ``workers`` studies at a time, each by the deploy app with ``model``, ``encoding``,
     ``triage_model``, ``rules``, ``device`` and ``measurements_sr``; a run that takes longer than
     ``job_timeout_minutes`` is stopped; a failed run is tried ``max_attempts`` times in all, ``retry_seconds`` apart
@@ -66,6 +69,7 @@ class NodeConfig:
     host: str = ""
     health_port: int | None = None
     allow_ae: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
     max_associations: int = 10
     quiet_seconds: float = 30.0
     queue_on_release: bool = False
@@ -108,6 +112,12 @@ class NodeConfig:
             problem = ae_title_problem(title)
             if problem:
                 raise UsageError(f"AE title {title!r} {problem}; e.g. CTFM")
+        for network in self.allow_hosts:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise UsageError(f"allow_hosts {network!r}: not an address or network; e.g. 10.1.2.3 or 10.1.0.0/16"
+                                 ) from None
         for name in ("port", "health_port", "stow_port"):
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 65535:

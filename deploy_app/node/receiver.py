@@ -1,7 +1,8 @@
 """The node's DICOM listener: a pynetdicom storage SCP (C-ECHO, C-STORE) that writes every instance durably into the
 spool before it answers success.
 
-* Association: a calling AE title not in the allow-list is rejected permanently ("calling AE title not recognised",
+* Association: a calling AE title not in the allow-list (or an address outside ``allow_hosts``) is rejected
+  permanently ("calling AE title not recognised",
   PS3.8 A-ASSOCIATE-RJ result 1, source 1, reason 3), as is a wrong called AE title; while the spool is full every
   association is rejected as transient ("temporary congestion", result 2, source 3, reason 1) so the sender tries
   again later.
@@ -25,6 +26,7 @@ spool before it answers success.
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import socket
 import sqlite3
@@ -100,6 +102,7 @@ class Receiver:
         self._spool_bytes = queue.spool_bytes()
         quota = config.spool_quota_mb
         self._quota_bytes = None if quota is None else int(quota * 2**20)
+        self._networks = [ipaddress.ip_network(network, strict=False) for network in config.allow_hosts]
 
     # Backpressure.
 
@@ -166,12 +169,28 @@ class Receiver:
             self._reject(event, REJECT_UNKNOWN_CALLING_AE, calling, "calling AE title not in the allow-list",
                          "calling_ae")
             return
+        if not self.host_allowed(_peer(event)):
+            self._reject(event, REJECT_UNKNOWN_CALLING_AE, calling, f"address {_peer(event)} not in allow_hosts",
+                         "calling_host")
+            return
         full = self.full()
         if full:
             self._reject(event, REJECT_CONGESTION, calling, f"spool full: {full}", "spool_full")
             return
         with self._lock:
             self._tallies[id(event.assoc)] = AssociationTally(calling, _peer(event))
+
+    def host_allowed(self, address: str) -> bool:
+        """Whether ``address`` may send studies (``allow_hosts``; empty: any)."""
+        if not self._networks:
+            return True
+        try:
+            peer = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if peer.version == 6 and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        return any(peer in network for network in self._networks)
 
     def _reject(self, event: Event, answer: tuple[int, int, int], calling: str, reason: str, kind: str) -> None:
         self._count_rejection(kind)

@@ -8,10 +8,10 @@ response in ``application/dicom+json``: 200 when every instance is stored (or wa
 refused, 409 when none was stored, each refused one in the Failed SOP Sequence with its reason (0xA700 out of
 resources, 0xC000 cannot understand).  A full spool answers 503 with Retry-After before reading the body.
 
-Access: with ``stow_token_file`` a request needs ``Authorization: Bearer <the file's token>`` (401 otherwise); with
-``tls_cert``/``tls_key`` the port speaks HTTPS only (and with ``tls_ca`` asks for client certificates signed by
-it).  A request is audited like an association (``stow-request``: peer, stored, duplicates, refused, bytes) and, with
-``queue_on_release``, completes its studies when it ends.
+Access: an address outside ``allow_hosts`` gets 403; with ``stow_token_file`` a request needs ``Authorization:
+Bearer <the file's token>`` (401 otherwise); with ``tls_cert``/``tls_key`` the port speaks HTTPS only (and with
+``tls_ca`` asks for client certificates signed by it).  A request is audited like an association (``stow-request``:
+peer, stored, duplicates, refused, bytes) and, with ``queue_on_release``, completes its studies when it ends.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ class StowServer(HttpEndpoint):
         request.close_connection = True  # one request per connection: simple, and a refused body is never read
         if not PATH.match(request.path.split("?")[0]):
             _answer(request, 404, {"error": "POST to /studies (or /dicom-web/studies)"})
+            return
+        if not self.receiver.host_allowed(peer):
+            log.warning("STOW-RS from %s refused: address not in allow_hosts", peer)
+            self.receiver.audit.record("association-refused", calling_ae=STOW_AE, peer=peer,
+                                       reason=f"address {peer} not in allow_hosts")
+            _answer(request, 403, {"error": "this address may not store here"})
             return
         expected = self.token()
         given = request.headers.get("Authorization", "")
