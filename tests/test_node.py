@@ -772,3 +772,27 @@ def test_the_example_settings_load_and_a_bad_setting_is_refused_naming_it(tmp_pa
                             text=True, timeout=60, check=False)
     assert result.returncode == 2 and "unknown setting(s) quiet_second" in result.stderr, result.stderr
     assert not (tmp_path / "spool").exists()
+
+
+LOG_FLOOD = """
+import logging, sys
+from pathlib import Path
+from deploy_app.node.config import NodeConfig
+from deploy_app.node.service import configure_logging
+folder = Path(sys.argv[1])
+config = NodeConfig(ae_title="CTFM", port=11112, spool=folder, pacs="dicom://PACS@127.0.0.1:104", log_max_mb=0.01,
+                    log_backups=2)
+configure_logging(folder, config)
+for number in range(2000):
+    logging.getLogger("deploy_app.node").info("job %d queued: 93 instance(s), no new instance for 30 s", number)
+"""
+
+
+def test_the_node_log_rotates_at_log_max_mb_keeping_log_backups_files(tmp_path):
+    result = subprocess.run([sys.executable, "-c", LOG_FLOOD, tmp_path], capture_output=True, text=True, timeout=60,
+                            cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = sorted(path.name for path in tmp_path.glob("node.log*"))
+    assert logs == ["node.log", "node.log.1", "node.log.2"], logs
+    assert all(path.stat().st_size <= 0.01 * 2**20 for path in tmp_path.glob("node.log*"))
+    assert "job 1999 queued" in (tmp_path / "node.log").read_text()
