@@ -152,6 +152,13 @@ class NodeProcess:
                          for path in logs if path.is_file())
 
 
+def dead_pacs_node(spool: Path, config: Path, port: int, *options: str) -> NodeProcess:
+    """A node (not started) listening on loopback ``port`` with the settings file ``config``, whose PACS does not
+    listen: its results wait in ``sending``."""
+    return NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
+                               f"dicom://PACS@127.0.0.1:{free_port()}", *options])
+
+
 def deploy_apps_running(spool: Path) -> list[int]:
     """Process ids of deploy apps working on this spool's jobs."""
     found = []
@@ -372,8 +379,7 @@ def test_a_study_cut_by_a_kill_while_receiving_is_completed_by_the_resend_and_it
 def test_a_jpeg2000_series_without_study_uids_is_stored_as_sent_and_kept_together(tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
     config = node_config(tmp_path, host="127.0.0.1", quiet_seconds=600)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    node = dead_pacs_node(spool, config, port).start()
     nodes.append(node)
     sources = sorted(path for path in TS_DICOM.iterdir() if path.name.startswith("CT."))
     assert [answer["status"] for answer in send(None, MODALITY_AET, sources, port=port)] == [0] * 20
@@ -391,8 +397,7 @@ def test_a_jpeg2000_series_without_study_uids_is_stored_as_sent_and_kept_togethe
 def test_a_stopped_node_queues_its_running_study_again_and_a_second_node_cannot_take_its_spool(tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
     config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    node = dead_pacs_node(spool, config, port).start()
     nodes.append(node)
     assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
     node.wait_for(lambda: deploy_apps_running(spool), "a deploy app", 30)
@@ -456,8 +461,7 @@ def reidentified_copy(folder: Path) -> list[Path]:
 def test_the_worker_pool_runs_at_most_workers_studies_at_once(tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
     config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, workers=2)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    node = dead_pacs_node(spool, config, port).start()
     nodes.append(node)
     # Three studies over one association: all three are complete when it is released.
     studies = [*HEAD_FILES, *reidentified_copy(tmp_path / "b"), *reidentified_copy(tmp_path / "c")]
@@ -606,8 +610,7 @@ def test_a_study_larger_than_the_quota_is_refused_and_a_full_spool_answers_out_o
     # No study is complete here (quiet_seconds 600): what fills the spool stays in it.
     config = node_config(tmp_path, host="127.0.0.1", spool_quota_mb=quota_mb, quiet_seconds=600, min_free_mb=0,
                          health_port=health_port)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    node = dead_pacs_node(spool, config, port).start()
     nodes.append(node)
     code, document = health(health_port)
     assert code == 200 and document["ok"] is True and document["reason"] is None

@@ -29,6 +29,7 @@ from test_node import (
     NODE_PORT,
     REPOSITORY,
     NodeProcess,
+    dead_pacs_node,
     deploy_apps_running,
     free_port,
     node_config,
@@ -120,8 +121,7 @@ def test_a_full_disk_refuses_what_does_not_fit_queues_nothing_half_written_and_t
     # No margin kept free (min_free_mb 0): the file system itself runs out of space.  A study is complete when its
     # sender releases the association.
     config = node_config(tmp_path, host="127.0.0.1", min_free_mb=0, queue_on_release=True, quiet_seconds=600)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    node = dead_pacs_node(spool, config, port).start()
     nodes.append(node)
     study_bytes = sum(path.stat().st_size for path in HEAD_FILES)
     # Another program fills the disk: about half the study still fits.
@@ -172,8 +172,7 @@ def test_a_full_disk_refuses_what_does_not_fit_queues_nothing_half_written_and_t
 def test_an_aborted_association_leaves_its_study_waiting_and_the_rest_completes_it_once(tmp_path, nodes):
     spool, port = tmp_path / "spool", free_port()
     config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    node = dead_pacs_node(spool, config, port).start()
     nodes.append(node)
     half = len(HEAD_FILES) // 2
     result = subprocess.run([sys.executable, "-c", SEND_AND_ABORT, MODALITY_AET, str(port), NODE_AET,
@@ -382,8 +381,7 @@ def test_a_study_cut_short_by_a_full_spool_is_refused_as_incomplete_not_processe
     spool, port = tmp_path / "spool", free_port()
     # A quota of about 32 head-CT slices; a study is complete 3 s after its last instance.
     config = node_config(tmp_path, host="127.0.0.1", spool_quota_mb=0.3, min_free_mb=0, quiet_seconds=3)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+    node = dead_pacs_node(spool, config, port).start()
     nodes.append(node)
     first = reidentified_copy(tmp_path / "first")[:25]
     assert [answer["status"] for answer in send(None, MODALITY_AET, first, port=port)] == [0] * 25
@@ -407,8 +405,7 @@ def test_a_sender_outside_allow_hosts_is_rejected_at_association_and_one_inside_
     for allowed, expected in ((["10.9.9.0/24"], "rejected"), (["10.9.9.0/24", "127.0.0.1"], "0")):
         spool = tmp_path / f"spool-{expected}"
         config = node_config(tmp_path, host="127.0.0.1", allow_ae=[MODALITY_AET], allow_hosts=allowed)
-        node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                                   f"dicom://PACS@127.0.0.1:{free_port()}"]).start()
+        node = dead_pacs_node(spool, config, port).start()
         nodes.append(node)
         assert echo(port) == expected
         refusals = [event for event in read_audit(spool / "logs") if event["event"] == "association-refused"]

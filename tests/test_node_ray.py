@@ -35,6 +35,7 @@ from test_node import (
     NODE_PORT,
     REPOSITORY,
     NodeProcess,
+    dead_pacs_node,
     free_port,
     node_config,
     orthanc_file,
@@ -229,8 +230,7 @@ def test_a_ray_task_past_the_job_timeout_is_cancelled_and_the_job_fails_saying_s
     spool, port = tmp_path / "spool", free_port()
     config = node_config(tmp_path, host="127.0.0.1", queue_on_release=True, quiet_seconds=600, max_attempts=1,
                          job_timeout_minutes=0.1)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}", "--ray-address", head.address]).start(120)
+    node = dead_pacs_node(spool, config, port, "--ray-address", head.address).start(120)
     nodes.append(node)
     assert [answer["status"] for answer in send(None, MODALITY_AET, HEAD_FILES, port=port)] == [0] * 93
     [job] = node.wait_for(lambda: [job for job in node.jobs() if job.state is JobState.FAILED], "the timeout", 90)

@@ -18,6 +18,7 @@ from test_node import (
     NODE_AET,
     NODE_PORT,
     NodeProcess,
+    dead_pacs_node,
     node_config,
     orthanc_file,
     orthanc_series,
@@ -113,8 +114,7 @@ def test_the_stow_endpoint_answers_a_non_dicom_part_with_a_failed_sop_and_a_wron
     port, stow = free_port(), free_port()
     spool = tmp_path / "spool"
     config = node_config(tmp_path, host="127.0.0.1", quiet_seconds=600)
-    node = NodeProcess(spool, ["--config", str(config), "--ae-title", NODE_AET, "--port", str(port), "--pacs",
-                               f"dicom://PACS@127.0.0.1:{free_port()}", "--stow-port", str(stow)])
+    node = dead_pacs_node(spool, config, port, "--stow-port", str(stow))
     nodes.append(node.start())
     boundary = "ctfm-test-boundary"
     good = HEAD_FILES[0].read_bytes()
