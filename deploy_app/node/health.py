@@ -20,6 +20,18 @@ log = logging.getLogger("deploy_app.node")
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
+def send_body(request: BaseHTTPRequestHandler, code: int, content_type: str, body: bytes,
+              headers: dict[str, str] | None = None) -> None:
+    """Answer ``request`` with ``code``, ``body`` of ``content_type`` and any further ``headers``."""
+    request.send_response(code)
+    request.send_header("Content-Type", content_type)
+    request.send_header("Content-Length", str(len(body)))
+    for name, value in (headers or {}).items():
+        request.send_header(name, value)
+    request.end_headers()
+    request.wfile.write(body)
+
+
 class HttpEndpoint:
     """An HTTP(S) server of the node in a thread of its own: the health port, the STOW-RS port."""
 
@@ -60,20 +72,13 @@ class HealthServer(HttpEndpoint):
             def do_GET(self) -> None:  # noqa: N802 (the http.server name)
                 path = self.path.split("?")[0]
                 if path == "/metrics" and outer.metrics is not None:
-                    self._answer(200, metrics_type, outer.metrics())
+                    send_body(self, 200, metrics_type, outer.metrics())
                     return
                 if path != "/health":
                     self.send_error(404, "only /health and /metrics are served here")
                     return
                 document = outer.report()
-                self._answer(200 if document.get("ok") else 503, "application/json", json.dumps(document).encode())
-
-            def _answer(self, code: int, content_type: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_body(self, 200 if document.get("ok") else 503, "application/json", json.dumps(document).encode())
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server signature)
                 return  # a monitor polls every few seconds: not one log line each

@@ -288,7 +288,7 @@ class Receiver:
     def _keep(self, sop_uid: str, study_key: str, data: bytes, tally: AssociationTally) -> int:
         """Write one new instance durably into the spool and record it: the status to answer."""
         sop_key = uid_key("sop", sop_uid)
-        if self._quota_bytes is not None and (self.queue.oversized_quota(study_key) or -1) >= self._quota_bytes:
+        if self._refused_as_oversized(study_key):
             tally.refused += 1  # a study refused as larger than the quota (still the same): not stored again
             return OUT_OF_RESOURCES
         path = self.spool.instance_path(study_key, sop_key)
@@ -334,6 +334,11 @@ class Receiver:
         except sqlite3.Error as error:  # the disk is full for the queue too: the quiet period will not know
             log.error("cannot record a refused instance as missing (%s)", error)
 
+    def _refused_as_oversized(self, study_key: str) -> bool:
+        """Whether ``study_key`` was refused as larger than the quota, and the quota has not been raised since."""
+        refused_at = self.queue.oversized_quota(study_key)
+        return self._quota_bytes is not None and refused_at is not None and refused_at >= self._quota_bytes
+
     def _refuse_if_oversized(self, study_key: str, size: int) -> None:
         """The quota is reached: when the study of this instance (``size`` bytes) fills it alone, it can never be
         processed here, so it is refused for good (with its reason in status and the audit trail) and its instances
@@ -341,7 +346,7 @@ class Receiver:
         if self._quota_bytes is None:
             return
         held = self.queue.study_bytes(study_key)
-        if held + size <= self._quota_bytes or (self.queue.oversized_quota(study_key) or -1) >= self._quota_bytes:
+        if held + size <= self._quota_bytes or self._refused_as_oversized(study_key):
             return
         reason = (f"the study is larger than the spool's quota: {held / 2**20:.1f} MB of it were received when the "
                   f"{self.config.spool_quota_mb:g} MB quota was reached; raise spool_quota_mb, or send fewer "

@@ -32,10 +32,7 @@ def node_status(spool_root: Path, *, now: float | None = None) -> dict[str, Any]
         ``spool_root`` holds no node queue.
     """
     now = time.time() if now is None else now
-    spool = Spool(spool_root)
-    if not spool.queue_file.is_file():
-        raise UsageError(f"{spool_root}: holds no node queue ({spool.queue_file.name}); give the --spool folder of "
-                         "a node that has run")
+    spool = _node_spool(spool_root)
     queue = JobQueue(spool.queue_file, read_only=True)
     try:
         jobs = queue.jobs()
@@ -108,10 +105,7 @@ def requeue_jobs(spool_root: Path, job_ids: list[int], *, every_failed: bool = F
     UsageError
         No queue in ``spool_root``, no job named, a job that does not exist or cannot be requeued.
     """
-    spool = Spool(spool_root)
-    if not spool.queue_file.is_file():
-        raise UsageError(f"{spool_root}: holds no node queue ({spool.queue_file.name}); give the --spool folder of "
-                         "a node that has run")
+    spool = _node_spool(spool_root)
     queue = JobQueue(spool.queue_file)
     audit = AuditLog(spool.logs)
     try:
@@ -133,6 +127,15 @@ def requeue_jobs(spool_root: Path, job_ids: list[int], *, every_failed: bool = F
         return lines
     finally:
         queue.close()
+
+
+def _node_spool(spool_root: Path) -> Spool:
+    """The spool at ``spool_root``; UsageError when it holds no node queue."""
+    spool = Spool(spool_root)
+    if not spool.queue_file.is_file():
+        raise UsageError(f"{spool_root}: holds no node queue ({spool.queue_file.name}); give the --spool folder of "
+                         "a node that has run")
+    return spool
 
 
 def _node(root: Path) -> dict[str, Any]:

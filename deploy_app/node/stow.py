@@ -28,7 +28,7 @@ from typing import Any
 
 from ctfm_engine.dicom.pacs import read_bearer_token
 from ctfm_engine.errors import UsageError
-from deploy_app.node.health import HttpEndpoint
+from deploy_app.node.health import HttpEndpoint, send_body
 from deploy_app.node.receiver import SUCCESS, AssociationTally, Receiver
 
 log = logging.getLogger("deploy_app.node")
@@ -131,15 +131,7 @@ class StowServer(HttpEndpoint):
 
 def _answer(request: BaseHTTPRequestHandler, code: int, document: dict[str, Any],
             headers: dict[str, str] | None = None, content_type: str = "application/json") -> None:
-    body = json.dumps(document).encode()
-    request.send_response(code)
-    request.send_header("Content-Type", content_type)
-    request.send_header("Content-Length", str(len(body)))
-    request.send_header("Connection", "close")
-    for name, value in (headers or {}).items():
-        request.send_header(name, value)
-    request.end_headers()
-    request.wfile.write(body)
+    send_body(request, code, content_type, json.dumps(document).encode(), {"Connection": "close", **(headers or {})})
 
 
 def _boundary(content_type: str) -> bytes | None:
